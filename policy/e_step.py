@@ -84,8 +84,9 @@ def build_pairs(step: StepRun, scored: datasets.Dataset, tmp: Path) -> dict:
     if not pairs:
         raise RuntimeError(f"iteration {step.iteration} e-step: no prompt gave a pair ({len(unpaired)} unpaired); the RM scores every sample alike")
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp / "pairs"))
-    unpaired_ds = datasets.Dataset.from_list(unpaired) if unpaired else datasets.Dataset.from_dict({"prompt_id": [], "prompt": [], "reason": []})
-    unpaired_ds.save_to_disk(str(tmp / "unpaired"))
+    # datasets cannot load back a saved empty dataset, so an empty set is simply not written.
+    if unpaired:
+        datasets.Dataset.from_list(unpaired).save_to_disk(str(tmp / "unpaired"))
     return {
         "pairs/count": len(pairs),
         "pairs/unpaired": len(unpaired),
@@ -124,6 +125,13 @@ def win_rate(candidate: list[float], baseline: list[float]) -> float:
     return sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)) / len(baseline)
 
 
+def pick_checkpoint(rows: list[dict], tau: float) -> tuple[str, bool]:
+    """The candidate with the best win rate (ties: the later checkpoint), and whether the loop stops
+    because even it wins less than tau."""
+    best = max(rows, key=lambda r: (r["win_rate"], _step_number(Path(r["checkpoint"]))))
+    return best["checkpoint"], best["win_rate"] < tau
+
+
 def select(step: StepRun, policy: Path, rm: Path, select_prompts: list[str], checkpoints: list[Path], tmp: Path) -> dict:
     cfg = step.cfg
     seed = cfg.seed * 1000 + 500 + step.iteration
@@ -134,16 +142,16 @@ def select(step: StepRun, policy: Path, rm: Path, select_prompts: list[str], che
         texts = [t[0] for t in sample(cfg, ckpt, select_prompts, 1, seed, f"select: {ckpt.name}").texts]
         scores = score(cfg, rm, select_prompts, texts)
         rows.append({"checkpoint": ckpt.name, "win_rate": win_rate(scores, baseline), "score_mean": mean(scores)})
-    best = max(rows, key=lambda r: (r["win_rate"], int(r["checkpoint"].split("-")[-1])))
+    best, stop = pick_checkpoint(rows, cfg.e_step.tau)
+    tmp.mkdir(parents=True)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "candidates"))
-    stop = best["win_rate"] < cfg.e_step.tau
-    (tmp / "selected.txt").parent.mkdir(parents=True, exist_ok=True)
-    (tmp / "selected.txt").write_text("" if stop else best["checkpoint"])
+    (tmp / "selected.txt").write_text("" if stop else best)
+    best_row = next(r for r in rows if r["checkpoint"] == best)
     return {
-        "select/best_checkpoint": best["checkpoint"],
-        "select/best_win_rate": best["win_rate"],
+        "select/best_checkpoint": best,
+        "select/best_win_rate": best_row["win_rate"],
         "select/baseline_score_mean": mean(baseline),
-        "select/best_score_mean": best["score_mean"],
+        "select/best_score_mean": best_row["score_mean"],
         "select/win_rates": {r["checkpoint"]: r["win_rate"] for r in rows},
         "select/stopped": stop,
     }

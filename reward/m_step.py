@@ -68,7 +68,9 @@ def pseudo_pairs(scored: datasets.Dataset, tmp: Path) -> dict:
         raise RuntimeError(f"m-step: every pseudo pair was dropped ({len(dropped)}); nothing to train the RM on")
     kept_ds = datasets.Dataset.from_list(kept)
     kept_ds.save_to_disk(str(tmp / "kept"))
-    (datasets.Dataset.from_list(dropped, features=kept_ds.features) if dropped else kept_ds.select([])).save_to_disk(str(tmp / "dropped"))
+    # datasets cannot load back a saved empty dataset, so an empty set is simply not written.
+    if dropped:
+        datasets.Dataset.from_list(dropped, features=kept_ds.features).save_to_disk(str(tmp / "dropped"))
     reasons = {}
     for d in dropped:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
@@ -128,7 +130,10 @@ def main(step: StepRun) -> dict:
     step.phase("before", lambda tmp: accuracy_phase(step, rm, sets, "rm_before"))
     step.phase("after", lambda tmp: accuracy_phase(step, step.path("train") / "rm", sets, "rm_after"))
 
-    dropped = datasets.load_from_disk(str(pseudo / "dropped"))
-    rows = datasets.concatenate_datasets([kept, dropped])
+    dropped = [datasets.load_from_disk(str(pseudo / "dropped"))] if (pseudo / "dropped").exists() else []
+    rows = datasets.concatenate_datasets([kept, *dropped])
     Store(run).append("pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason")))
-    return step.finish({"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "dropped": "pseudo/dropped", "train_mix": "mix"})
+    outputs = {"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "train_mix": "mix"}
+    if dropped:
+        outputs["dropped"] = "pseudo/dropped"
+    return step.finish(outputs)

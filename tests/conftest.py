@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny run directory prepared once (init, sft-warmup, rm-init), copied per test."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from coevolve.cli import prepare_run, run_step
+from coevolve.core.step import setup_logging
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+# configs/tiny.yaml made smaller still: the tests check behaviour, not quality.
+FAST = [
+    "data.num_prompts=120", "data.num_pairs=240", "data.num_demos=300", "data.select_size=16",
+    "sft_warmup.num_train_epochs=2", "rm_init.num_train_epochs=2",
+    "e_step.num_samples=3", "e_step.save_steps=2", "e_step.tau=0.0",
+]
+
+
+@pytest.fixture(scope="session")
+def prepared_run(tmp_path_factory) -> Path:
+    setup_logging()
+    run = tmp_path_factory.mktemp("prepared") / "run"
+    cfg = prepare_run(str(TINY), FAST, run)
+    for name in ("init", "sft-warmup", "rm-init"):
+        run_step(name, run, 0, cfg)
+    return run
+
+
+@pytest.fixture
+def fresh_run(prepared_run, tmp_path) -> Path:
+    """A private copy of the prepared run, for tests that add steps to it."""
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    return run

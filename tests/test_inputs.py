@@ -1,0 +1,94 @@
+"""Bad input fails before any training starts, with one clear error naming the file, row or field."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from coevolve.cli import prepare_run, run_step
+from coevolve.core import rundir
+from coevolve.core.config import ConfigError, load_config
+from coevolve.data.sources import DataError
+
+from conftest import TINY
+
+
+def write_config(tmp_path, extra: str) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(TINY.read_text() + "\n" + extra)
+    return str(path)
+
+
+def test_config_typo_names_field_and_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg.yaml: unknown config field 'e_step.betta' \(did you mean 'e_step.beta'\?\)"):
+        load_config(write_config(tmp_path, "e_step: {betta: 0.1}"))
+    with pytest.raises(ConfigError, match=r"unknown config field 'sampling.temprature'"):
+        load_config(str(TINY), ["sampling.temprature=0.5"])
+
+
+def test_config_wrong_type_names_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"tiny.yaml.*e_step.beta: .*valid number.*'high'"):
+        load_config(str(TINY), ["e_step.beta=high"])
+    with pytest.raises(ConfigError, match=r"e_step.pair_rule"):
+        load_config(str(TINY), ["e_step.pair_rule=longest"])
+
+
+def test_overrides_are_typed_and_saved(tmp_path):
+    run = tmp_path / "run"
+    cfg = prepare_run(str(TINY), ["e_step.beta=0.25", "steps.m_step=false", "e_step.train.learning_rate=1e-4"], run)
+    assert cfg.e_step.beta == 0.25 and cfg.steps.m_step is False
+    # Fields the override did not name keep the schema's defaults for that section.
+    assert cfg.e_step.train.learning_rate == 1e-4 and cfg.e_step.train.lr_scheduler_type == "cosine"
+    assert load_config(None, [], run).hash() == cfg.hash()
+    assert cfg.policy.trust_remote_code is False and cfg.rm.trust_remote_code is False
+
+
+def _init(tmp_path, overrides):
+    run = tmp_path / "run"
+    cfg = prepare_run(str(TINY), overrides, run)
+    run_step("init", run, 0, cfg)
+    return run
+
+
+@pytest.mark.parametrize("rows, columns, message", [
+    ([{"question": "a"}], {}, r"missing column\(s\) \['prompt'\]"),
+    ([{"prompt": "ok"}, {"prompt": "  "}], {}, r"row 1, column 'prompt': empty text"),
+    ([{"q": "ok"}, {"q": ""}], {"prompt_column": "q"}, r"row 1, column 'q': empty text"),
+])
+def test_bad_prompts_name_file_row_and_column(tmp_path, rows, columns, message):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = json.dumps({"path": str(data), **columns})
+    with pytest.raises(DataError, match=f"prompts.jsonl.*{message}"):
+        _init(tmp_path, [f"data.prompts={source}"])
+    assert not rundir.is_done(tmp_path / "run", 0, "init")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": 3, "rejected": "r"}, r"row 1, column 'chosen': expected a string, got int 3"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, r"row 1: chosen equals rejected"),
+])
+def test_bad_pairs_name_row(tmp_path, row, message):
+    data = tmp_path / "pairs.jsonl"
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=f"pairs.jsonl.*{message}"):
+        _init(tmp_path, [f"data.pairs={json.dumps({'path': str(data)})}"])
+
+
+def test_unknown_model_path_fails_at_init(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"policy.name_or_path: cannot load '/nowhere/model'"):
+        _init(tmp_path, ['policy={"name_or_path": "/nowhere/model"}'])
+
+
+def test_cli_prints_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "coevolve", "step", "init", "--run-dir", str(tmp_path / "r"), "--iteration", "0",
+         "--config", str(TINY), "e_step.betta=1"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("coevolve: error: ")
+    assert "Traceback" not in proc.stderr

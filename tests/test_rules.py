@@ -1,0 +1,74 @@
+"""The method's rules on hand-made numbers: E-step pair choice, M-step pseudo-pair filter, model selection."""
+from __future__ import annotations
+
+from statistics import pstdev
+
+import datasets
+import pytest
+
+from coevolve.policy.e_step import pick_checkpoint, win_rate
+from coevolve.policy.pairs import best_vs_worst, length_controlled
+from coevolve.reward.m_step import pseudo_pairs
+
+
+def test_length_control_picks_shortest_above_mean_and_lowest():
+    texts = ["a long good answer", "short ok", "mid answer here", "bad"]
+    scores = [0.9, 0.6, 0.7, 0.1]  # mean 0.575: responses 0, 1, 2 are above it
+    lengths = [4, 2, 3, 1]
+    assert length_controlled(texts, scores, lengths) == (1, 3)
+    # The plain rule takes the best score whatever its length.
+    assert best_vs_worst(texts, scores, lengths) == (0, 3)
+
+
+def test_length_control_ties():
+    texts = ["a b", "c d", "e", "f g h"]
+    # Two shortest-above-mean candidates of equal length: the higher score wins.
+    assert length_controlled(texts, [0.8, 0.9, 0.0, 0.1], [2, 2, 1, 3]) == (1, 2)
+    # Equal lengths and scores: the first; two equally low rejected: the first.
+    assert length_controlled(texts, [0.9, 0.9, 0.0, 0.0], [2, 2, 1, 3]) == (0, 2)
+    # Best-vs-worst: equal best scores, the shorter wins.
+    assert best_vs_worst(texts, [0.9, 0.9, 0.0, 0.1], [3, 2, 1, 3]) == (1, 2)
+
+
+def test_equal_scores_or_identical_texts_give_no_pair():
+    assert length_controlled(["a", "b", "c"], [0.5, 0.5, 0.5], [1, 1, 1]) == "all scores equal"
+    assert best_vs_worst(["a", "b"], [0.2, 0.2], [1, 1]) == "all scores equal"
+    assert length_controlled(["same", "same", "x"], [0.9, 0.1, 0.5], [1, 1, 1]) == "chosen and rejected texts are identical"
+
+
+def test_pseudo_pairs_drop_only_confidently_worse(tmp_path):
+    old = [0.0, 1.0, 2.0, 3.0]  # population std = sqrt(1.25) = 1.1180
+    new = [0.5, 0.0, 0.8, 3.2]  # deltas 0.5, -1.0, -1.2 (<= -1.118: dropped), 0.2 (identical texts)
+    rows = datasets.Dataset.from_dict({
+        "prompt_id": list("abcd"), "prompt": ["p"] * 4,
+        "new": ["n0", "n1", "n2", "same"], "old": ["o0", "o1", "o2", "same"],
+        "new_score": new, "old_score": old,
+    })
+    metrics = pseudo_pairs(rows, tmp_path)
+    assert metrics["pseudo/epsilon"] == pytest.approx(pstdev(old)) == pytest.approx(1.1180, abs=1e-4)
+    kept = datasets.load_from_disk(str(tmp_path / "kept"))
+    dropped = datasets.load_from_disk(str(tmp_path / "dropped"))
+    # b (delta -1.0) is slightly negative but within epsilon: kept, as regularisation.
+    assert kept["prompt_id"] == ["a", "b"]
+    assert kept["chosen"] == ["n0", "n1"] and kept["rejected"] == ["o0", "o1"]
+    assert dict(zip(dropped["prompt_id"], dropped["reason"])) == {
+        "c": "delta <= -epsilon (confidently worse)", "d": "identical responses",
+    }
+    assert metrics["pseudo/kept_negative_delta"] == 1
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_selection_picks_best_checkpoint_and_stops_under_tau():
+    rows = [
+        {"checkpoint": "checkpoint-2", "win_rate": 0.55},
+        {"checkpoint": "checkpoint-4", "win_rate": 0.70},
+        {"checkpoint": "checkpoint-6", "win_rate": 0.65},
+    ]
+    assert pick_checkpoint(rows, tau=0.6) == ("checkpoint-4", False)
+    assert pick_checkpoint(rows, tau=0.75) == ("checkpoint-4", True)
+    # Equal win rates: the later (more trained) checkpoint.
+    tied = [{"checkpoint": "checkpoint-10", "win_rate": 0.7}, {"checkpoint": "checkpoint-8", "win_rate": 0.7}]
+    assert pick_checkpoint(tied, tau=0.6) == ("checkpoint-10", False)

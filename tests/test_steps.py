@@ -1,0 +1,153 @@
+"""Each step alone on a prepared tiny run directory, with real trl training and assertions on values."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from statistics import mean, pstdev
+
+import datasets
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.data_utils import _tokenize
+
+from coevolve.cli import run_step
+from coevolve.core import rundir
+from coevolve.core.chat import prompt_messages, rm_example, rm_input_ids
+from coevolve.core.config import load_config
+from coevolve.data.store import Store
+from coevolve.policy.pairs import length_controlled
+
+
+def done(run, k, step):
+    return rundir.read_done(run, k, step)
+
+
+def test_init_splits_prompts_like_the_paper(prepared_run):
+    metrics = done(prepared_run, 0, "init")["metrics"]
+    # 120 prompts: 16 for model selection, the rest split two thirds / one third.
+    assert metrics["data/prompts_select"] == 16
+    assert metrics["data/prompts_rm"] == round(104 / 3)
+    assert metrics["data/prompts_policy"] == 104 - round(104 / 3)
+    prompts = datasets.load_from_disk(str(prepared_run / "iter_0/init/data/prompts"))
+    assert len(set(prompts["prompt_id"])) == len(prompts) == 120
+    assert Store(prepared_run).load("prompts")["prompt_id"] == prompts["prompt_id"]
+
+
+def test_policy_and_rm_tokenizers_differ_and_rm_scores_its_own_rendering(prepared_run):
+    policy_tok = AutoTokenizer.from_pretrained(prepared_run / "iter_0/init/policy")
+    rm_tok = AutoTokenizer.from_pretrained(prepared_run / "iter_0/init/rm")
+    assert policy_tok.get_vocab() != rm_tok.get_vocab() and len(policy_tok) != len(rm_tok)
+    assert policy_tok.chat_template != rm_tok.chat_template
+    prompt, response = "list three animals", "cat dog fox"
+    # What the scorer feeds the RM is exactly what trl's RewardTrainer trains it on.
+    assert rm_input_ids(rm_tok, prompt, response) == _tokenize(rm_tok, rm_example(rm_tok, prompt, response))["input_ids"]
+    assert rm_tok.decode(rm_input_ids(rm_tok, prompt, response)) == "Q:list three animals\nA:cat dog fox</s>"
+
+
+def test_sft_warmup_lowers_loss(prepared_run):
+    m = done(prepared_run, 0, "sft-warmup")["metrics"]
+    assert m["sft/loss_last"] < m["sft/loss_first"] - 0.5
+
+
+def test_rm_init_raises_accuracy_on_its_training_pairs(prepared_run):
+    m = done(prepared_run, 0, "rm-init")["metrics"]
+    assert m["rm_after/accuracy_train"] > m["rm_before/accuracy_train"] + 0.05
+
+
+def completion_logp(model, tok, prompt: str, completion: str) -> float:
+    head = tok.apply_chat_template(prompt_messages(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(prompt_messages(prompt) + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True)["input_ids"]
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(logps[len(head) - 1 :].sum())
+
+
+def implicit_margin(policy, reference, tok, pairs, beta) -> float:
+    """DPO's implicit reward margin: beta * [(log pi - log ref)(chosen) - (log pi - log ref)(rejected)]."""
+    margins = []
+    for p in pairs:
+        chosen = completion_logp(policy, tok, p["prompt"], p["chosen"]) - completion_logp(reference, tok, p["prompt"], p["chosen"])
+        rejected = completion_logp(policy, tok, p["prompt"], p["rejected"]) - completion_logp(reference, tok, p["prompt"], p["rejected"])
+        margins.append(beta * (chosen - rejected))
+    return mean(margins)
+
+
+def test_e_step_builds_paper_pairs_and_dpo_raises_their_margin(fresh_run):
+    cfg = load_config(None, [], fresh_run)
+    result = run_step("e-step", fresh_run, 1, cfg)
+    step = fresh_run / "iter_1/e-step"
+    samples = datasets.load_from_disk(str(step / "score"))
+    pairs = datasets.load_from_disk(str(step / "pairs/pairs"))
+    unpaired = datasets.load_from_disk(str(step / "pairs/unpaired")) if (step / "pairs/unpaired").exists() else []
+    assert len(samples) == result["metrics"]["generate/samples"] == cfg.e_step.num_samples * done(fresh_run, 0, "init")["metrics"]["data/prompts_policy"]
+    assert len(pairs) + len(unpaired) == len(set(samples["prompt_id"]))
+    by_prompt = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt_id"], []).append(s)
+    for p in pairs:
+        rows = by_prompt[p["prompt_id"]]
+        c, r = length_controlled([x["response"] for x in rows], [x["score"] for x in rows], [x["num_tokens"] for x in rows])
+        assert (p["chosen"], p["rejected"]) == (rows[c]["response"], rows[r]["response"])
+        assert p["chosen_score"] > mean(x["score"] for x in rows) and p["rejected_score"] == min(x["score"] for x in rows)
+
+    start = fresh_run / result["inputs"]["policy"]
+    tok = AutoTokenizer.from_pretrained(start)
+    reference = AutoModelForCausalLM.from_pretrained(start).eval()
+    trained = AutoModelForCausalLM.from_pretrained(fresh_run / result["outputs"]["policy"]).eval()
+    sample = pairs.select(range(min(24, len(pairs))))
+    # Before training the policy is its reference, so the margin starts at exactly 0.
+    assert implicit_margin(trained, reference, tok, sample, cfg.e_step.beta) > 0.01
+    assert result["metrics"]["dpo/loss_last"] < result["metrics"]["dpo/loss_first"]
+    assert Store(fresh_run).load("pairs", [1])["chosen"] == pairs["chosen"]
+
+
+def test_m_step_filters_pseudo_pairs_and_fits_the_rm(fresh_run):
+    cfg = load_config(None, [], fresh_run)
+    run_step("e-step", fresh_run, 1, cfg)
+    result = run_step("m-step", fresh_run, 1, cfg)
+    m = result["metrics"]
+    scored = datasets.load_from_disk(str(fresh_run / "iter_1/m-step/score"))
+    assert m["pseudo/epsilon"] == pstdev(scored["old_score"])
+    kept = datasets.load_from_disk(str(fresh_run / "iter_1/m-step/pseudo/kept"))
+    assert all(d > -m["pseudo/epsilon"] for d in kept["delta"]) and m["pseudo/kept"] == len(kept)
+    assert m["pseudo/kept"] + m["pseudo/dropped"] == len(scored)
+    assert m["mix/pseudo"] == m["pseudo/kept"] and m["mix/e_step"] == done(fresh_run, 1, "e-step")["metrics"]["pairs/count"]
+    assert m["rm_after/accuracy_pseudo"] > m["rm_before/accuracy_pseudo"]
+    assert m["rm_after/accuracy_train_mix"] >= m["rm_before/accuracy_train_mix"]
+    # The paper's default: the M-step restarts from the base RM, not from the previous one.
+    assert result["inputs"]["rm_start"] == "iter_0/rm-init/train/rm"
+    assert len(Store(fresh_run).load("pseudo_pairs", [1])) == len(scored)
+
+
+def test_finished_step_is_skipped(prepared_run):
+    path = prepared_run / "iter_0/sft-warmup/DONE.json"
+    before = path.stat().st_mtime_ns
+    cfg = load_config(None, [], prepared_run)
+    assert run_step("sft-warmup", prepared_run, 0, cfg) == json.loads(path.read_text())
+    assert path.stat().st_mtime_ns == before
+
+
+def test_killed_step_resumes_at_its_first_unfinished_phase(fresh_run):
+    partial = rundir.partial_dir(fresh_run, 1, "e-step")
+    cmd = [sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", str(fresh_run), "--iteration", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (partial / "phases/pairs.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the step ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not rundir.is_done(fresh_run, 1, "e-step")
+    samples_before = datasets.load_from_disk(str(partial / "generate"))["response"]
+
+    cfg = load_config(None, [], fresh_run)
+    run_step("e-step", fresh_run, 1, cfg)
+    log = (fresh_run / "iter_1/e-step/log.txt").read_text()
+    assert "generate: done earlier, kept" in log and "score: done earlier, kept" in log
+    assert datasets.load_from_disk(str(fresh_run / "iter_1/e-step/generate"))["response"] == samples_before
+    assert not partial.exists()
