@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
 from coevolve.core.config import Config, ModelSource
 from coevolve.core.tiny import build_tiny_policy, build_tiny_rm, build_tokenizer
@@ -46,14 +46,19 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
     else:
         path = resolve_path(source.name_or_path)
         kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+        model_kwargs = {}
         if source.gguf_file:
             kwargs["gguf_file"] = source.gguf_file
+            # Unpacked into plain dense weights: training needs them, and only they save as safetensors.
+            model_kwargs["quantization_config"] = GgufConfig(gguf_file=source.gguf_file, dequantize=True)
         try:
             tok = AutoTokenizer.from_pretrained(path, **kwargs)
             if role == "policy":
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(source.dtype, "cpu"), **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs)
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype_of(source.dtype, "cpu"), **kwargs)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs
+                )
         except (OSError, ValueError) as err:
             raise FileNotFoundError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
         if role == "rm" and model.config.num_labels != 1:
