@@ -38,6 +38,9 @@ def select_columns(ds: datasets.Dataset, source: str, columns: dict[str, str]) -
         raise DataError(f"{source}: missing column(s) {missing}; it has {ds.column_names} (set the *_column fields)")
     ds = ds.select_columns(list(columns.values()))
     ds = ds.rename_columns({theirs: ours for ours, theirs in columns.items() if ours != theirs})
+    conversational = [ours for ours in columns if not isinstance(ds.features[ours], datasets.Value)]
+    if conversational:
+        ds = ds.map(lambda r: {c: _message_text(r[c], "user" if c == "prompt" else "assistant") for c in conversational})
     for row, record in enumerate(ds):
         for ours, theirs in columns.items():
             value = record[ours]
@@ -48,3 +51,12 @@ def select_columns(ds: datasets.Dataset, source: str, columns: dict[str, str]) -
         if "chosen" in record and record["chosen"] == record.get("rejected"):
             raise DataError(f"{source}: row {row}: chosen equals rejected")
     return ds
+
+
+def _message_text(value, role: str):
+    """A conversational cell (a list of {role, content} messages, as in UltraFeedback) as plain text:
+    the last message of `role`. Anything else is returned as is, for the checks to name."""
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        contents = [m["content"] for m in value if m.get("role") == role]
+        return contents[-1] if contents else None
+    return value

@@ -92,3 +92,20 @@ def test_cli_prints_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("coevolve: error: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_every_shipped_config_validates():
+    configs = sorted((TINY.parent).glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        load_config(str(path))
+
+
+def test_conversational_columns_take_the_last_turn(tmp_path):
+    from coevolve.data.sources import load_source, select_columns
+
+    data = tmp_path / "uf.jsonl"
+    turns = lambda answer: [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
+    data.write_text(json.dumps({"prompt": "hi", "chosen": turns("hello"), "rejected": turns("go away")}) + "\n")
+    row = select_columns(load_source(str(data)), "uf", {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})[0]
+    assert row == {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
