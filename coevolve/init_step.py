@@ -15,6 +15,7 @@ import datasets
 from coevolve.core.models import materialize
 from coevolve.core.step import StepRun
 from coevolve.data.sources import DataError, load_source, select_columns
+from coevolve.data.records import pair_records
 from coevolve.data.store import Store, prompt_id
 
 
@@ -68,6 +69,8 @@ def build_data(step: StepRun, tmp) -> dict:
         pairs = pairs.add_column("split", ["heldout" if h else "train" for h in heldout])
         pairs = pairs.add_column("prompt_id", [prompt_id(p) for p in pairs["prompt"]])
         pairs.save_to_disk(str(tmp / "pairs"))
+        unscored = pairs.map(lambda r: {"chosen_score": float("nan"), "rejected_score": float("nan")})
+        Store(step.run_dir).append("pairs", 0, pair_records(unscored, 0, "init", "original"))
         metrics.update({"data/pairs_train": heldout.count(False), "data/pairs_heldout": heldout.count(True)})
     if "demos" in inputs:
         inputs["demos"].save_to_disk(str(tmp / "demos"))

@@ -26,6 +26,7 @@ from coevolve.core.rollout import sample, score
 from coevolve.core.step import StepRun
 from coevolve.core.training import keep_log, trainer_args
 from coevolve.data.records import pair_records, response_records
+from coevolve.data.sampling import sample_prompts
 from coevolve.data.store import Store
 from coevolve.policy.pairs import RULES
 
@@ -172,6 +173,9 @@ def main(step: StepRun) -> dict:
     prompts = datasets.load_from_disk(str(prompts_path))
 
     batch = iteration_prompts(prompts, "policy", cfg.e_step.prompts_per_iteration, k)
+    if cfg.stores.hard_fraction > 0:
+        mixed = sample_prompts(batch.to_list(), Store(run, cfg.stores.max_rows), k, len(batch), cfg.stores.hard_fraction, cfg.seed + k, cfg.stores.easy_threshold)
+        batch = datasets.Dataset.from_list(mixed)
     samples = step.phase("generate", lambda tmp: generate(step, policy, batch, tmp))
     scored = step.phase("score", lambda tmp: score_samples(step, rm, datasets.load_from_disk(str(samples)), tmp))
     built = step.phase("pairs", lambda tmp: build_pairs(step, datasets.load_from_disk(str(scored)), tmp))
@@ -189,7 +193,7 @@ def main(step: StepRun) -> dict:
             if ckpt.name != selected:
                 shutil.rmtree(ckpt)
 
-    store = Store(run)
+    store = Store(run, cfg.stores.max_rows)
     scored_rows = datasets.load_from_disk(str(scored))
     store.append("responses", k, response_records(scored_rows, k, step.name, rundir.relative(run, policy), rundir.relative(run, rm)))
     store.append("pairs", k, pair_records(datasets.load_from_disk(str(built / "pairs")), k, step.name, "e-step"))

@@ -14,6 +14,7 @@ measure   accuracy of rm_{K-1} and rm_K on held-out original pairs, the training
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 from statistics import mean, pstdev
 
@@ -23,12 +24,10 @@ from coevolve.core import rundir
 from coevolve.core.rollout import sample, score
 from coevolve.core.step import StepRun
 from coevolve.data.records import pair_records
+from coevolve.data.sampling import replay_mix
 from coevolve.data.store import Store
 from coevolve.policy.e_step import iteration_prompts
 from coevolve.reward.training import accuracy_phase, train_rm
-
-PAIR_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected")
-
 
 def generate(step: StepRun, new: Path, old: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
     seed = step.cfg.seed * 1000 + 700 + step.iteration
@@ -85,18 +84,24 @@ def pseudo_pairs(scored: datasets.Dataset, tmp: Path) -> dict:
 
 
 def mix(step: StepRun, kept: datasets.Dataset, e_pairs: Path | None, original: Path | None, tmp: Path) -> dict:
-    cfg = step.cfg.m_step
-    parts = {"pseudo": kept.select_columns(list(PAIR_COLUMNS))}
-    if cfg.include_e_step_pairs and e_pairs is not None:
-        parts["e_step"] = datasets.load_from_disk(str(e_pairs)).select_columns(list(PAIR_COLUMNS))
-    if cfg.original_pairs_ratio > 0 and original is not None:
+    """This iteration's pairs (kept pseudo pairs, the E-step's pairs, original pairs if asked for),
+    then, if `stores.replay` is set, pairs of earlier iterations replayed in those proportions."""
+    cfg, k = step.cfg, step.iteration
+    parts = {"pseudo": kept}
+    if cfg.m_step.include_e_step_pairs and e_pairs is not None:
+        parts["e-step"] = datasets.load_from_disk(str(e_pairs))
+    if cfg.m_step.original_pairs_ratio > 0 and original is not None:
         train = datasets.load_from_disk(str(original)).filter(lambda r: r["split"] == "train")
-        n = min(len(train), round(cfg.original_pairs_ratio * len(kept)))
-        rng = random.Random(step.cfg.seed + step.iteration)
-        parts["original"] = train.select(sorted(rng.sample(range(len(train)), n))).select_columns(list(PAIR_COLUMNS))
-    tagged = [ds.add_column("source", [name] * len(ds)) for name, ds in parts.items()]
-    datasets.concatenate_datasets(tagged).shuffle(seed=step.cfg.seed + step.iteration).save_to_disk(str(tmp))
-    return {f"mix/{name}": len(ds) for name, ds in parts.items()}
+        n = min(len(train), round(cfg.m_step.original_pairs_ratio * len(kept)))
+        rng = random.Random(cfg.seed + k)
+        chosen = train.select(sorted(rng.sample(range(len(train)), n)))
+        parts["original"] = chosen.map(lambda r: {"chosen_score": float("nan"), "rejected_score": float("nan")})
+    rows = [r for name, ds in parts.items() for r in pair_records(ds, k, step.name, name)]
+    current = datasets.Dataset.from_list(rows).shuffle(seed=cfg.seed + k)
+    if cfg.stores.replay:
+        current = replay_mix(current, Store(step.run_dir, cfg.stores.max_rows), k, cfg.stores.replay, cfg.seed + k)
+    current.save_to_disk(str(tmp))
+    return {**{f"mix/{name}": n for name, n in Counter(current["source"]).items()}, "mix/replayed": sum(i < k for i in current["iteration"])}
 
 
 def main(step: StepRun) -> dict:
@@ -132,7 +137,7 @@ def main(step: StepRun) -> dict:
 
     dropped = [datasets.load_from_disk(str(pseudo / "dropped"))] if (pseudo / "dropped").exists() else []
     rows = datasets.concatenate_datasets([kept, *dropped])
-    Store(run).append("pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason")))
+    Store(run, cfg.stores.max_rows).append("pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason")))
     outputs = {"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "train_mix": "mix"}
     if dropped:
         outputs["dropped"] = "pseudo/dropped"

@@ -116,7 +116,7 @@ def test_m_step_filters_pseudo_pairs_and_fits_the_rm(fresh_run):
     kept = datasets.load_from_disk(str(fresh_run / "iter_1/m-step/pseudo/kept"))
     assert all(d > -m["pseudo/epsilon"] for d in kept["delta"]) and m["pseudo/kept"] == len(kept)
     assert m["pseudo/kept"] + m["pseudo/dropped"] == len(scored)
-    assert m["mix/pseudo"] == m["pseudo/kept"] and m["mix/e_step"] == done(fresh_run, 1, "e-step")["metrics"]["pairs/count"]
+    assert m["mix/pseudo"] == m["pseudo/kept"] and m["mix/e-step"] == done(fresh_run, 1, "e-step")["metrics"]["pairs/count"]
     assert m["rm_after/accuracy_pseudo"] > m["rm_before/accuracy_pseudo"]
     assert m["rm_after/accuracy_train_mix"] >= m["rm_before/accuracy_train_mix"]
     # The paper's default: the M-step restarts from the base RM, not from the previous one.
@@ -151,3 +151,18 @@ def test_killed_step_resumes_at_its_first_unfinished_phase(fresh_run):
     assert "generate: done earlier, kept" in log and "score: done earlier, kept" in log
     assert datasets.load_from_disk(str(fresh_run / "iter_1/e-step/generate"))["response"] == samples_before
     assert not partial.exists()
+
+
+def test_stores_feed_hard_prompts_back_and_replay_pairs(fresh_run):
+    """Iteration 2 with retrospective sampling and RM replay on: its E-step batch holds hard prompts of
+    iteration 1, and its M-step mix replays earlier pairs."""
+    cfg = load_config(None, ["e_step.prompts_per_iteration=30", "stores.hard_fraction=0.5",
+                             "stores.easy_threshold=0.0", "stores.replay={current: 0.6, pseudo_pairs: 0.2, original: 0.2}"], fresh_run)
+    for k in (1, 2):
+        run_step("e-step", fresh_run, k, cfg)
+        run_step("m-step", fresh_run, k, cfg)
+    first = set(datasets.load_from_disk(str(fresh_run / "iter_1/e-step/score"))["prompt_id"])
+    second = set(datasets.load_from_disk(str(fresh_run / "iter_2/e-step/score"))["prompt_id"])
+    assert len(second) == 30 and len(first & second) == 15
+    mix = datasets.load_from_disk(str(fresh_run / "iter_2/m-step/mix"))
+    assert {"original", "pseudo"} <= set(mix["source"]) and sum(i < 2 for i in mix["iteration"]) > 0

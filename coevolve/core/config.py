@@ -164,6 +164,20 @@ class MStepConfig(Strict):
     train: RMTrainConfig = RMTrainConfig()
 
 
+class StoresConfig(Strict):
+    """Retrospective data stores (data/store.py, data/sampling.py)."""
+
+    # Share of each E-step prompt batch drawn from hard past prompts (QwenLong-L1-style); 0 = off.
+    hard_fraction: float = 0.0
+    # Past prompts whose difficulty (0 easy .. 1 hard) is at or below this drop out.
+    easy_threshold: float = 0.3
+    # M-step replay: shares of the RM's training mix by source, e.g. {current: 0.7, pseudo_pairs: 0.15,
+    # original: 0.15}; "current" is this iteration's mix. Empty = no replay (the paper's mix).
+    replay: dict[str, float] = {}
+    # Size cap per store kind, in rows; eviction rule in data/store.py.
+    max_rows: dict[str, int] = {}
+
+
 class StepsConfig(Strict):
     sft_warmup: bool = False
     rm_init: bool = False
@@ -197,6 +211,7 @@ class Config(Strict):
     rm_init: TrainConfig = TrainConfig()
     e_step: EStepConfig = EStepConfig()
     m_step: MStepConfig = MStepConfig()
+    stores: StoresConfig = StoresConfig()
     steps: StepsConfig = StepsConfig()
     launch: LaunchConfig = LaunchConfig()
     retries: RetriesConfig = RetriesConfig()
