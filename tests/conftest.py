@@ -35,3 +35,14 @@ def fresh_run(prepared_run, tmp_path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run)
     return run
+
+
+@pytest.fixture(scope="session")
+def iterated_run(prepared_run, tmp_path_factory) -> Path:
+    """The prepared run plus iteration 1's e-step and m-step."""
+    run = tmp_path_factory.mktemp("iterated") / "run"
+    shutil.copytree(prepared_run, run)
+    cfg = prepare_run(None, [], run)
+    for name in ("e-step", "m-step"):
+        run_step(name, run, 1, cfg)
+    return run

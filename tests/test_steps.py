@@ -77,14 +77,15 @@ def implicit_margin(policy, reference, tok, pairs, beta) -> float:
     return mean(margins)
 
 
-def test_e_step_builds_paper_pairs_and_dpo_raises_their_margin(fresh_run):
-    cfg = load_config(None, [], fresh_run)
-    result = run_step("e-step", fresh_run, 1, cfg)
-    step = fresh_run / "iter_1/e-step"
+def test_e_step_builds_paper_pairs_and_dpo_raises_their_margin(iterated_run):
+    run = iterated_run
+    cfg = load_config(None, [], run)
+    result = done(run, 1, "e-step")
+    step = run / "iter_1/e-step"
     samples = datasets.load_from_disk(str(step / "score"))
     pairs = datasets.load_from_disk(str(step / "pairs/pairs"))
     unpaired = datasets.load_from_disk(str(step / "pairs/unpaired")) if (step / "pairs/unpaired").exists() else []
-    assert len(samples) == result["metrics"]["generate/samples"] == cfg.e_step.num_samples * done(fresh_run, 0, "init")["metrics"]["data/prompts_policy"]
+    assert len(samples) == result["metrics"]["generate/samples"] == cfg.e_step.num_samples * done(run, 0, "init")["metrics"]["data/prompts_policy"]
     assert len(pairs) + len(unpaired) == len(set(samples["prompt_id"]))
     by_prompt = {}
     for s in samples:
@@ -95,33 +96,32 @@ def test_e_step_builds_paper_pairs_and_dpo_raises_their_margin(fresh_run):
         assert (p["chosen"], p["rejected"]) == (rows[c]["response"], rows[r]["response"])
         assert p["chosen_score"] > mean(x["score"] for x in rows) and p["rejected_score"] == min(x["score"] for x in rows)
 
-    start = fresh_run / result["inputs"]["policy"]
+    start = run / result["inputs"]["policy"]
     tok = AutoTokenizer.from_pretrained(start)
     reference = AutoModelForCausalLM.from_pretrained(start).eval()
-    trained = AutoModelForCausalLM.from_pretrained(fresh_run / result["outputs"]["policy"]).eval()
+    trained = AutoModelForCausalLM.from_pretrained(run / result["outputs"]["policy"]).eval()
     sample = pairs.select(range(min(24, len(pairs))))
     # Before training the policy is its reference, so the margin starts at exactly 0.
     assert implicit_margin(trained, reference, tok, sample, cfg.e_step.beta) > 0.01
     assert result["metrics"]["dpo/loss_last"] < result["metrics"]["dpo/loss_first"]
-    assert Store(fresh_run).load("pairs", [1])["chosen"] == pairs["chosen"]
+    assert Store(run).load("pairs", [1])["chosen"] == pairs["chosen"]
 
 
-def test_m_step_filters_pseudo_pairs_and_fits_the_rm(fresh_run):
-    cfg = load_config(None, [], fresh_run)
-    run_step("e-step", fresh_run, 1, cfg)
-    result = run_step("m-step", fresh_run, 1, cfg)
+def test_m_step_filters_pseudo_pairs_and_fits_the_rm(iterated_run):
+    run = iterated_run
+    result = done(run, 1, "m-step")
     m = result["metrics"]
-    scored = datasets.load_from_disk(str(fresh_run / "iter_1/m-step/score"))
+    scored = datasets.load_from_disk(str(run / "iter_1/m-step/score"))
     assert m["pseudo/epsilon"] == pstdev(scored["old_score"])
-    kept = datasets.load_from_disk(str(fresh_run / "iter_1/m-step/pseudo/kept"))
+    kept = datasets.load_from_disk(str(run / "iter_1/m-step/pseudo/kept"))
     assert all(d > -m["pseudo/epsilon"] for d in kept["delta"]) and m["pseudo/kept"] == len(kept)
     assert m["pseudo/kept"] + m["pseudo/dropped"] == len(scored)
-    assert m["mix/pseudo"] == m["pseudo/kept"] and m["mix/e-step"] == done(fresh_run, 1, "e-step")["metrics"]["pairs/count"]
+    assert m["mix/pseudo"] == m["pseudo/kept"] and m["mix/e-step"] == done(run, 1, "e-step")["metrics"]["pairs/count"]
     assert m["rm_after/accuracy_pseudo"] > m["rm_before/accuracy_pseudo"]
     assert m["rm_after/accuracy_train_mix"] >= m["rm_before/accuracy_train_mix"]
     # The paper's default: the M-step restarts from the base RM, not from the previous one.
     assert result["inputs"]["rm_start"] == "iter_0/rm-init/train/rm"
-    assert len(Store(fresh_run).load("pseudo_pairs", [1])) == len(scored)
+    assert len(Store(run).load("pseudo_pairs", [1])) == len(scored)
 
 
 def test_finished_step_is_skipped(prepared_run):
