@@ -12,6 +12,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from coevolve.core.fastgen import StaticGraphBackend
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -108,7 +110,7 @@ def _until_eos(seq: torch.Tensor, eos_id: int) -> torch.Tensor:
     return seq[: int(hits[0]) + 1] if len(hits) else seq
 
 
-BACKENDS = {"hf": HFBackend}
+BACKENDS = {"hf": HFBackend, "static": StaticGraphBackend}
 
 
 def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:

@@ -1,0 +1,162 @@
+"""Sampling on the device, without a sort of the vocabulary and without a torch.Generator.
+
+Candidates: the top `K` logits (64 by default), found by a two-stage top-k: the max of each 128-wide
+chunk of the vocabulary, the K chunks with the largest maxima, then the top K inside those K*128
+entries. Exact: every one of the K largest logits lies in one of those chunks. On CUDA one Triton
+kernel reads the logits once for the chunk maxima and the log-sum-exp that normalises top-p.
+
+Temperature scales the final hidden state (so the logits come out already divided by T). Top-p follows
+HF's rule (keep a token while the probability mass before it, in descending order, is < top_p) on
+probabilities normalised over the whole vocabulary (or over the top_k when top_k is set, as HF). The
+nucleus is exact whenever it fits in the K candidates; when it does not (flat distributions, e.g. a
+random-weight model), the draw is from the K candidates and the step is counted in `truncated`.
+With top_p = 1 and no top_k the draw is exact over the whole vocabulary (two-level inverse CDF).
+
+Randomness: one uniform per row and step, a hash of (the sequence's key, the step's index in the
+completion). The key is derived on the host from (seed, prompt index, sample index), so a sample does
+not depend on which slot or batch it ran in.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import CHUNK
+
+MASK32 = 0xFFFFFFFF
+MASK64 = 2**64 - 1
+MAX_EOS = 8
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # A 32-bit integer finaliser on int64 tensors holding values < 2**32. The multipliers are < 2**31, so
+    # no product overflows int64.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & MASK32
+    return x ^ (x >> 16)
+
+
+def uniform(key: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """A float32 in [0, 1) for each (key, step), the same on every device and in every batch."""
+    x = _mix32((_mix32(key) + step * 0x9E3779B9) & MASK32)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def sequence_key(seed: int, prompt: int, sample: int) -> int:
+    """The random key of sample `sample` of prompt `prompt` under `seed` (32 bits)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & MASK64) ^ prompt) ^ sample) & MASK32
+
+
+def top_candidates(logits: torch.Tensor, k: int, chunk_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row (descending) and their token ids; logits [S, V], V % CHUNK == 0,
+    chunk_max [S, V / CHUNK] the max of each chunk (see row_stats)."""
+    S, V = logits.shape
+    blocks = logits.view(S, V // CHUNK, CHUNK)
+    n_chunks = min(k, V // CHUNK)
+    chunks = chunk_max.topk(n_chunks, dim=-1, sorted=False).indices
+    inside = blocks.gather(1, chunks[..., None].expand(S, n_chunks, CHUNK)).view(S, n_chunks * CHUNK)
+    vals, j = inside.topk(min(k, n_chunks * CHUNK), dim=-1)
+    return vals, chunks.gather(1, j // CHUNK) * CHUNK + j % CHUNK
+
+
+def row_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max of each CHUNK-wide chunk [S, V / CHUNK], log-sum-exp in fp32 [S]) of logits [S, V]. On CUDA
+    one Triton kernel reads the logits once; elsewhere, torch ops."""
+    if logits.is_cuda:
+        try:
+            from .kernels import row_stats as fused
+        except ImportError:
+            pass
+        else:
+            return fused(logits, CHUNK)
+    S, V = logits.shape
+    return logits.view(S, V // CHUNK, CHUNK).amax(-1), torch.logsumexp(logits.float(), -1)
+
+
+def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of the first entry whose cumulative mass exceeds u * total, per row (inverse CDF)."""
+    cum = probs.cumsum(-1)
+    idx = (cum <= (u * cum[:, -1])[:, None]).sum(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+class Sampler:
+    """Holds the sampling parameters as device tensors (inputs of captured graphs) and draws the next
+    token of each row. `key` names what a captured graph depends on beyond those tensors."""
+
+    def __init__(self, device, candidates: int = 64):
+        self.candidates = candidates
+        self.inv_temp = torch.ones((), device=device)
+        self.top_p = torch.ones((), device=device)
+        self.eos = torch.full((MAX_EOS,), -1, device=device, dtype=torch.long)
+        self.mode, self.top_k = "greedy", 0
+
+    def configure(self, temperature: float, top_p: float, top_k: int, eos_ids: list[int]) -> None:
+        if len(eos_ids) > MAX_EOS:
+            raise ValueError(f"at most {MAX_EOS} EOS ids, got {len(eos_ids)}")
+        self.eos.fill_(-1)
+        if eos_ids:
+            self.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
+        greedy = temperature == 0.0
+        self.inv_temp.fill_(1.0 if greedy else 1.0 / temperature)
+        self.top_p.fill_(min(max(top_p, 0.0), 1.0))
+        self.top_k = top_k if top_k and not greedy else 0
+        if greedy:
+            self.mode = "greedy"
+        elif self.top_k:
+            self.mode = "top_k"
+        elif top_p < 1.0:
+            self.mode = "top_p"
+        else:
+            self.mode = "full"
+
+    @property
+    def key(self) -> tuple:
+        return (self.mode, self.top_k, self.candidates)
+
+    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens[:, None] == self.eos[None, :]).any(-1)
+
+    def __call__(self, logits: torch.Tensor, st, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token [S] and whether the nucleus was cut by the candidate limit [S]."""
+        if self.mode == "greedy":
+            return logits.argmax(-1), torch.zeros(S, device=logits.device, dtype=torch.bool)
+        u = uniform(st.key[:S], st.step[:S])
+        if self.mode == "full":
+            return _sample_full(torch.softmax(logits, -1, dtype=torch.float32), u), torch.zeros(S, device=logits.device, dtype=torch.bool)
+        k = min(self.top_k, self.candidates) if self.mode == "top_k" else self.candidates
+        chunk_max, lse = row_stats(logits)
+        vals, ids = top_candidates(logits, k, chunk_max)
+        if self.mode == "top_k":
+            probs = torch.softmax(vals.float(), -1)
+            truncated = torch.full((S,), self.top_k > self.candidates, device=logits.device)
+        else:
+            probs = torch.exp(vals.float() - lse[:, None])  # normalised over the whole vocabulary
+            truncated = probs.sum(-1) < self.top_p
+        keep = (probs.cumsum(-1) - probs) < self.top_p  # a prefix: HF's top-p rule, the first always kept
+        idx = torch.minimum(pick(probs * keep, u), keep.sum(-1) - 1)
+        return ids.gather(1, idx[:, None]).squeeze(1), truncated
+
+
+def _sample_full(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Exact draw from the whole distribution: pick a chunk by its mass, then a token inside it."""
+    S, V = probs.shape
+    blocks = probs.view(S, V // CHUNK, CHUNK)
+    mass = blocks.sum(-1)
+    cum = mass.cumsum(-1)
+    target = u * cum[:, -1]
+    c = (cum <= target[:, None]).sum(-1).clamp_(max=mass.shape[1] - 1)
+    inside = blocks.gather(1, c[:, None, None].expand(S, 1, CHUNK)).squeeze(1)
+    rest = (target - (cum - mass).gather(1, c[:, None]).squeeze(1)).clamp_(min=0)
+    j = (inside.cumsum(-1) <= rest[:, None]).sum(-1).clamp_(max=CHUNK - 1)
+    # Rounding can leave j on a zero-probability entry (say a padded id): fall back to the chunk's best.
+    j = torch.where(inside.gather(1, j[:, None]).squeeze(1) > 0, j, inside.argmax(-1))
+    return c * CHUNK + j

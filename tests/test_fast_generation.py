@@ -1,0 +1,184 @@
+"""The "static" generation backend on tiny random models (CPU, fp32): greedy output equals HF generate
+token for token; seeded sampling is reproducible and independent of batching; the sampler draws from
+the top-p distribution; EOS, stop strings and n per prompt behave as in the HF backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from coevolve.core.fastgen import StaticGraphBackend, UnsupportedModel, backend
+from coevolve.core.fastgen.model import CHUNK
+from coevolve.core.fastgen.sampling import Sampler, row_stats, sequence_key, top_candidates, uniform
+from coevolve.core.generation import SamplingParams, make_backend
+
+PROMPTS = ["hello there", "a", "the quick brown fox jumps over", "1 + 1 =", "zz", "once upon a time in a land far away"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    # A byte-level tokenizer with no merges: 256 byte tokens plus <eos> and <pad> (258: not a multiple
+    # of 128, so the padded LM head is exercised too).
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"], vocab["<pad>"] = len(vocab), len(vocab) + 1
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny(kind: str, tok, **extra):
+    torch.manual_seed(0)
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=512, initializer_range=0.2, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    common.update(extra)
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+
+
+def hf_greedy(model, tok, prompt: str, max_new: int) -> list[int]:
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    out = model.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize(
+    "kind, extra",
+    [
+        ("qwen2", {}),
+        ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}),
+        ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}, "num_key_value_heads": 1}),
+    ],
+)
+def test_greedy_matches_hf_generate_token_for_token(tok, kind, extra, monkeypatch):
+    monkeypatch.setattr(backend, "MIN_ROWS", 1)
+    model = tiny(kind, tok, **extra)
+    # 5 slots for 6 prompts x 2 samples of different lengths: slots are refilled as rows finish, and
+    # the long rows left at the end are moved into a smaller batch. (Prompts are taken shortest first:
+    # "1 + 1 =" sample 0 is the 5th sequence, in slot 4.)
+    be = StaticGraphBackend(model, tok, batch_size=5, sync_every=4)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=24)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    lengths = [[3, 3] for _ in PROMPTS]
+    lengths[3][0] = lengths[5][1] = 24
+    lengths[0][1] = 9
+    out, stats = be.generate_ids(ids, params, max_new=lengths)
+    for prompt, samples, m in zip(PROMPTS, out, lengths):
+        ref = hf_greedy(model, tok, prompt, 24)
+        assert samples == [ref[: m[0]], ref[: m[1]]], prompt
+    assert stats["compactions"] >= 1
+
+
+def test_greedy_texts_and_counts_match_hf_backend(tok):
+    model = tiny("qwen2", tok)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    ours = make_backend("static", model, tok, batch_size=4).generate(PROMPTS, params)
+    ref = make_backend("hf", model, tok, batch_size=1).generate(PROMPTS, params)
+    assert ours.texts == ref.texts
+    assert ours.num_tokens == ref.num_tokens
+
+
+def test_eos_ends_a_row_and_is_counted(tok):
+    model = tiny("qwen2", tok)
+    ids = tok("hello there", add_special_tokens=False)["input_ids"]
+    free = StaticGraphBackend(model, tok).generate_ids([ids], SamplingParams(temperature=0.0, max_new_tokens=12))[0][0][0]
+    model.generation_config.eos_token_id = free[4]  # the 5th greedy token now ends the row
+    first = free.index(free[4])
+    out = StaticGraphBackend(model, tok).generate_ids([ids], SamplingParams(temperature=0.0, max_new_tokens=12))[0][0][0]
+    assert out == free[: first + 1]
+    assert out == hf_greedy(model, tok, "hello there", 12)[: len(out)]
+
+
+def test_same_seed_same_samples_whatever_the_batching(tok):
+    model = tiny("llama", tok)
+    params = SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=20, seed=7)
+    a = StaticGraphBackend(model, tok, batch_size=16).generate(PROMPTS, params)
+    b = StaticGraphBackend(model, tok, batch_size=2, sync_every=3).generate(PROMPTS, params)
+    assert a.texts == b.texts
+    # a prompt's samples do not depend on the other prompts of the call
+    alone = StaticGraphBackend(model, tok, batch_size=4).generate(PROMPTS[:1], params)
+    assert alone.texts[0] == a.texts[0]
+    other = StaticGraphBackend(model, tok, batch_size=16).generate(PROMPTS, SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=20, seed=8))
+    assert other.texts != a.texts
+    assert len({t for row in a.texts for t in row}) > len(PROMPTS)  # samples of a prompt differ
+
+
+def test_stop_strings_end_rows_early(tok):
+    model = tiny("qwen2", tok)
+    be = StaticGraphBackend(model, tok, batch_size=4, sync_every=2)
+    free = be.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=30))
+    text = free.texts[2][0]
+    stop = text[5:7]  # a string the greedy completion of prompt 2 holds
+    out = be.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=30, stop=(stop,)))
+    assert out.texts[2][0] == text[: text.find(stop)]
+    assert out.num_tokens[2][0] < free.num_tokens[2][0]
+    assert out.stats["stop_string_hits"] >= 1
+
+
+def test_weights_are_reread_each_call(tok):
+    model = tiny("qwen2", tok)
+    be = StaticGraphBackend(model, tok)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    before = be.generate(PROMPTS[:2], params).texts
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(-1.0)  # a fused weight: the backend must see the change
+    after = be.generate(PROMPTS[:2], params).texts
+    assert after != before
+    assert after == make_backend("hf", model, tok).generate(PROMPTS[:2], params).texts
+
+
+def test_top_candidates_equal_topk():
+    torch.manual_seed(1)
+    logits = torch.stack([torch.randperm(40 * CHUNK) for _ in range(5)]).float()  # no ties
+    vals, ids = top_candidates(logits, 64, row_stats(logits)[0])
+    ref_vals, ref_ids = logits.topk(64, dim=-1)
+    assert torch.equal(vals, ref_vals) and torch.equal(ids, ref_ids)
+
+
+class _State:
+    def __init__(self, n):
+        self.key = torch.tensor([sequence_key(0, i, 0) for i in range(n)])
+        self.step = torch.zeros(n, dtype=torch.long)
+
+
+@pytest.mark.parametrize("top_p, top_k", [(0.8, 0), (0.95, 5), (1.0, 0)])
+def test_sampler_draws_from_the_nucleus_distribution(top_p, top_k):
+    torch.manual_seed(2)
+    V, n = 3 * CHUNK, 40000
+    row = torch.randn(V) * 3
+    sampler = Sampler(torch.device("cpu"), candidates=64)
+    sampler.configure(temperature=0.7, top_p=top_p, top_k=top_k, eos_ids=[])
+    draws, truncated = sampler(row.expand(n, V) * sampler.inv_temp, _State(n), n)
+    # the exact distribution, as HF's temperature -> top-k -> top-p warpers define it
+    logits = row / 0.7
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits.double(), -1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+    want = torch.zeros(V, dtype=torch.float64)
+    want[order[keep]] = sorted_p[keep] / sorted_p[keep].sum()
+    got = torch.bincount(draws, minlength=V).double() / n
+    assert (got - want).abs().sum() / 2 < 0.03  # total variation; sampling noise is ~0.01 here
+    assert got[want == 0].sum() == 0
+    assert not truncated.any()
+
+
+def test_uniform_is_uniform_and_keyed():
+    keys = torch.tensor([sequence_key(3, i, j) for i in range(100) for j in range(8)])
+    u = torch.cat([uniform(keys, torch.full_like(keys, s)) for s in range(50)])
+    assert 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    assert len(set(keys.tolist())) == len(keys)
+
+
+def test_unsupported_architecture_is_refused(tok):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tok)))
+    with pytest.raises(UnsupportedModel, match="use generation.backend: hf"):
+        make_backend("static", gpt2, tok)
