@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from coevolve.cli import prepare_run, run_step
+from coevolve.cli import run_step
+from coevolve.core.config import prepare_run
 from coevolve.core.step import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]

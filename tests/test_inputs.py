@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from coevolve.cli import prepare_run, run_step
+from coevolve.cli import run_step
+from coevolve.core.config import prepare_run
 from coevolve.core import rundir
 from coevolve.core.config import ConfigError, load_config
 from coevolve.data.sources import DataError

@@ -1,0 +1,82 @@
+"""How a step is started: the command line (plain Python, or a multi-GPU launcher from `cfg.launch`)
+and a child process whose output is streamed line by line. Used by `coevolve run` and by the Prefect
+flows alike, so both launch exactly what a user would type."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from coevolve.core.config import Config
+from coevolve.core.plan import GENERATION_STEPS
+
+# Steps that train a model, the only ones that go through the multi-GPU launcher; `init` only
+# materialises models and data.
+TRAINING_STEPS = frozenset({"sft-warmup", "rm-init", "reviser-train", "e-step", "m-step"})
+
+
+class StepFailed(RuntimeError):
+    """A step process exited non-zero; the message ends with its last output lines."""
+
+    def __init__(self, step: str, iteration: int, code: int, tail: list[str]):
+        self.code = code
+        self.tail = tail
+        last = "\n".join(tail) or "(no output)"
+        super().__init__(f"step {step} (iteration {iteration}) exited with code {code}; its last lines:\n{last}")
+
+
+def retries(cfg: Config, step: str) -> int:
+    return cfg.retries.generation if step in GENERATION_STEPS else cfg.retries.training
+
+
+def step_command(cfg: Config, step: str, run_dir: Path, iteration: int) -> list[str]:
+    # The step reads its config from RUN/config.yaml, so the command carries no config of its own.
+    step_args = ["coevolve", "step", step, "--run-dir", str(run_dir), "--iteration", str(iteration)]
+    launch = cfg.launch
+    # sys.executable rather than a script on PATH: the child runs in the same environment as its parent.
+    if launch.launcher == "python" or step not in TRAINING_STEPS:
+        return [sys.executable, "-m", *step_args]
+    if launch.launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.gpus)]
+        if launch.deepspeed_config:
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", launch.deepspeed_config]
+        elif launch.gpus > 1:
+            cmd += ["--multi_gpu"]
+        return cmd + ["-m", *step_args]
+    # deepspeed's launcher hands the config file to nobody; the step passes cfg.launch.deepspeed_config to
+    # its trainer itself.
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launch.gpus), "--module", *step_args]
+
+
+def run_process(
+    cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | None = None, tail: int = 30
+) -> tuple[int, list[str]]:
+    """Run `cmd` with stderr merged into stdout; every line goes to `on_line` as it arrives. Returns the
+    exit code and the last `tail` lines."""
+    # Unbuffered, so a step's lines arrive while it runs, not when it exits.
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    last: deque[str] = deque(maxlen=tail)
+    # The child stays in our process group: whoever kills this process's group (Prefect cancelling a
+    # flow run does) kills the step too.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True, errors="replace", bufsize=1
+    )
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            last.append(line)
+            on_line(line)
+        return proc.wait(), list(last)
+    finally:
+        # Reached with the child alive only when we are interrupted; never leave a step running unowned.
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()

@@ -1,0 +1,70 @@
+"""One step of a run as a Prefect task: skipped when its DONE.json exists, else launched as its own
+process (`coevolve step ...`) with its output streamed into the task log, or handed as a job to a
+`coevolve-step` deployment on a GPU host's work pool."""
+from __future__ import annotations
+
+import shlex
+from contextlib import nullcontext
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from prefect.states import Completed
+
+from coevolve.core import rundir
+from coevolve.core.config import Config, load_config
+from coevolve.core.launch import StepFailed, run_process, step_command
+
+
+def gpu_slots(limit: str | None, gpus: int):
+    """Hold `gpus` slots of the global concurrency limit `limit` (one slot per GPU of the host) while a
+    step runs, so concurrent runs on one host wait instead of oversubscribing its GPUs."""
+    if limit is None or gpus == 0:
+        return nullcontext()
+    # strict: a misspelt limit must fail the step, not silently run it unguarded.
+    return concurrency(limit, occupy=gpus, strict=True)
+
+
+# The run directory, not Prefect's result cache, says what is finished.
+@task(cache_policy=NO_CACHE)
+def run_step(
+    cfg: Config, run_dir: str, iteration: int, step: str, step_deployment: str | None = None, gpu_limit: str | None = None
+):
+    run = Path(run_dir)
+    if rundir.is_done(run, iteration, step):
+        return Completed(name="Skipped", message=f"already done: {rundir.step_dir(run, iteration, step)}/DONE.json")
+    if step_deployment is not None:
+        as_job(step_deployment, run_dir, iteration, step)
+        return
+    logger = get_run_logger()
+    cmd = step_command(cfg, step, run, iteration)
+    logger.info(shlex.join(cmd))
+    with gpu_slots(gpu_limit, cfg.launch.gpus):
+        code, tail = run_process(cmd, logger.info)
+    if code != 0:
+        raise StepFailed(step, iteration, code, tail)
+
+
+def as_job(deployment: str, run_dir: str, iteration: int, step: str) -> None:
+    # The deployment's own gpu_limit default names its host's limit, so it is not passed from here.
+    job = run_deployment(
+        deployment, parameters={"run_dir": run_dir, "step": step, "iteration": iteration}, flow_run_name=f"{step}-{iteration}"
+    )
+    if not job.state.is_completed():
+        raise RuntimeError(f"step {step} (iteration {iteration}): job {job.name} ended {job.state.name}: {job.state.message}")
+
+
+@flow(name="coevolve-step", flow_run_name="{step}-{iteration}")
+def coevolve_step(run_dir: str, step: str, iteration: int, gpu_limit: str | None = None) -> None:
+    """One step of an existing run, as a job on the host that serves this deployment.
+
+    Args:
+        run_dir: The run directory, on storage that every host sees.
+        step: The step name (init, sft-warmup, rm-init, reviser-train, revise, e-step, m-step, evaluate).
+        iteration: The iteration it belongs to (0 for init, sft-warmup, rm-init).
+        gpu_limit: The global concurrency limit counting this host's GPUs; the step holds cfg.launch.gpus slots.
+    """
+    cfg = load_config(None, [], Path(run_dir))
+    run_step.with_options(task_run_name=step)(cfg, run_dir, iteration, step, gpu_limit=gpu_limit)

@@ -1,0 +1,278 @@
+"""The Prefect flows with the real tiny steps under a real Prefect server (tests/prefect_server.py): a
+2-iteration run, resume after a killed step, a served deployment triggered from the CLI, and the flow
+run's page in the Prefect UI in a headless Chromium."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterTaskRunId,
+)
+from prefect.client.schemas.sorting import LogSort
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from safetensors.torch import load_file
+
+from coevolve.core import rundir
+from coevolve.core.config import load_config
+from coevolve.core.plan import step_plan
+from conftest import FAST
+from prefect_server import prefect_server  # noqa: F401  (the fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+ARTIFACTS = ROOT / "test-artifacts"
+
+# The flow in its own process, as a user would run it; prints its flow run id.
+RUN_FLOW = """
+import sys
+from coevolve.flows.coevolution import coevolve
+state = coevolve(run_dir=sys.argv[1], config=sys.argv[2], overrides=sys.argv[3:], return_state=True)
+print("FLOW_RUN", state.state_details.flow_run_id, flush=True)
+sys.exit(0 if state.is_completed() else 1)
+"""
+
+
+def start_flow(server, run: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN_FLOW, str(run), str(TINY), *FAST],
+        env=server.env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def flow_run_id(log: Path) -> str:
+    lines = [line for line in log.read_text().splitlines() if line.startswith("FLOW_RUN ")]
+    assert lines, log.read_text()[-4000:]
+    return lines[-1].split()[1]
+
+
+def run_flow(server, run: Path, log: Path) -> tuple[int, str]:
+    proc = start_flow(server, run, log)
+    code = proc.wait(timeout=600)
+    return code, flow_run_id(log)
+
+
+@contextmanager
+def client(server):
+    with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_HOME: server.home}):
+        with get_client(sync_client=True) as c:
+            yield c
+
+
+def flow_runs_under(c, parent: str) -> list:
+    """The flow run and every run nested in it (iterations, step jobs)."""
+    found = c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent])))
+    frontier = [parent]
+    while frontier:
+        children = c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+        found += children
+        frontier = [r.id for r in children]
+    return found
+
+
+def final_task_runs(c, flow_run: str, timeout: float = 30) -> list:
+    """Task runs under `flow_run`, once the server has recorded their final states (the task engine
+    reports them through events, which may land just after the flow run ends)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = [r.id for r in flow_runs_under(c, flow_run)]
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200)
+        if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(1)
+
+
+def step_states(c, flow_run: str, steps: set[str]) -> dict[tuple[int, str], str]:
+    """State names of the step task runs under `flow_run`, by (iteration, step); the iteration is in
+    the name of the subflow that ran them."""
+    runs = final_task_runs(c, flow_run)
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.name) for r in runs]
+    return {(int(c.read_flow_run(r.flow_run_id).name.split("-")[-1]), r.name): r.state.name for r in runs if r.name in steps}
+
+
+def copy_run(src: Path, dst: Path, upto: int) -> None:
+    """`src` as it was when iteration `upto` began: later iterations' folders and store shards removed
+    (a re-run iteration replaces its store shards whole, earlier ones stay as they were)."""
+    shutil.copytree(src, dst)
+    for path in [*dst.glob("iter_*"), *dst.glob("stores/*/iter_*"), *dst.glob("stores/*/.iter_*")]:
+        if int(path.name.strip(".").split("_")[1].split(".")[0]) >= upto:
+            shutil.rmtree(path)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    assert out, f"no weights in {folder}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(prefect_server, tmp_path_factory):
+    """One uninterrupted 2-iteration run of the tiny config: (run directory, flow run id)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    code, flow_run = run_flow(prefect_server, run, run.parent / "flow.log")
+    assert code == 0, (run.parent / "flow.log").read_text()[-4000:]
+    return run, flow_run
+
+
+@pytest.mark.slow
+def test_two_iterations_complete_with_artifacts(prefect_server, reference_run):
+    run, flow_run = reference_run
+    cfg = load_config(None, [], run)
+    plan = step_plan(cfg)
+    with client(prefect_server) as c:
+        assert c.read_flow_run(flow_run).state.is_completed()
+        nested = flow_runs_under(c, flow_run)
+        assert all(r.state.is_completed() for r in nested)
+        assert sorted(r.name for r in nested if str(r.id) != flow_run) == [f"iteration-{k}" for k in range(cfg.iterations + 1)]
+
+        states = step_states(c, flow_run, {step for _, step in plan})
+        assert sorted(states) == sorted(plan)
+        assert set(states.values()) == {"Completed"}
+
+        # Each step's own output reached its task's log, line by line.
+        last = [r for r in final_task_runs(c, flow_run) if r.name == plan[-1][1]][-1]
+        logs = c.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[last.id])), sort=LogSort.TIMESTAMP_DESC)
+        assert any(f"{plan[-1][1]}: finished in" in log.message for log in logs), [log.message for log in logs][-20:]
+
+        artifacts = c.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) == {f"run-iteration-{k}" for k in range(cfg.iterations + 1)}
+    for k in range(1, cfg.iterations + 1):
+        rows = json.loads(by_key[f"run-iteration-{k}"].data)
+        metrics = {(row["step"], row["metric"]): row["value"] for row in rows}
+        assert float(metrics["e-step", "pairs/count"]) > 0
+        assert ("m-step", "seconds") in metrics
+
+
+@pytest.mark.slow
+def test_killed_step_resumes_to_the_same_outputs(prefect_server, reference_run, tmp_path):
+    reference, _ = reference_run
+    plan = step_plan(load_config(None, [], reference))
+    last = plan[-1][0]
+    # Iterations before the last are the reference's own, so the two runs differ only from here on.
+    run = tmp_path / "run"
+    copy_run(reference, run, upto=last)
+
+    proc = start_flow(prefect_server, run, tmp_path / "killed.log")
+    phases = rundir.partial_dir(run, last, "e-step") / "phases"
+    victim = None
+    deadline = time.monotonic() + 300
+    # Kill the E-step once it has finished a phase, so the resumed step must keep that phase's output.
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        if phases.exists() and any(phases.glob("*.json")):
+            victim = next((p for p in psutil.Process(proc.pid).children(recursive=True) if "e-step" in p.cmdline()), None)
+        time.sleep(0.2)
+    assert victim is not None, (tmp_path / "killed.log").read_text()[-4000:]
+    victim.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    killed = flow_run_id(tmp_path / "killed.log")
+
+    code, resumed = run_flow(prefect_server, run, tmp_path / "resumed.log")
+    assert code == 0, (tmp_path / "resumed.log").read_text()[-4000:]
+
+    with client(prefect_server) as c:
+        state = c.read_flow_run(killed).state
+        assert state.is_failed()
+        assert f"step e-step (iteration {last}) exited with code -9" in state.message
+        states = step_states(c, resumed, {step for _, step in plan})
+    assert states == {(k, step): "Skipped" if k < last else "Completed" for k, step in plan}
+
+    assert "resuming after" in (rundir.step_dir(run, last, "e-step") / "log.txt").read_text()
+    for step, output in [("e-step", "policy"), ("m-step", "rm")]:
+        got = tensors(run / rundir.read_done(run, last, step)["outputs"][output])
+        want = tensors(reference / rundir.read_done(reference, last, step)["outputs"][output])
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[name], want[name]) for name in want), f"{step} {output} differs from the uninterrupted run"
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_from_the_cli(prefect_server, reference_run, tmp_path):
+    reference, _ = reference_run
+    last = step_plan(load_config(None, [], reference))[-1][0]
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(rundir.step_dir(run, last, "m-step"))
+    # One GPU slot: the step job must take it (the tiny config asks for one) and give it back.
+    with client(prefect_server) as c:
+        c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpus-test", limit=1))
+    serve_code = f"from coevolve.flows.serve import serve; serve({str(TINY)!r}, {FAST!r}, {str(run)!r}, name='tiny', gpu_limit='gpus-test')"
+    # The runner polls every second instead of every ten: each step's job is a flow run it picks up.
+    served = subprocess.Popen(
+        [sys.executable, "-c", serve_code], env=prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="1"),
+        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        with client(prefect_server) as c:
+            deadline = time.monotonic() + 120
+            # Both deployments, coevolve/tiny and coevolve-step/tiny.
+            while len(c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["tiny"])))) < 2:
+                assert served.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-4000:]
+                time.sleep(0.5)
+            form = c.read_deployment_by_name("coevolve/tiny").parameter_openapi_schema["properties"]
+        assert {"run_dir", "config", "overrides", "iterations", "e_step_mode", "m_step", "reviser", "evaluate"} <= set(form)
+        assert form["iterations"]["description"].startswith("Number of")
+        assert form["e_step_mode"]["anyOf"][0]["enum"] == ["dpo", "seft", "dpo+seft"]
+
+        triggered = prefect_server.prefect(
+            "deployment", "run", "coevolve/tiny", "--param", "step_deployment=coevolve-step/tiny", "--watch", "--watch-timeout", "300",
+            timeout=360,
+        )
+        assert triggered.returncode == 0, triggered.stdout[-3000:] + triggered.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        served.send_signal(signal.SIGTERM)
+        try:
+            served.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            served.kill()
+    assert rundir.is_done(run, last, "m-step")
+    flow_run = next(line.split()[-1] for line in triggered.stdout.splitlines() if "UUID:" in line)
+    with client(prefect_server) as c:
+        nested = flow_runs_under(c, flow_run)
+        limit = c.read_global_concurrency_limit_by_name("gpus-test")
+    # The one unfinished step ran as a job of the step deployment, nested under the run.
+    assert f"m-step-{last}" in {r.name for r in nested}
+    assert all(r.state.is_completed() for r in nested)
+    assert limit.active_slots == 0
+    events = prefect_server.post("/events/filter", {"filter": {"event": {"name": ["prefect.concurrency-limit.acquired"]}}})["events"]
+    assert any(e["resource"]["prefect.resource.name"] == "gpus-test" for e in events)
+
+
+def test_flow_run_page_in_chromium(prefect_server, reference_run, tmp_path):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: `apt-get install -y chromium` (make test does it)"
+    _, flow_run = reference_run
+    with client(prefect_server) as c:
+        name = c.read_flow_run(flow_run).name
+    url = f"{prefect_server.url}/runs/flow-run/{flow_run}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    png = ARTIFACTS / "prefect-flow-run.png"
+    png.unlink(missing_ok=True)
+    # This machine has no network: nothing in the browser may try to reach one.
+    flags = [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000", "--window-size=1400,1000",
+    ]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, text=True, timeout=120)
+    assert name in dom.stdout, dom.stderr[-2000:]
+    assert png.stat().st_size > 10_000
