@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny run directory prepared once (init, sft-warmup, rm-init), copied per test."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pytest
 from coevolve.cli import run_step
 from coevolve.core.config import prepare_run
 from coevolve.core.step import setup_logging
+
+# Steps run in-process by the tests are not tracked; the tracking tests set their own mode. Without
+# this, a developer's `wandb login` would send test runs to their account.
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from coevolve.core import rundir
+from coevolve.core import rundir, tracking
 from coevolve.core.config import Config
 
 log = logging.getLogger("coevolve")
@@ -71,9 +71,11 @@ class StepRun:
             self.metrics.update(saved["metrics"])
             self.timings[record.stem] = saved["seconds"]
         log.info(f"iteration {self.iteration} {self.name}: working in {self.dir}" + (f" (resuming after {sorted(self.timings)})" if self.timings else ""))
+        tracking.start(self)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        tracking.end(failed=exc_type is not None)
         if self._handler is not None:
             log.removeHandler(self._handler)
             self._handler.close()
@@ -110,6 +112,7 @@ class StepRun:
         record_tmp = record.with_suffix(".tmp")
         record_tmp.write_text(json.dumps({"metrics": metrics, "seconds": seconds}))
         record_tmp.replace(record)
+        tracking.log_phase(name, metrics, seconds)
         summary = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (list, dict)))
         log.info(f"{name}: done in {seconds:.1f}s" + (f" ({summary})" if summary else ""))
         return final
@@ -145,6 +148,7 @@ class StepRun:
             self.dir.rename(self.final)
         total = sum(self.timings.values())
         log.info(f"iteration {self.iteration} {self.name}: finished in {total:.1f}s -> {self.final}")
+        tracking.finish(self, done)
         return done
 
 

@@ -1,0 +1,172 @@
+"""W&B tracking of one step process: one W&B run per step, grouped by the coevolve run, with the
+step's phase metrics and wall times, TRL's training curves, distributions of its output datasets, and
+its inputs and outputs as artifacts that reference the run directory.
+
+Mode: `tracking.mode` in the config, else WANDB_MODE, else online when a W&B login exists and offline
+when none does. Files land in RUN/wandb/ (`wandb sync RUN/wandb/offline-run-*` uploads offline ones).
+
+Every attempt at a step is its own W&B run, named `iter{k}-{step}`: a killed attempt stays as a
+failed or crashed run, and the attempt that resumes it logs the phases it finds done again from
+their records, so the attempt that finishes holds the whole step.
+
+Lineage: an artifact is named after the step output it references (`tiny-policy-iter_1-e-step`), and
+its version is the digest of the files, so a consumer that declares an input with the same files
+lands on the producer's version; an input whose producer was never tracked is logged then. wandb
+refuses `use_artifact` in offline mode, so offline runs record their inputs' artifact names in their
+config (`step.inputs`) instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import re
+from pathlib import Path
+from statistics import mean, pstdev
+from urllib.parse import urlsplit
+
+_run = None  # this process's W&B run: a step process runs one step
+
+MODEL_KEYS = {"policy", "rm", "reviser"}
+# Dataset columns whose distributions are logged as histograms (plus the chosen - rejected margin).
+DIST_COLUMNS = ("score", "num_tokens", "chosen_score", "rejected_score", "chosen_tokens", "rejected_tokens")
+
+
+def resolve_mode(cfg) -> str:
+    chosen = cfg.tracking.mode or os.environ.get("WANDB_MODE")
+    if chosen:
+        return chosen
+    return "online" if _logged_in() else "offline"
+
+
+def _logged_in() -> bool:
+    """Whether W&B credentials exist (the env key, an identity token, or the netrc entry that
+    `wandb login` writes); the key itself is never read into our hands."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def active() -> bool:
+    return _run is not None
+
+
+def start(step) -> None:
+    """Start the step's W&B run and log what earlier attempts at the step already finished."""
+    global _run
+    cfg = step.cfg
+    mode = resolve_mode(cfg)
+    # Under a multi-GPU launcher every rank runs the step; only rank 0 reports.
+    if mode == "disabled" or os.environ.get("RANK", "0") != "0":
+        return
+    # TRL's WandbCallback logs into this run; it must not upload checkpoints (GBs) of its own.
+    os.environ["WANDB_LOG_MODEL"] = "false"
+    import wandb
+
+    k = step.iteration
+    config = {**cfg.model_dump(mode="json"), "step": {"name": step.name, "iteration": k, "run_dir": str(step.run_dir.resolve())}}
+    _run = wandb.init(
+        project=cfg.tracking.project, group=cfg.run_name, job_type=step.name, name=f"iter{k}-{step.name}",
+        config=config, tags=[f"iter{k}"] + ["resumed"] * bool(step.timings), dir=step.run_dir, mode=mode,
+        reinit="finish_previous",
+    )
+    if step.timings:
+        _log(step.metrics, step.timings)
+
+
+def log_phase(name: str, metrics: dict, seconds: float) -> None:
+    if _run is not None:
+        _log(metrics, {name: seconds})
+
+
+def _log(metrics: dict, timings: dict[str, float]) -> None:
+    flat = _flatten(metrics)
+    numbers = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    _run.log({**numbers, **{f"time/{phase}": s for phase, s in timings.items()}})
+    # Labels and flags (the selected checkpoint, whether the loop stops) have no curve to draw.
+    _run.summary.update({k: v for k, v in flat.items() if k not in numbers})
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def finish(step, done: dict) -> None:
+    """Declare the finished step's inputs and log its outputs, with distributions of output datasets."""
+    if _run is None:
+        return
+    _run.summary["time/total"] = sum(done["timings"].values())
+    inputs = {role: artifact_name(step.cfg, step.run_dir, rel) for role, rel in done["inputs"].items()}
+    _run.config.update({"step": {**_run.config["step"], "inputs": inputs}}, allow_val_change=True)
+    if not _run.offline:
+        for rel in set(done["inputs"].values()):
+            _run.use_artifact(_artifact(step, rel))
+    # One artifact per path, however many keys name it.
+    for rel in dict.fromkeys(done["outputs"].values()):
+        _run.log_artifact(_artifact(step, rel))
+        if (step.run_dir / rel / "dataset_info.json").exists():
+            _log_distributions(output_key(step.run_dir, rel), step.run_dir / rel)
+
+
+def end(failed: bool) -> None:
+    global _run
+    if _run is not None:
+        _run.finish(exit_code=1 if failed else 0)
+        _run = None
+
+
+def output_key(run_dir: Path, rel: str) -> str:
+    """The key under which the producing step's DONE.json lists this path, so that every consumer
+    names an artifact as its producer did (the m-step's `policy_new` is the e-step's `policy`)."""
+    done = Path(run_dir, *Path(rel).parts[:2], "DONE.json")
+    outputs = json.loads(done.read_text())["outputs"] if done.exists() else {}
+    return next((key for key, path in outputs.items() if path == rel), Path(rel).name)
+
+
+def artifact_name(cfg, run_dir: Path, rel: str) -> str:
+    iteration, step = Path(rel).parts[:2]
+    return re.sub(r"[^\w.-]", "_", f"{cfg.run_name}-{output_key(run_dir, rel)}-{iteration}-{step}")
+
+
+def _artifact(step, rel: str):
+    import wandb
+
+    path = (step.run_dir / rel).resolve()
+    kind = "model" if output_key(step.run_dir, rel) in MODEL_KEYS else "dataset"
+    artifact = wandb.Artifact(artifact_name(step.cfg, step.run_dir, rel), type=kind, metadata={"path": rel, "run_dir": str(step.run_dir.resolve())})
+    if step.cfg.tracking.upload:
+        # Outputs never change once their step is done, so wandb need not copy them before uploading.
+        artifact.add_dir(str(path), policy="immutable")
+    else:
+        artifact.add_reference(path.as_uri())
+    return artifact
+
+
+def _log_distributions(key: str, path: Path) -> None:
+    import datasets
+    import wandb
+
+    ds = datasets.load_from_disk(str(path))
+    columns = {c: ds[c] for c in DIST_COLUMNS if c in ds.column_names}
+    if "chosen_score" in columns and "rejected_score" in columns:
+        columns["margin"] = [c - r for c, r in zip(columns["chosen_score"], columns["rejected_score"])]
+    logged = {f"dist/{key}/rows": len(ds)}
+    for name, values in columns.items():
+        # Original pairs in a training mix carry no RM scores (NaN).
+        values = [float(v) for v in values if not math.isnan(v)]
+        if values:
+            logged[f"dist/{key}/{name}"] = wandb.Histogram(values)
+            logged[f"dist/{key}/{name}_mean"] = mean(values)
+            logged[f"dist/{key}/{name}_std"] = pstdev(values)
+    _run.log(logged)

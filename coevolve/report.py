@@ -1,0 +1,246 @@
+"""`coevolve report RUN_DIR`: one HTML page with PNG plots, per iteration, read from the run directory
+alone (DONE.json files, the trainers' logs, the E-step's scored samples), for users who are not on W&B.
+Written to RUN/report/index.html."""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import datasets
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from coevolve.core import rundir
+
+NAN = float("nan")
+
+# The per-iteration table: (column, step, metric key as the step writes it in DONE.json).
+COLUMNS = [
+    ("policy score (samples)", "e-step", "score/mean"),
+    ("select win rate", "e-step", "select/best_win_rate"),
+    ("policy_K score (D_MS)", "e-step", "select/best_score_mean"),
+    ("pairs", "e-step", "pairs/count"),
+    ("unpaired prompts", "e-step", "pairs/unpaired"),
+    ("response tokens", "e-step", "generate/length_mean"),
+    ("DPO loss (last)", "e-step", "dpo/loss_last"),
+    ("pseudo kept", "m-step", "pseudo/kept"),
+    ("pseudo dropped", "m-step", "pseudo/dropped"),
+    ("RM loss (last)", "m-step", "rm_train/loss_last"),
+    ("RM acc held-out, before", "m-step", "rm_before/accuracy_heldout"),
+    ("RM acc held-out, after", "m-step", "rm_after/accuracy_heldout"),
+    ("RM acc pseudo, before", "m-step", "rm_before/accuracy_pseudo"),
+    ("RM acc pseudo, after", "m-step", "rm_after/accuracy_pseudo"),
+]
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    steps = rundir.finished_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir}: no finished step (no iter_*/<step>/DONE.json) to report on")
+    done = {(k, name): d for k, name, d in steps}
+    iterations = sorted({k for k, _, _ in steps if k > 0})
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    figures = {
+        "policy_reward.png": policy_reward(done, iterations),
+        "rm_accuracy.png": rm_accuracy(done, iterations),
+        "pair_counts.png": pair_counts(done, iterations),
+        "losses.png": losses(run_dir, steps),
+        "response_lengths.png": response_lengths(run_dir, done, iterations),
+        "wall_time.png": wall_time(steps),
+    }
+    plots = []
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.savefig(out / name, dpi=100, bbox_inches="tight")
+            plots.append(name)
+    page = out / "index.html"
+    page.write_text(render(run_dir, steps, done, iterations, plots))
+    return page
+
+
+def metric(done: dict, k: int, step: str, key: str) -> float:
+    value = done.get((k, step), {}).get("metrics", {}).get(key, NAN)
+    return float(value) if isinstance(value, (int, float)) else NAN
+
+
+def series(done: dict, iterations: list[int], step: str, key: str) -> list[float]:
+    return [metric(done, k, step, key) for k in iterations]
+
+
+def _lines(ax, iterations: list[int], lines: dict[str, list[float]], styles: dict[str, str] | None = None) -> bool:
+    styles = styles or {}
+    drawn = False
+    for label, ys in lines.items():
+        if not all(math.isnan(y) for y in ys):
+            ax.plot(iterations, ys, styles.get(label, "o-"), label=label)
+            drawn = True
+    ax.set_xlabel("iteration")
+    ax.set_xticks(iterations)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    return drawn
+
+
+def policy_reward(done: dict, iterations: list[int]) -> Figure | None:
+    if not iterations:
+        return None
+    fig = Figure(figsize=(10, 3.5))
+    left, right = fig.subplots(1, 2)
+    # Each iteration's scores come from that iteration's RM, so compare within an iteration.
+    drawn = _lines(left, iterations, {
+        "samples of policy_K-1 (e-step score/mean)": series(done, iterations, "e-step", "score/mean"),
+        "policy_K-1 on D_MS": series(done, iterations, "e-step", "select/baseline_score_mean"),
+        "policy_K on D_MS": series(done, iterations, "e-step", "select/best_score_mean"),
+    })
+    left.set_title("policy reward under the current RM")
+    _lines(right, iterations, {"policy_K vs policy_K-1": series(done, iterations, "e-step", "select/best_win_rate")})
+    right.set_title("model-selection win rate")
+    right.set_ylim(0, 1)
+    return fig if drawn else None
+
+
+def rm_accuracy(done: dict, iterations: list[int]) -> Figure | None:
+    if not any((k, "m-step") in done for k in iterations):
+        return None
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    _lines(ax, iterations, {
+        "held-out original pairs, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_heldout"),
+        "held-out original pairs, rm_K-1": series(done, iterations, "m-step", "rm_before/accuracy_heldout"),
+        "fresh policy pairs, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_pseudo"),
+        "fresh policy pairs, rm_K-1": series(done, iterations, "m-step", "rm_before/accuracy_pseudo"),
+        "training mix, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_train_mix"),
+    }, {"held-out original pairs, rm_K-1": "o--", "fresh policy pairs, rm_K-1": "s--", "fresh policy pairs, rm_K": "s-"})
+    ax.set_title("RM accuracy: original vs current distribution")
+    ax.set_ylim(0, 1.05)
+    return fig
+
+
+def pair_counts(done: dict, iterations: list[int]) -> Figure | None:
+    if not iterations:
+        return None
+    bars = {
+        "e-step pairs": series(done, iterations, "e-step", "pairs/count"),
+        "unpaired prompts": series(done, iterations, "e-step", "pairs/unpaired"),
+        "pseudo pairs kept": series(done, iterations, "m-step", "pseudo/kept"),
+        "pseudo pairs dropped": series(done, iterations, "m-step", "pseudo/dropped"),
+    }
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    width = 0.8 / len(bars)
+    for i, (label, ys) in enumerate(bars.items()):
+        ax.bar([k - 0.4 + width * (i + 0.5) for k in iterations], [0 if math.isnan(y) else y for y in ys], width, label=label)
+    ax.set_xticks(iterations)
+    ax.set_xlabel("iteration")
+    ax.set_title("pair counts")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def losses(run_dir: Path, steps: list) -> Figure | None:
+    """Training loss curves from each trainer's log, one panel per kind of training."""
+    panels: dict[str, dict[str, tuple[list, list]]] = {}
+    titles = {"sft-warmup": "SFT loss", "rm-init": "RM loss (rm-init)", "e-step": "DPO loss", "m-step": "RM loss (m-step)"}
+    for k, name, _ in steps:
+        log = rundir.step_dir(run_dir, k, name) / "train" / "train_log.jsonl"
+        if name not in titles or not log.exists():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "loss" in r and "step" in r]
+        if rows:
+            panels.setdefault(name, {})[f"iter {k}"] = ([r["step"] for r in rows], [r["loss"] for r in rows])
+    if not panels:
+        return None
+    fig = Figure(figsize=(4 * len(panels), 3.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, curves) in zip(axes, sorted(panels.items(), key=lambda p: rundir.STEP_ORDER.index(p[0]))):
+        for label, (xs, ys) in curves.items():
+            ax.plot(xs, ys, label=label)
+        ax.set_title(titles[name])
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def response_lengths(run_dir: Path, done: dict, iterations: list[int]) -> Figure | None:
+    """Tokens per sampled response (the e-step's scored samples), and in the chosen vs rejected ones."""
+    shown, lengths = [], []
+    for k in iterations:
+        samples = done.get((k, "e-step"), {}).get("outputs", {}).get("samples")
+        if samples and (run_dir / samples).exists():
+            shown.append(k)
+            lengths.append(datasets.load_from_disk(str(run_dir / samples))["num_tokens"])
+    if not shown:
+        return None
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.boxplot(lengths, positions=shown, widths=0.5)
+    _lines(ax, shown, {
+        "chosen (mean)": series(done, shown, "e-step", "pairs/chosen_tokens_mean"),
+        "rejected (mean)": series(done, shown, "e-step", "pairs/rejected_tokens_mean"),
+    })
+    ax.set_ylabel("tokens")
+    ax.set_title("response lengths (all samples; chosen vs rejected)")
+    return fig
+
+
+def wall_time(steps: list) -> Figure:
+    fig = Figure(figsize=(8, 0.4 * len(steps) + 1.5))
+    ax = fig.subplots()
+    colors = {}
+    palette = colormaps["tab20"]
+    labels = [f"iter{k} {name}" for k, name, _ in steps]
+    for row, (_, _, d) in enumerate(steps):
+        left = 0.0
+        for phase, seconds in d.get("timings", {}).items():
+            first = phase not in colors
+            color = colors.setdefault(phase, palette(len(colors) % palette.N))
+            ax.barh(row, seconds, left=left, color=color, label=phase if first else None)
+            left += seconds
+    ax.set_yticks(range(len(steps)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title("wall time per phase")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    return fig
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.3g}"
+    return html.escape(str(value))
+
+
+def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in COLUMNS)
+    body = "".join(
+        f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(metric(done, k, s, key))}</td>" for _, s, key in COLUMNS) + "</tr>"
+        for k in iterations
+    )
+    step_rows = "".join(
+        f"<tr><td>{k}</td><td><a href='../{rundir.step_dir(Path(), k, name)}/log.txt'>{html.escape(name)}</a></td>"
+        f"<td>{_fmt(sum(d.get('timings', {}).values()))}</td><td>{'stop' if d.get('stop') else ''}</td>"
+        f"<td>{html.escape(', '.join(f'{key}: {path}' for key, path in d.get('outputs', {}).items()))}</td></tr>"
+        for k, name, d in steps
+    )
+    images = "".join(f"<figure><img src='{name}' alt='{name}'><figcaption>{name}</figcaption></figure>" for name in plots)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>coevolve report: {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} img{{max-width:100%}}</style></head>
+<body><h1>coevolve run {html.escape(str(run_dir.resolve()))}</h1>
+<h2>Per iteration</h2>
+<p>Policy scores are under that iteration's RM (rm_K-1); RM accuracy "before" is rm_K-1, "after" is rm_K,
+on held-out original pairs (the original distribution) and on this iteration's pseudo pairs (the policy's current distribution).</p>
+<table><tr><th>iteration</th>{head}</tr>{body}</table>
+{images}
+<h2>Steps</h2>
+<table><tr><th>iteration</th><th>step (log)</th><th>wall time (s)</th><th></th><th>outputs</th></tr>{step_rows}</table>
+</body></html>
+"""
