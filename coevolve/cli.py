@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from coevolve.core import rundir
-from coevolve.core.config import Config, ConfigError, load_config, save_config
+from coevolve.core.config import Config, ConfigError, prepare_run
 from coevolve.core.plan import step_plan
 from coevolve.core.step import StepRun, setup_logging
 
@@ -18,24 +18,12 @@ STEPS = {
     "init": "coevolve.init_step",
     "sft-warmup": "coevolve.policy.sft_warmup",
     "rm-init": "coevolve.reward.rm_init",
+    "reviser-train": "coevolve.revision.reviser_train",
+    "revise": "coevolve.revision.revise",
     "e-step": "coevolve.policy.e_step",
     "m-step": "coevolve.reward.m_step",
 }
 ITERATION_ZERO = {"init", "sft-warmup", "rm-init"}
-
-
-def prepare_run(config: str | None, overrides: list[str], run_dir: Path) -> Config:
-    """Resolve the config (the run's saved one is the base) and save it; overrides given for an
-    existing run are applied and saved, so later steps see them too."""
-    saved = run_dir / "config.yaml"
-    if saved.exists() and config is not None:
-        given = load_config(config, [])
-        if given.hash() != load_config(None, [], run_dir).hash():
-            raise ConfigError(f"{run_dir} already has a config.yaml that differs from {config}: use a new --run-dir, or change fields with key=value")
-    cfg = load_config(config, overrides, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
-    return cfg
 
 
 def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool = False) -> dict:
@@ -68,7 +56,7 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
             break
     final_policy = rundir.latest_output(run_dir, "policy")
     final_rm = rundir.latest_output(run_dir, "rm")
-    print(f"\nDone. Run directory: {run_dir}\n  policy: {final_policy}\n  rm:     {final_rm}")
+    print(f"\nDone. Run directory: {run_dir}\n  policy: {final_policy}\n  rm:     {final_rm}\n  report: coevolve report {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,6 +87,23 @@ def main(argv: list[str] | None = None) -> None:
     p_export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     p_export.add_argument("--out", type=Path)
 
+    p_flow = sub.add_parser("flow", help="the whole loop as the Prefect flow (a local server is started if none is set)")
+    p_flow.add_argument("--config")
+    p_flow.add_argument("--run-dir", required=True)
+    p_flow.add_argument("overrides", nargs="*", help="key.sub=value")
+
+    p_serve = sub.add_parser("serve", help="register the Prefect deployments and serve their runs until stopped")
+    p_serve.add_argument("--config")
+    p_serve.add_argument("--run-dir", required=True, help="may hold {flow_run_name}: a directory per run")
+    p_serve.add_argument("--name", default="coevolve")
+    p_serve.add_argument("--cron")
+    p_serve.add_argument("--interval", type=float, help="seconds between scheduled runs")
+    p_serve.add_argument("--gpu-limit", help="global concurrency limit counting this host's GPUs")
+    p_serve.add_argument("overrides", nargs="*", help="key.sub=value")
+
+    p_report = sub.add_parser("report", help="an HTML page with plots of a run, read from its run directory")
+    p_report.add_argument("run_dir", type=Path)
+
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -108,6 +113,18 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "run":
             cfg = prepare_run(args.config, args.overrides, args.run_dir)
             run_loop(cfg, args.run_dir, args.force)
+        elif args.command == "flow":
+            from coevolve.flows.coevolution import coevolve
+
+            print(coevolve(run_dir=args.run_dir, config=args.config, overrides=args.overrides))
+        elif args.command == "serve":
+            from coevolve.flows.serve import serve
+
+            serve(args.config, args.overrides, args.run_dir, args.name, args.cron, args.interval, args.gpu_limit)
+        elif args.command == "report":
+            from coevolve.report import write_report
+
+            print(write_report(args.run_dir))
         elif args.command == "data":
             from coevolve.data.export import export, summary
 

@@ -31,3 +31,18 @@ def pair_records(rows, iteration: int, step: str, source: str, extra: tuple[str,
         }
         for r in rows
     ]
+
+
+def revision_records(rows, iteration: int, step: str, policy: str) -> list[dict]:
+    """Rows with prompt_id, original, revised_flag, revised, original_score, revised_score, kept: one
+    record per revised row; `response_id` is the id response_records gives the original in `rows`."""
+    records = []
+    for i, r in enumerate(rows):
+        if r["revised_flag"]:
+            response_id = record_id(r["prompt_id"], iteration, step, policy, r["original"], i)
+            records.append({
+                "revision_id": record_id(response_id, r["revised"]), "response_id": response_id,
+                "prompt_id": r["prompt_id"], "iteration": iteration, "original": r["original"], "revised": r["revised"],
+                "original_score": float(r["original_score"]), "revised_score": float(r["revised_score"]), "kept": bool(r["kept"]),
+            })
+    return records

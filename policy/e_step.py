@@ -8,6 +8,12 @@ train     DPO with trl from policy_{K-1}; reference = the iteration's start (pap
 select    on D_MS each checkpoint and policy_{K-1} answer every prompt; the RM judges; the checkpoint
           with the best win rate becomes policy_K, unless its win rate is under tau: then the loop stops
           and policy_{K-1} is handed on
+
+`e_step.mode` dpo is the above (the paper). The SEFT modes use iteration K's revise step
+(revision/revise.py): `seft` replaces generate, score, pairs and DPO by SFT (trl) on its `sft` set,
+kept revisions plus the responses left alone, and hands its kept-revision pairs on to the M-step as
+the RM-ranked pairs; `dpo+seft` adds a phase `mix` after pairs: the kept revisions, chosen over the
+responses they revise (source "revision"), join this step's pairs for DPO.
 """
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ from trl import DPOConfig, DPOTrainer
 
 from coevolve.core import rundir
 from coevolve.core.chat import preference_example
+from coevolve.core.config import Config
 from coevolve.core.models import device_of, dtype_of
 from coevolve.core.rollout import sample, score
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, trainer_args
+from coevolve.core.training import keep_log, train_sft, trainer_args
 from coevolve.data.records import pair_records, response_records
 from coevolve.data.sampling import sample_prompts
 from coevolve.data.store import Store
@@ -38,6 +45,16 @@ def iteration_prompts(prompts: datasets.Dataset, split: str, per_iteration: int 
         return rows
     start = ((k - 1) * per_iteration) % len(rows)
     return rows.select([(start + i) % len(rows) for i in range(per_iteration)])
+
+
+def policy_batch(cfg: Config, run: Path, prompts: datasets.Dataset, k: int) -> datasets.Dataset:
+    """Iteration k's policy-update prompts: its share of the split, mixed with hard past prompts when
+    `stores.hard_fraction` is set. The revise step answers the same batch."""
+    batch = iteration_prompts(prompts, "policy", cfg.e_step.prompts_per_iteration, k)
+    if cfg.stores.hard_fraction > 0:
+        mixed = sample_prompts(batch.to_list(), Store(run, cfg.stores.max_rows), k, len(batch), cfg.stores.hard_fraction, cfg.seed + k, cfg.stores.easy_threshold)
+        batch = datasets.Dataset.from_list(mixed)
+    return batch
 
 
 def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
@@ -113,12 +130,33 @@ def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset,
         ref_model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype_of(cfg.policy.dtype, device_of(cfg)))
     trainer = DPOTrainer(model=str(policy), ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
     trainer.train()
+    save_last_checkpoint(trainer, tmp)
+    return {"dpo/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "dpo")}
+
+
+def train_seft(step: StepRun, policy: Path, rows: datasets.Dataset, tmp: Path) -> dict:
+    cfg = step.cfg
+    trainer = train_sft(
+        cfg, policy, rows, cfg.e_step.sft, tmp / "checkpoints",
+        save_strategy="steps", save_steps=cfg.e_step.save_steps, save_only_model=True,
+    )
+    save_last_checkpoint(trainer, tmp)
+    return {"sft/rows": len(rows), "sft/revised": sum(s == "revision" for s in rows["source"]), **keep_log(trainer, tmp / "train_log.jsonl", "sft")}
+
+
+def save_last_checkpoint(trainer, tmp: Path) -> None:
+    """The end of training is a candidate too, and every candidate needs its tokenizer to be loaded."""
     final = tmp / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
     if not final.exists():
         trainer.save_model(str(final))
     for ckpt in (tmp / "checkpoints").glob("checkpoint-*"):
-        tok.save_pretrained(ckpt)
-    return {"dpo/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "dpo")}
+        trainer.processing_class.save_pretrained(ckpt)
+
+
+def mix_revisions(pairs: datasets.Dataset, revisions: datasets.Dataset, tmp: Path) -> dict:
+    columns = ["prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "source"]
+    datasets.concatenate_datasets([pairs.select_columns(columns), revisions.select_columns(columns)]).save_to_disk(str(tmp))
+    return {"mix/e-step": len(pairs), "mix/revision": len(revisions)}
 
 
 def win_rate(candidate: list[float], baseline: list[float]) -> float:
@@ -162,24 +200,44 @@ def _step_number(path: Path) -> int:
     return int(path.name.split("-")[-1])
 
 
+def revise_outputs(run: Path, k: int, mode: str) -> dict:
+    """The outputs of iteration k's revise step, which the SEFT modes train on; none in mode dpo."""
+    if mode == "dpo":
+        return {}
+    if not rundir.is_done(run, k, "revise"):
+        raise RuntimeError(f"e_step.mode={mode} needs iteration {k}'s revise step finished first (steps.reviser: true)")
+    outputs = rundir.read_done(run, k, "revise")["outputs"]
+    if mode == "seft" and "sft" not in outputs:
+        raise RuntimeError(f"iteration {k} revise kept no revision and left no response alone: nothing to fine-tune the policy on")
+    return outputs
+
+
 def main(step: StepRun) -> dict:
     cfg, k, run = step.cfg, step.iteration, step.run_dir
+    mode = cfg.e_step.mode
     here = (k, step.name)
     policy = step.inputs["policy"] = rundir.require_output(run, "policy", here)
     rm = step.inputs["rm"] = rundir.require_output(run, "rm", here)
     prompts_path = step.inputs["prompts"] = rundir.require_output(run, "prompts", here)
-    initial = rundir.latest_output(run, "policy", iteration_max=0)
-    reference = step.inputs["reference"] = policy if cfg.e_step.reference == "iteration_start" else initial
     prompts = datasets.load_from_disk(str(prompts_path))
+    revised = revise_outputs(run, k, mode)
 
-    batch = iteration_prompts(prompts, "policy", cfg.e_step.prompts_per_iteration, k)
-    if cfg.stores.hard_fraction > 0:
-        mixed = sample_prompts(batch.to_list(), Store(run, cfg.stores.max_rows), k, len(batch), cfg.stores.hard_fraction, cfg.seed + k, cfg.stores.easy_threshold)
-        batch = datasets.Dataset.from_list(mixed)
-    samples = step.phase("generate", lambda tmp: generate(step, policy, batch, tmp))
-    scored = step.phase("score", lambda tmp: score_samples(step, rm, datasets.load_from_disk(str(samples)), tmp))
-    built = step.phase("pairs", lambda tmp: build_pairs(step, datasets.load_from_disk(str(scored)), tmp))
-    trained = step.phase("train", lambda tmp: train(step, policy, reference, datasets.load_from_disk(str(built / "pairs")), tmp))
+    if mode == "seft":
+        sft = step.inputs["sft"] = run / revised["sft"]
+        trained = step.phase("train", lambda tmp: train_seft(step, policy, datasets.load_from_disk(str(sft)), tmp))
+    else:
+        initial = rundir.latest_output(run, "policy", iteration_max=0)
+        reference = step.inputs["reference"] = policy if cfg.e_step.reference == "iteration_start" else initial
+        batch = policy_batch(cfg, run, prompts, k)
+        samples = step.phase("generate", lambda tmp: generate(step, policy, batch, tmp))
+        scored = step.phase("score", lambda tmp: score_samples(step, rm, datasets.load_from_disk(str(samples)), tmp))
+        built = step.phase("pairs", lambda tmp: build_pairs(step, datasets.load_from_disk(str(scored)), tmp))
+        train_pairs = "pairs/pairs"
+        if mode == "dpo+seft" and "pairs" in revised:
+            kept = step.inputs["revision_pairs"] = run / revised["pairs"]
+            step.phase("mix", lambda tmp: mix_revisions(datasets.load_from_disk(str(built / "pairs")), datasets.load_from_disk(str(kept)), tmp))
+            train_pairs = "mix"
+        trained = step.phase("train", lambda tmp: train(step, policy, reference, datasets.load_from_disk(str(step.path(train_pairs))), tmp))
 
     checkpoints = sorted((trained / "checkpoints").glob("checkpoint-*"), key=_step_number)
     if cfg.e_step.select:
@@ -193,12 +251,16 @@ def main(step: StepRun) -> dict:
             if ckpt.name != selected:
                 shutil.rmtree(ckpt)
 
-    store = Store(run, cfg.stores.max_rows)
-    scored_rows = datasets.load_from_disk(str(scored))
-    store.append("responses", k, response_records(scored_rows, k, step.name, rundir.relative(run, policy), rundir.relative(run, rm)))
-    store.append("pairs", k, pair_records(datasets.load_from_disk(str(built / "pairs")), k, step.name, "e-step"))
+    if mode == "seft":
+        # The kept revisions are this E-step's RM-ranked pairs; they are in the revisions store already.
+        outputs = {"pairs": revised["pairs"]} if "pairs" in revised else {}
+    else:
+        store = Store(run, cfg.stores.max_rows)
+        scored_rows = datasets.load_from_disk(str(scored))
+        store.append("responses", k, response_records(scored_rows, k, step.name, rundir.relative(run, policy), rundir.relative(run, rm)))
+        store.append("pairs", k, pair_records(datasets.load_from_disk(str(built / "pairs")), k, step.name, "e-step"))
+        outputs = {"pairs": "pairs/pairs", "samples": "score", "train_pairs": train_pairs}
 
     stop = selected == ""
-    outputs = {"pairs": "pairs/pairs", "samples": "score"}
     outputs["policy"] = rundir.relative(run, policy) if stop else f"train/checkpoints/{selected}"
     return step.finish(outputs, stop=stop)

@@ -3,13 +3,10 @@ demonstrations, with trl's SFTTrainer (loss on the completion only)."""
 from __future__ import annotations
 
 import datasets
-from transformers import AutoTokenizer
-from trl import SFTConfig, SFTTrainer
 
 from coevolve.core import rundir
-from coevolve.core.chat import completion_example
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, trainer_args
+from coevolve.core.training import keep_log, train_sft
 
 
 def main(step: StepRun) -> dict:
@@ -18,14 +15,9 @@ def main(step: StepRun) -> dict:
     demos = step.inputs["demos"] = rundir.require_output(step.run_dir, "demos", here)
 
     def train(tmp):
-        tok = AutoTokenizer.from_pretrained(policy)
-        rows = datasets.load_from_disk(str(demos))
-        train_set = datasets.Dataset.from_list([completion_example(tok, r["prompt"], r["completion"]) for r in rows])
-        args = trainer_args(SFTConfig, step.cfg.sft_warmup, step.cfg, tmp / "trainer")
-        trainer = SFTTrainer(model=str(policy), args=args, train_dataset=train_set, processing_class=tok)
-        trainer.train()
+        trainer = train_sft(step.cfg, policy, datasets.load_from_disk(str(demos)), step.cfg.sft_warmup, tmp / "trainer")
         trainer.save_model(str(tmp / "policy"))
-        tok.save_pretrained(tmp / "policy")
+        trainer.processing_class.save_pretrained(tmp / "policy")
         return keep_log(trainer, tmp / "train_log.jsonl", "sft")
 
     step.phase("train", train)

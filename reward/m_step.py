@@ -117,15 +117,22 @@ def main(step: StepRun) -> dict:
     rm = step.inputs["rm"] = rundir.require_output(run, "rm", here)
     base = rundir.latest_output(run, "rm", iteration_max=0)
     start_from = step.inputs["rm_start"] = base if cfg.m_step.restart_from == "base" else rm
-    prompts = datasets.load_from_disk(str(rundir.require_output(run, "prompts", here)))
+    prompts_path = step.inputs["prompts"] = rundir.require_output(run, "prompts", here)
+    prompts = datasets.load_from_disk(str(prompts_path))
     original = rundir.latest_output(run, "pairs", iteration_max=0)
+    # Mode seft with no kept revision leaves the E-step without pairs.
+    e_pairs = run / e_done["outputs"]["pairs"] if "pairs" in e_done["outputs"] else None
+    if e_pairs is not None:
+        step.inputs["e_step_pairs"] = e_pairs
+    if original is not None:  # its held-out split measures the RM, whatever the mix
+        step.inputs["original_pairs"] = original
 
     batch = iteration_prompts(prompts, "rm", cfg.m_step.prompts_per_iteration, k)
     responses = step.phase("generate", lambda tmp: generate(step, new, old, batch, tmp))
     scored = step.phase("score", lambda tmp: score_both(step, rm, datasets.load_from_disk(str(responses)), tmp))
     pseudo = step.phase("pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp))
     kept = datasets.load_from_disk(str(pseudo / "kept"))
-    train_mix = step.phase("mix", lambda tmp: mix(step, kept, run / e_done["outputs"]["pairs"], original, tmp))
+    train_mix = step.phase("mix", lambda tmp: mix(step, kept, e_pairs, original, tmp))
     mixed = datasets.load_from_disk(str(train_mix))
     step.phase("train", lambda tmp: train_rm(step, start_from, mixed, cfg.m_step.train, tmp))
 

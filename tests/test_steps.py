@@ -18,8 +18,10 @@ from coevolve.cli import run_step
 from coevolve.core import rundir
 from coevolve.core.chat import prompt_messages, rm_example, rm_input_ids
 from coevolve.core.config import load_config
+from coevolve.core.plan import step_plan
 from coevolve.data.store import Store
 from coevolve.policy.pairs import length_controlled
+from tiny_run import tiny_run  # noqa: F401  (the fixture)
 
 
 def done(run, k, step):
@@ -166,3 +168,17 @@ def test_stores_feed_hard_prompts_back_and_replay_pairs(fresh_run):
     assert len(second) == 30 and len(first & second) == 15
     mix = datasets.load_from_disk(str(fresh_run / "iter_2/m-step/mix"))
     assert {"original", "pseudo"} <= set(mix["source"]) and sum(i < 2 for i in mix["iteration"]) > 0
+
+
+def test_run_leaves_a_complete_run_directory(tiny_run):
+    """`coevolve run` (each step its own process): every planned step finished, with its log and outputs."""
+    cfg = load_config(None, [], tiny_run)
+    for k, name in step_plan(cfg):
+        record = done(tiny_run, k, name)
+        assert (rundir.step_dir(tiny_run, k, name) / "log.txt").stat().st_size > 0
+        assert record["config_hash"] == cfg.hash() and record["timings"]
+        for path in record["outputs"].values():
+            assert (tiny_run / path).exists(), (k, name, path)
+    assert not list(tiny_run.glob("iter_*/.*.partial"))
+    final = rundir.latest_output(tiny_run, "policy")
+    assert final.parent.parent.parent.name == "e-step" and AutoModelForCausalLM.from_pretrained(final)

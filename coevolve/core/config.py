@@ -147,6 +147,8 @@ class EStepConfig(Strict):
     reference: Literal["iteration_start", "initial"] = "iteration_start"
     beta: float = 0.01
     train: DPOTrainConfig = DPOTrainConfig()
+    # Mode seft: SFT of the policy on the revise step's kept revisions and untouched good responses.
+    sft: SFTTrainConfig = SFTTrainConfig()
     save_steps: int = 50
     select: bool = True
     tau: float = 0.6
@@ -178,6 +180,45 @@ class StoresConfig(Strict):
     max_rows: dict[str, int] = {}
 
 
+class ReviserConfig(Strict):
+    """SEFT's adaptive reviser (revision/, METHOD.md): trained on preference pairs to rewrite weak
+    responses and leave good ones alone; its kept revisions feed E-step modes seft and dpo+seft."""
+
+    # SEFT starts the reviser from a base LLM; here policy_{K-1}, or the previous iteration's reviser
+    # (iteration 1 has none, so it starts from the policy).
+    init_from: Literal["policy", "previous"] = "policy"
+    # How the reviser is shown a response: a str.format template with {prompt} and {response}.
+    template: str = (
+        "Improve the answer to this request; if it is already good, repeat it unchanged.\n"
+        "Request: {prompt}\nAnswer: {response}"
+    )
+    # Share of the reviser's examples that map the better response of a pair to itself, so that it
+    # learns to leave good responses alone (our choice; at most one per pair, hence at most 0.5).
+    identity_share: float = 1 / 3
+    train: SFTTrainConfig = SFTTrainConfig()
+    # Responses scoring under this iteration's threshold are revised: `quantile` reads the schedule
+    # value as the share of responses revised, `absolute` as an RM score.
+    threshold: Literal["quantile", "absolute"] = "quantile"
+    # The value for iteration K is schedule[K-1], the last one repeating. Gradual, as in SEFT: the
+    # policy first evolves mostly within its own responses, then more and more toward revised ones.
+    schedule: list[float] = [0.25, 0.5, 0.75]
+    samples_per_prompt: int = 1
+
+    @model_validator(mode="after")
+    def _valid(self):
+        try:
+            self.template.format(prompt="", response="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"template: only {{prompt}} and {{response}} may be fields ({err!r})") from None
+        if "{prompt}" not in self.template or "{response}" not in self.template:
+            raise ValueError("template: must contain {prompt} and {response}")
+        if not 0 <= self.identity_share <= 0.5:
+            raise ValueError("identity_share: must be within [0, 0.5]")
+        if not self.schedule or (self.threshold == "quantile" and not all(0 <= q <= 1 for q in self.schedule)):
+            raise ValueError("schedule: give at least one value; quantiles lie within [0, 1]")
+        return self
+
+
 class StepsConfig(Strict):
     sft_warmup: bool = False
     rm_init: bool = False
@@ -197,6 +238,17 @@ class RetriesConfig(Strict):
     generation: int = 1
 
 
+class TrackingConfig(Strict):
+    """W&B tracking (coevolve/core/tracking.py): one W&B run per step, grouped by `run_name`."""
+
+    # None: WANDB_MODE if set, else online when a W&B login exists (WANDB_API_KEY or `wandb login`),
+    # else offline, so a run never needs a network or an account.
+    mode: Literal["offline", "online", "disabled"] | None = None
+    project: str = "coevolve"
+    # Outputs are logged as references to the run directory; true uploads their files instead.
+    upload: bool = False
+
+
 class Config(Strict):
     run_name: str = "coevolve"
     seed: int = 0
@@ -212,9 +264,11 @@ class Config(Strict):
     e_step: EStepConfig = EStepConfig()
     m_step: MStepConfig = MStepConfig()
     stores: StoresConfig = StoresConfig()
+    reviser: ReviserConfig = ReviserConfig()
     steps: StepsConfig = StepsConfig()
     launch: LaunchConfig = LaunchConfig()
     retries: RetriesConfig = RetriesConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
@@ -300,3 +354,16 @@ def save_config(cfg: Config, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tmp.replace(path)
+
+
+def prepare_run(config: str | None, overrides: list[str], run_dir: Path) -> Config:
+    """Resolve the config (the run's saved one is the base) and save it; overrides given for an
+    existing run are applied and saved, so later steps see them too."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    cfg = load_config(config, overrides, run_dir)
+    if saved.exists() and config is not None and load_config(config, overrides).hash() != cfg.hash():
+        raise ConfigError(f"{run_dir} already has a config.yaml that differs from {config}: use a new --run-dir, or change fields with key=value")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return cfg

@@ -4,8 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import torch
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
 
+from coevolve.core import tracking
+from coevolve.core.chat import completion_example
 from coevolve.core.config import Config, TrainConfig
 from coevolve.core.models import device_of
 
@@ -29,7 +34,10 @@ def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, 
         bf16=bf16,
         logging_steps=train.logging_steps,
         save_strategy="no",
-        report_to="none",
+        # TRL's WandbCallback logs into the step's own W&B run (core/tracking.py); it writes the
+        # trainer's run_name over the run's config, so the two must agree.
+        report_to="wandb" if tracking.active() else "none",
+        run_name=cfg.run_name,
         seed=cfg.seed,
         use_cpu=device == "cpu",
         disable_tqdm=True,
@@ -51,3 +59,14 @@ def keep_log(trainer, out: Path, prefix: str) -> dict:
         metrics[f"{prefix}/{key}_first"] = float(values[0])
         metrics[f"{prefix}/{key}_last"] = float(values[-1])
     return metrics
+
+
+def train_sft(cfg: Config, start: Path, rows, train: TrainConfig, output_dir: Path, **fields) -> SFTTrainer:
+    """trl's SFTTrainer from `start`, trained on rows of prompt and completion; `fields` go to its
+    SFTConfig. Also used by the reviser and by E-step mode seft."""
+    tok = AutoTokenizer.from_pretrained(start)
+    train_set = datasets.Dataset.from_list([completion_example(tok, r["prompt"], r["completion"]) for r in rows])
+    args = trainer_args(SFTConfig, train, cfg, output_dir, **fields)
+    trainer = SFTTrainer(model=str(start), args=args, train_dataset=train_set, processing_class=tok)
+    trainer.train()
+    return trainer
