@@ -7,6 +7,7 @@ Bradley-Terry "human" labels drawn from r*. A kind supplies `draw_prompt`, `resp
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 import math
 import random
 import re
@@ -20,7 +21,7 @@ BUILTIN_DIR = Path(__file__).parent
 MAX_DUPLICATE_DRAWS = 100
 
 
-class Task:
+class Task(ABC):
     """Base class of every task kind; built from a spec dict by `load_task`."""
 
     #: flaw names a kind's `respond` understands; demonstration mixes are checked against them.
@@ -33,20 +34,24 @@ class Task:
         self.mix = _parse_mix(spec["demonstrations"]["mix"], self.flaws)
 
     # --- what a kind implements -------------------------------------------------------------
+    @abstractmethod
     def draw_prompt(self, rng: random.Random) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def respond(self, prompt: str, flaws: frozenset[str], rng: random.Random) -> str:
         """A template response to `prompt`, perfect except for the named flaws."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def gold(self, prompt: str, response: str) -> float:
         """r* in [0, 1], from the prompt text alone; ValueError for a prompt of another task."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def corpus(self) -> list[str]:
         """Every token (see `tokens`) that prompts and template responses can hold, sorted."""
-        raise NotImplementedError
+        ...
 
     # --- shared -----------------------------------------------------------------------------
     def prompts(self, n: int, seed: int) -> list[str]:
