@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from coevolve.core.fastgen import StaticGraphBackend  # noqa: E402
 from coevolve.core.generation import SamplingParams  # noqa: E402
 
-from shapes import MODELS, log  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from common import MODELS, append_result, log  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 
 def build_model(name: str, device: str, dtype=torch.bfloat16):
@@ -387,8 +387,6 @@ def record(res) -> None:
     bench = ROOT / "bench"
     line = {k: res.get(k) for k in ("bench", "device", "date", "model", "ours_tok_s", "hf_generate_tok_s", "hf_static_tok_s")}
     line.update({k: v for k, v in res.items() if k not in line})
-    with open(bench / "results.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
     p = res.get("profile") or {}
     md = [
         f"\n## generation: {res['date']}, {res['device']}",
@@ -398,10 +396,7 @@ def record(res) -> None:
         f"Greedy vs HF generate: bf16 {json.dumps(res.get('greedy_bf16'))}; fp32 {json.dumps(res.get('greedy_fp32'))}.",
         f"Decode step profile: {json.dumps(p)}.",
     ]
-    if res.get("errors"):
-        md.append(f"Errors: {json.dumps(res['errors'])}")
-    with open(bench / "RESULTS.md", "a") as f:
-        f.write("\n".join(md) + "\n")
+    append_result(bench, line, md, res.get("errors"))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shapes import MODELS, log  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from common import MODELS, append_result, log  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 MAX_LEN = 512
 
@@ -560,8 +560,6 @@ def record(res) -> None:
     keys = ("bench", "device", "date", "model", "dpo_tok_s", "trl_dpo_tok_s", "dpo_mfu", "rm_tok_s", "trl_rm_tok_s", "rm_mfu")
     line = {k: res.get(k) for k in keys}
     line.update({k: v for k, v in res.items() if k not in line})
-    with open(bench / "results.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
     md = [
         f"\n## training: {res['date']}, {res['device']}",
         f"`{res['command']}` (torch {res['torch']}, transformers {res['transformers']}, trl {res['trl']}, liger-kernel {res.get('liger_kernel')})",
@@ -571,10 +569,7 @@ def record(res) -> None:
         f"{res.get('dpo_speedup')}x, MFU {res.get('dpo_mfu')} (8N: {res.get('dpo_mfu_with_ref')}) vs {res.get('trl_dpo_mfu')}. "
         f"RM: ours ({res.get('rm_config')}) {res.get('rm_tok_s')} vs {res.get('trl_rm_tok_s')}: {res.get('rm_speedup')}x, MFU {res.get('rm_mfu')} vs {res.get('trl_rm_mfu')}.",
     ]
-    if res.get("errors"):
-        md.append(f"Errors: {json.dumps(res['errors'])}")
-    with open(bench / "RESULTS.md", "a") as f:
-        f.write("\n".join(md) + "\n")
+    append_result(bench, line, md, res.get("errors"))
 
 
 if __name__ == "__main__":

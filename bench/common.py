@@ -1,4 +1,4 @@
-"""Model shapes the GPU benches build with random weights (no download), shared by every bench."""
+"""What the GPU benches share: model shapes built with random weights (no download), logging, recording."""
 
 MODELS = {
     # Qwen2-0.5B's shape (494M parameters).
@@ -12,3 +12,15 @@ MODELS = {
 
 def log(*a):
     print(*a, flush=True)
+
+
+def append_result(bench_dir, line: dict, md: list[str], errors=None) -> None:
+    """Append one result: a JSON line to results.jsonl and a section to RESULTS.md."""
+    import json
+
+    with open(bench_dir / "results.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    if errors:
+        md = md + [f"Errors: {json.dumps(errors)}"]
+    with open(bench_dir / "RESULTS.md", "a") as f:
+        f.write("\n".join(md) + "\n")
