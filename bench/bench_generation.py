@@ -22,7 +22,6 @@ import json
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from coevolve.core.fastgen import StaticGraphBackend  # noqa: E402
 from coevolve.core.generation import SamplingParams  # noqa: E402
 
-from common import MODELS, append_result, log  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from common import MODELS, append_result, log, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 
 def build_model(name: str, device: str, dtype=torch.bfloat16):
@@ -286,18 +285,7 @@ def main():
     }
     log(json.dumps(res, indent=1))
 
-    def section(name, fn):
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-            log(f"[{name}] {time.perf_counter() - t0:.1f}s: {json.dumps(out, default=str)[:3000]}")
-            return out
-        except Exception as e:  # a failed section is reported, the others still run
-            traceback.print_exc()
-            res["errors"][name] = f"{type(e).__name__}: {e}"[:500]
-            return None
-        finally:
-            save(res, args.out)
+    section = sections(res, lambda: save(res, args.out))
 
     variants = args.attention.split(",")
     gp = prompts[: args.greedy_prompts]

@@ -42,7 +42,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import MODELS, append_result, log  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from common import MODELS, append_result, log, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 MAX_LEN = 512
 
@@ -431,21 +430,7 @@ def main():
     except ImportError:
         res["liger_kernel"] = None
 
-    def section(name, fn):
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-            log(f"[{name}] {time.perf_counter() - t0:.1f}s: {json.dumps(out, default=str)[:2000]}")
-            return out
-        except Exception as e:  # a failed section is reported, the others still run
-            traceback.print_exc()
-            res["errors"][name] = f"{type(e).__name__}: {e}"[:500]
-            if device == "cuda":
-                gc.collect()
-                torch.cuda.empty_cache()
-            return None
-        finally:
-            save(res, args.out)
+    section = sections(res, lambda: save(res, args.out))
 
     res["matmul_tflops"] = section("matmul", lambda: matmul_rate(device))
     work = Path(tempfile.mkdtemp(prefix="bench_training_"))

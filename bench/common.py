@@ -24,3 +24,32 @@ def append_result(bench_dir, line: dict, md: list[str], errors=None) -> None:
         md = md + [f"Errors: {json.dumps(errors)}"]
     with open(bench_dir / "RESULTS.md", "a") as f:
         f.write("\n".join(md) + "\n")
+
+
+def sections(res: dict, save) -> "callable":
+    """`section(name, fn)`: runs fn and logs its result; a failure is recorded in res["errors"] and the
+    bench goes on with the next section (its GPU memory freed first); `save()` runs after each."""
+    import gc
+    import json
+    import time
+    import traceback
+
+    import torch
+
+    def section(name, fn):
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+            log(f"[{name}] {time.perf_counter() - t0:.1f}s: {json.dumps(out, default=str)[:3000]}")
+            return out
+        except Exception as e:  # a failed section is reported, the others still run
+            traceback.print_exc()
+            res["errors"][name] = f"{type(e).__name__}: {e}"[:500]
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+        finally:
+            save()
+
+    return section
