@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     p_report = sub.add_parser("report", help="an HTML page with plots of a run, read from its run directory")
     p_report.add_argument("run_dir", type=Path)
 
-    args = parser.parse_args(argv)
+    # Overrides may come after the options too (`step e-step --iteration 1 e_step.beta=0.1`), where
+    # argparse, having filled the positional list right after the step name, no longer takes them.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any("=" not in item for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     setup_logging()
     try:
         if args.command == "step":

@@ -91,7 +91,9 @@ def test_cli_prints_one_clear_line(tmp_path):
         capture_output=True, text=True,
     )
     assert proc.returncode == 2
+    # The override after the options reaches the config check, which names the field.
     assert proc.stderr.strip().splitlines()[-1].startswith("coevolve: error: ")
+    assert "unknown config field 'e_step.betta'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
