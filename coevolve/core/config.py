@@ -226,6 +226,14 @@ class StepsConfig(Strict):
     evaluate: bool = False
     reviser: bool = False
 
+    @model_validator(mode="after")
+    def _built(self):
+        # The plan has a place for it, but the step itself is not written yet (sandbox issue): fail at
+        # config time, not when the run reaches it.
+        if self.evaluate:
+            raise ValueError("evaluate: the evaluate step is not available yet; leave steps.evaluate false")
+        return self
+
 
 class LaunchConfig(Strict):
     launcher: Literal["python", "accelerate", "deepspeed"] = "python"

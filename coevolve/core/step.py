@@ -84,10 +84,6 @@ class StepRun:
         """Where a finished phase output lives while the step is in progress."""
         return self.dir / name
 
-    def output_path(self, name: str) -> str:
-        """The same output's path relative to RUN once the step is finished."""
-        return rundir.relative(self.run_dir, self.final / name) if self.final.exists() else str(self.final.relative_to(self.run_dir) / name)
-
     def phase(self, name: str, build: Callable[[Path], dict | None]) -> Path:
         """Run `build(tmp)` unless phase `name` finished before; `build` writes its output at `tmp` and
         returns its metrics. The output is renamed into place only when complete."""
