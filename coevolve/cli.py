@@ -22,14 +22,16 @@ STEPS = {
     "revise": "coevolve.revision.revise",
     "e-step": "coevolve.policy.e_step",
     "m-step": "coevolve.reward.m_step",
+    "evaluate": "coevolve.evaluate_step",
 }
 ITERATION_ZERO = {"init", "sft-warmup", "rm-init"}
+ANY_ITERATION = {"evaluate"}
 
 
 def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool = False) -> dict:
     if name not in STEPS:
         raise ConfigError(f"unknown step {name!r}; steps: {sorted(STEPS)}")
-    if (name in ITERATION_ZERO) != (iteration == 0):
+    if name not in ANY_ITERATION and (name in ITERATION_ZERO) != (iteration == 0):
         raise ConfigError(f"step {name!r} runs at iteration {'0' if name in ITERATION_ZERO else '1 or later'}, not {iteration}")
     step = StepRun(run_dir, iteration, name, cfg, force)
     if step.already_done:
@@ -77,6 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     p_run.add_argument("--force", action="store_true")
     p_run.add_argument("overrides", nargs="*", help="key.sub=value")
 
+    p_exp = sub.add_parser("experiment", help="the loop under several arms and seeds, and a table of the evaluate step's measurements")
+    p_exp.add_argument("--config", required=True)
+    p_exp.add_argument("--run-dir", required=True, type=Path, help="one run per arm and seed goes in RUN/ARM/seed_S")
+    p_exp.add_argument("--arms", default="frozen-rm,mutual-taught", help="comma-separated; frozen-rm, mutual-taught, mutual-taught+seft, oracle")
+    p_exp.add_argument("--seeds", type=int, default=1)
+    p_exp.add_argument("--parallel", type=int, default=1, help="runs at once (e.g. several small runs sharing one GPU)")
+    p_exp.add_argument("overrides", nargs="*", help="key.sub=value, applied to every arm")
+
     p_data = sub.add_parser("data", help="the run's retrospective data stores")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
     p_show = data_sub.add_parser("show", help="counts per iteration, difficulty histogram")
@@ -119,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "run":
             cfg = prepare_run(args.config, args.overrides, args.run_dir)
             run_loop(cfg, args.run_dir, args.force)
+        elif args.command == "experiment":
+            from coevolve.experiment import run_experiment
+
+            summary = run_experiment(args.config, args.overrides, args.run_dir, args.arms.split(","), args.seeds, args.parallel)
+            if summary["failed"]:
+                raise SystemExit(f"coevolve: {len(summary['failed'])} run(s) failed: {summary['failed']}")
         elif args.command == "flow":
             from coevolve.flows.coevolution import coevolve
 

@@ -41,7 +41,7 @@ KINDS = tuple(FEATURES)
 # Columns that must hold non-blank text, besides every `*_id` column. Generated text (response,
 # chosen, rejected, original, revised) may be empty: a policy that stops at once is an outcome to keep.
 _TEXT = {"prompt", "step", "policy"}
-SPLITS = ("policy", "rm", "select")
+SPLITS = ("policy", "rm", "select", "eval")
 
 
 def empty(kind: str) -> Dataset:

@@ -30,6 +30,7 @@ from coevolve.core.chat import preference_example
 from coevolve.core.config import Config
 from coevolve.core.models import device_of, dtype_of
 from coevolve.core.rollout import sample, score
+from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
 from coevolve.core.training import keep_log, train_sft, trainer_args
 from coevolve.data.records import pair_records, response_records
@@ -157,11 +158,6 @@ def mix_revisions(pairs: datasets.Dataset, revisions: datasets.Dataset, tmp: Pat
     columns = ["prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "source"]
     datasets.concatenate_datasets([pairs.select_columns(columns), revisions.select_columns(columns)]).save_to_disk(str(tmp))
     return {"mix/e-step": len(pairs), "mix/revision": len(revisions)}
-
-
-def win_rate(candidate: list[float], baseline: list[float]) -> float:
-    """Share of prompts where the candidate's response scores higher; a tie counts half."""
-    return sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)) / len(baseline)
 
 
 def pick_checkpoint(rows: list[dict], tau: float) -> tuple[str, bool]:

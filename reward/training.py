@@ -10,7 +10,7 @@ from trl import RewardConfig, RewardTrainer
 from coevolve.core.chat import preference_example
 from coevolve.core.config import TrainConfig
 from coevolve.core.models import load_rm
-from coevolve.core.scoring import RewardScorer
+from coevolve.core.scoring import RewardScorer, win_rate
 from coevolve.core.step import Progress, StepRun
 from coevolve.core.training import keep_log, trainer_args
 
@@ -32,9 +32,7 @@ def pair_accuracy(scorer: RewardScorer, pairs: datasets.Dataset) -> float:
     if len(pairs) == 0:
         return float("nan")
     prompts = list(pairs["prompt"])
-    chosen = scorer.score(prompts, list(pairs["chosen"]))
-    rejected = scorer.score(prompts, list(pairs["rejected"]))
-    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(pairs)
+    return win_rate(scorer.score(prompts, list(pairs["chosen"])), scorer.score(prompts, list(pairs["rejected"])))
 
 
 def accuracy_phase(step: StepRun, rm: Path, sets: dict[str, datasets.Dataset], prefix: str) -> dict:

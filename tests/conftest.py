@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 # configs/tiny.yaml made smaller still: the tests check behaviour, not quality.
 FAST = [
-    "data.num_prompts=120", "data.num_pairs=240", "data.num_demos=300", "data.select_size=16",
+    "data.num_prompts=120", "data.num_pairs=240", "data.num_demos=300", "data.select_size=16", "data.eval_size=24",
     "sft_warmup.num_train_epochs=2", "rm_init.num_train_epochs=2",
     "e_step.num_samples=3", "e_step.save_steps=2", "e_step.tau=0.0",
 ]

@@ -6,7 +6,8 @@ from statistics import pstdev
 import datasets
 import pytest
 
-from coevolve.policy.e_step import pick_checkpoint, win_rate
+from coevolve.core.scoring import win_rate
+from coevolve.policy.e_step import pick_checkpoint
 from coevolve.policy.pairs import best_vs_worst, length_controlled
 from coevolve.reward.m_step import pseudo_pairs
 

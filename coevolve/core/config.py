@@ -42,14 +42,16 @@ class ModelSource(Strict):
     name_or_path: str | None = None
     gguf_file: str | None = None
     tiny: TinyModel | None = None
+    # RM only: the sandbox task's gold reward r* stands in for a trained RM (the `oracle` arm).
+    gold: bool = False
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.name_or_path is None) == (self.tiny is None):
-            raise ValueError("give exactly one of name_or_path (hub id or local path) or tiny")
+        if (self.name_or_path is not None) + (self.tiny is not None) + self.gold != 1:
+            raise ValueError("give exactly one of name_or_path (hub id or local path), tiny, or gold: true")
         return self
 
 
@@ -80,6 +82,8 @@ class DataConfig(Strict):
     # Paper: two thirds of the prompts update the policy, one third the RM; plus a fixed D_MS.
     rm_fraction: float = 1 / 3
     select_size: int = 2000
+    # Held-out prompts the evaluate step measures on; never trained on or used for model selection.
+    eval_size: int = 0
     heldout_pairs: float = 0.1
     seed: int = 0
 
@@ -219,20 +223,22 @@ class ReviserConfig(Strict):
         return self
 
 
+class EvaluateConfig(Strict):
+    """The evaluate step (coevolve/evaluate_step.py), on the `data.eval_size` held-out prompts."""
+
+    # Responses per prompt from policy_K: the first is measured; the first two make a fresh pair, on
+    # which the RM's accuracy on the current policy's distribution is measured.
+    samples_per_prompt: int = 2
+    # A judge RM for tasks without a gold reward: it labels the fresh pairs and judges win rates.
+    judge: ModelSource | None = None
+
+
 class StepsConfig(Strict):
     sft_warmup: bool = False
     rm_init: bool = False
     m_step: bool = True
     evaluate: bool = False
     reviser: bool = False
-
-    @model_validator(mode="after")
-    def _built(self):
-        # The plan has a place for it, but the step itself is not written yet (sandbox issue): fail at
-        # config time, not when the run reaches it.
-        if self.evaluate:
-            raise ValueError("evaluate: the evaluate step is not available yet; leave steps.evaluate false")
-        return self
 
 
 class LaunchConfig(Strict):
@@ -273,10 +279,25 @@ class Config(Strict):
     m_step: MStepConfig = MStepConfig()
     stores: StoresConfig = StoresConfig()
     reviser: ReviserConfig = ReviserConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     steps: StepsConfig = StepsConfig()
     launch: LaunchConfig = LaunchConfig()
     retries: RetriesConfig = RetriesConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.policy.gold:
+            raise ValueError("policy.gold: only the RM can be the gold reward")
+        if self.rm.gold and not self.data.task:
+            raise ValueError("rm.gold: the gold reward needs a sandbox task (data.task)")
+        if self.rm.gold and (self.steps.rm_init or self.steps.m_step):
+            raise ValueError("rm.gold: the gold reward cannot be trained; set steps.rm_init=false and steps.m_step=false")
+        if self.steps.evaluate and self.data.eval_size < 1:
+            raise ValueError("steps.evaluate: needs held-out prompts; set data.eval_size (e.g. 100)")
+        if self.evaluate.samples_per_prompt < 1:
+            raise ValueError("evaluate.samples_per_prompt: must be at least 1")
+        return self
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

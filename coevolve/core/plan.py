@@ -9,7 +9,7 @@ GENERATION_STEPS = {"revise", "evaluate"}
 
 def iteration_steps(cfg: Config, k: int) -> list[str]:
     if k == 0:
-        return ["init"] + ["sft-warmup"] * cfg.steps.sft_warmup + ["rm-init"] * cfg.steps.rm_init
+        return ["init"] + ["sft-warmup"] * cfg.steps.sft_warmup + ["rm-init"] * cfg.steps.rm_init + ["evaluate"] * cfg.steps.evaluate
     steps = ["reviser-train", "revise"] if cfg.steps.reviser else []
     steps.append("e-step")
     steps += ["m-step"] * cfg.steps.m_step + ["evaluate"] * cfg.steps.evaluate

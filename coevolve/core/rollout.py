@@ -10,6 +10,7 @@ import torch
 from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import Config
 from coevolve.core.generation import Generations, SamplingParams, make_backend
+from coevolve.core.gold import gold_task
 from coevolve.core.models import load_policy, load_rm
 from coevolve.core.scoring import RewardScorer
 from coevolve.core.step import Progress
@@ -29,6 +30,9 @@ def sample(cfg: Config, policy: Path, prompts: list[str], n: int, seed: int, lab
 
 
 def score(cfg: Config, rm: Path, prompts: list[str], responses: list[str], label: str = "score") -> list[float]:
+    task = gold_task(rm)
+    if task is not None:
+        return [task.gold(p, r) for p, r in zip(prompts, responses, strict=True)]
     model, tok = load_rm(rm, cfg)
     scores = RewardScorer(model, tok, cfg.generation.batch_size, progress=Progress(label, len(prompts))).score(prompts, responses)
     _free(model)

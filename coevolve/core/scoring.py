@@ -1,4 +1,5 @@
-"""Scoring (prompt, response) pairs with a sequence-classification RM, batched by length."""
+"""Scoring (prompt, response) pairs with a sequence-classification RM, batched by length; and the one
+way scores are compared pairwise (win rates, pair accuracies)."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +29,11 @@ class RewardScorer:
             if self.progress:
                 self.progress(min(b + self.batch_size, len(order)), len(order))
         return scores
+
+
+def win_rate(first: list[float], second: list[float]) -> float:
+    """Share of positions where `first` scores higher than `second`; a tie counts half. With the
+    preferred side first, this is a pairwise accuracy."""
+    if not first:
+        return float("nan")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(first, second, strict=True)) / len(first)

@@ -1,0 +1,158 @@
+"""`coevolve experiment`: one config run under several arms and seeds, the same budget for each, and a
+table (mean ± std over seeds per iteration) of what the evaluate step measured, with plots.
+
+Each arm × seed is an ordinary `coevolve run` in `OUT/ARM/seed_S` (so it resumes, and can be opened
+with `coevolve report`), its console output in `run.log` there. An arm is a list of config overrides.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from statistics import mean, pstdev
+
+from coevolve.core import rundir
+from coevolve.core.config import ConfigError, load_config
+
+ARMS = {
+    # Iterative DPO against the RM of iteration 0, never updated.
+    "frozen-rm": ["steps.m_step=false"],
+    "mutual-taught": ["steps.m_step=true"],
+    "mutual-taught+seft": ["steps.m_step=true", "steps.reviser=true", "e_step.mode=dpo+seft"],
+    # The sandbox's gold reward as the RM: the upper bound.
+    "oracle": ["rm.gold=true", "rm.name_or_path=null", "rm.gguf_file=null", "rm.tiny=null", "steps.rm_init=false", "steps.m_step=false"],
+}
+# Evaluate-step metrics in the table, in order; the referee's reward (gold or judge) comes first.
+METRICS = ("rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "kl_to_initial", "length_mean", "rm_score_mean")
+
+
+def arm_overrides(arm: str, seed: int, run_name: str) -> list[str]:
+    return [*ARMS[arm], f"seed={seed}", f"data.seed={seed}", "steps.evaluate=true", f"run_name={run_name}-{arm}-seed{seed}"]
+
+
+def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str], seeds: int, parallel: int = 1) -> dict:
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"--arms: unknown arm(s) {unknown}; arms: {sorted(ARMS)}")
+    base = load_config(config, overrides)
+    jobs = [(arm, base.seed + s) for s in range(seeds) for arm in arms]
+    for arm, seed in jobs:  # every arm's config must be valid before any of them starts
+        load_config(config, [*overrides, *arm_overrides(arm, seed, base.run_name)])
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(job: tuple[str, int]) -> tuple[str, int, int, float]:
+        arm, seed = job
+        run = out / arm / f"seed_{seed}"
+        run.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "coevolve", "run", "--config", config, "--run-dir", str(run), *overrides, *arm_overrides(arm, seed, base.run_name)]
+        print(f"{arm} seed {seed}: started ({run / 'run.log'})", flush=True)
+        start = time.perf_counter()
+        with open(run / "run.log", "a") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        seconds = time.perf_counter() - start
+        print(f"{arm} seed {seed}: {'finished' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f}s", flush=True)
+        return arm, seed, code, seconds
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        results = list(pool.map(one, jobs))
+    summary = collect(out, arms, [seed for _, seed in jobs[:: len(arms)]], base.iterations, base.data.task)
+    summary.update({"config": config, "overrides": list(overrides), "wall_s": round(time.perf_counter() - start, 1),
+                    "failed": [f"{arm} seed {seed} (exit {code})" for arm, seed, code, _ in results if code != 0]})
+    write_outputs(out, summary)
+    return summary
+
+
+def _device() -> str:
+    import torch
+
+    return f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
+
+
+def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
+    """Evaluate metrics for iterations 0..N of one run. After an E-step stop the loop hands the same
+    policy and RM on, so its last measurement stands for the iterations it did not run."""
+    series, stopped, last = [], False, None
+    for k in range(iterations + 1):
+        if rundir.is_done(run, k, "evaluate"):
+            last = {key.removeprefix("eval/"): v for key, v in rundir.read_done(run, k, "evaluate")["metrics"].items() if key.startswith("eval/")}
+        elif not stopped:
+            last = None
+        series.append(last)
+        if k and rundir.is_done(run, k, "e-step") and rundir.read_done(run, k, "e-step")["stop"]:
+            stopped = True
+    return series, stopped
+
+
+def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task: str | None) -> dict:
+    referee = "gold" if task else "judge"
+    summary = {"bench": "sandbox", "task": task, "device": _device(), "date": dt.date.today().isoformat(),
+               "seeds": len(seeds), "iterations": iterations, "arms": {}}
+    for arm in arms:
+        runs = [run_series(out / arm / f"seed_{s}", iterations) for s in seeds]
+        row = {"stopped_runs": sum(stopped for _, stopped in runs)}
+        for metric in (f"{referee}_mean", *METRICS):
+            name = referee if metric == f"{referee}_mean" else metric
+            means, stds = [], []
+            for k in range(iterations + 1):
+                values = [s[k][metric] for s, _ in runs if s[k] is not None and metric in s[k]]
+                means.append(round(mean(values), 4) if values else None)
+                stds.append(round(pstdev(values), 4) if values else None)
+            row[name], row[f"{name}_std"] = means, stds
+        summary["arms"][arm] = row
+    return summary
+
+
+def table(summary: dict) -> str:
+    arms = summary["arms"]
+    metrics = [m for m in next(iter(arms.values())) if not m.endswith("_std") and m != "stopped_runs"]
+    head = "| arm | " + " | ".join(f"iter {k}" for k in range(summary["iterations"] + 1)) + " |"
+    rule = "|---" * (summary["iterations"] + 2) + "|"
+    lines = []
+    for metric in metrics:
+        lines += [f"**{metric}** (mean ± std over {summary['seeds']} seed(s))", "", head, rule]
+        for arm, row in arms.items():
+            cells = ["–" if m is None else f"{m:.3f} ± {s:.3f}" for m, s in zip(row[metric], row[f"{metric}_std"])]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    stopped = {arm: row["stopped_runs"] for arm, row in arms.items() if row["stopped_runs"]}
+    if stopped:
+        lines.append(f"Runs whose E-step stopped under tau (their last measurement carried forward): {stopped}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = summary["arms"]
+    metrics = [m for m in next(iter(arms.values())) if not m.endswith("_std") and m != "stopped_runs"][:4]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4))
+    iters = list(range(summary["iterations"] + 1))
+    for ax, metric in zip(axes, metrics):
+        for arm, row in arms.items():
+            pts = [(k, m, s) for k, m, s in zip(iters, row[metric], row[f"{metric}_std"]) if m is not None]
+            if pts:
+                ks, ms, ss = zip(*pts)
+                ax.errorbar(ks, ms, yerr=ss, marker="o", capsize=3, label=arm)
+        ax.set_title(metric)
+        ax.set_xlabel("iteration")
+        ax.set_xticks(iters)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, summary: dict) -> None:
+    (out / "experiment.json").write_text(json.dumps(summary, indent=2))
+    text = table(summary)
+    (out / "table.md").write_text(text + "\n")
+    plot(summary, out / "experiment.png")
+    print(f"\n{text}\nWrote {out / 'table.md'}, {out / 'experiment.json'}, {out / 'experiment.png'}")
