@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p_exp.add_argument("--arms", default="frozen-rm,mutual-taught", help="comma-separated; frozen-rm, mutual-taught, mutual-taught+seft, oracle")
     p_exp.add_argument("--seeds", type=int, default=1)
     p_exp.add_argument("--parallel", type=int, default=1, help="runs at once (e.g. several small runs sharing one GPU)")
+    p_exp.add_argument("--deadline-s", type=float, help="stop runs still going after this many seconds; the table keeps what they finished")
     p_exp.add_argument("overrides", nargs="*", help="key.sub=value, applied to every arm")
 
     p_data = sub.add_parser("data", help="the run's retrospective data stores")
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "experiment":
             from coevolve.experiment import run_experiment
 
-            summary = run_experiment(args.config, args.overrides, args.run_dir, args.arms.split(","), args.seeds, args.parallel)
+            summary = run_experiment(args.config, args.overrides, args.run_dir, args.arms.split(","), args.seeds, args.parallel, args.deadline_s)
             if summary["failed"]:
                 raise SystemExit(f"coevolve: {len(summary['failed'])} run(s) failed: {summary['failed']}")
         elif args.command == "flow":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,7 +36,10 @@ def arm_overrides(arm: str, seed: int, run_name: str) -> list[str]:
     return [*ARMS[arm], f"seed={seed}", f"data.seed={seed}", "steps.evaluate=true", f"run_name={run_name}-{arm}-seed{seed}"]
 
 
-def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str], seeds: int, parallel: int = 1) -> dict:
+def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str], seeds: int, parallel: int = 1,
+                   deadline_s: float | None = None) -> dict:
+    """`deadline_s`: runs still going that long after the start are stopped (with their step
+    processes); the table keeps what they finished, and they are listed as failed."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"--arms: unknown arm(s) {unknown}; arms: {sorted(ARMS)}")
@@ -43,6 +48,7 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
     for arm, seed in jobs:  # every arm's config must be valid before any of them starts
         load_config(config, [*overrides, *arm_overrides(arm, seed, base.run_name)])
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
 
     def one(job: tuple[str, int]) -> tuple[str, int, int, float]:
         arm, seed = job
@@ -52,16 +58,23 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
         print(f"{arm} seed {seed}: started ({run / 'run.log'})", flush=True)
         start = time.perf_counter()
         with open(run / "run.log", "a") as log:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            # Its own process group, so that a stop at the deadline reaches the step process too.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = proc.wait(timeout=None if deadline_s is None else max(1.0, t0 + deadline_s - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+                code = "deadline"
         seconds = time.perf_counter() - start
-        print(f"{arm} seed {seed}: {'finished' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f}s", flush=True)
+        status = "finished" if code == 0 else "STOPPED at the deadline" if code == "deadline" else f"FAILED (exit {code})"
+        print(f"{arm} seed {seed}: {status} in {seconds:.0f}s", flush=True)
         return arm, seed, code, seconds
 
-    start = time.perf_counter()
     with ThreadPoolExecutor(max(1, parallel)) as pool:
         results = list(pool.map(one, jobs))
     summary = collect(out, arms, [seed for _, seed in jobs[:: len(arms)]], base.iterations, base.data.task)
-    summary.update({"config": config, "overrides": list(overrides), "wall_s": round(time.perf_counter() - start, 1),
+    summary.update({"config": config, "overrides": list(overrides), "wall_s": round(time.perf_counter() - t0, 1),
                     "failed": [f"{arm} seed {seed} (exit {code})" for arm, seed, code, _ in results if code != 0]})
     write_outputs(out, summary)
     return summary

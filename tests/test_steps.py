@@ -30,10 +30,11 @@ def done(run, k, step):
 
 def test_init_splits_prompts_like_the_paper(prepared_run):
     metrics = done(prepared_run, 0, "init")["metrics"]
-    # 120 prompts: 16 for model selection, the rest split two thirds / one third.
+    # 120 prompts: 16 for model selection, 24 held out for evaluation, the rest split two thirds / one third.
     assert metrics["data/prompts_select"] == 16
-    assert metrics["data/prompts_rm"] == round(104 / 3)
-    assert metrics["data/prompts_policy"] == 104 - round(104 / 3)
+    assert metrics["data/prompts_eval"] == 24
+    assert metrics["data/prompts_rm"] == round(80 / 3)
+    assert metrics["data/prompts_policy"] == 80 - round(80 / 3)
     prompts = datasets.load_from_disk(str(prepared_run / "iter_0/init/data/prompts"))
     assert len(set(prompts["prompt_id"])) == len(prompts) == 120
     assert Store(prepared_run).load("prompts")["prompt_id"] == prompts["prompt_id"]

@@ -1,0 +1,71 @@
+"""The sandbox experiment at GPU scale (issue 6): every arm x 3 seeds x 3 iterations of
+configs/sandbox-gpu.yaml, run by `coevolve experiment` with the runs sharing one GPU, then recorded.
+
+On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:. && bash bench/device_layout.sh
+    python3 bench/bench_sandbox.py --out OUT                         # the experiment; OUT/sandbox/experiment.json
+    python3 bench/bench_sandbox.py --record OUT/sandbox/experiment.json --command "..."   # here: RESULTS.md, results.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import append_result, log  # noqa: E402
+
+ARMS = "frozen-rm,mutual-taught,mutual-taught+seft,oracle"
+# The bench JSON line keeps the issue's fields; the table shows these too.
+LINE_METRICS = ("gold", "rm_acc_current")
+MD_METRICS = ("gold", "rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "kl_to_initial")
+
+
+def record(summary_path: Path, command: str) -> None:
+    s = json.loads(summary_path.read_text())
+    arms = {arm: {k: row[k] for m in LINE_METRICS for k in (m, f"{m}_std")} for arm, row in s["arms"].items()}
+    line = {"bench": "sandbox", "task": s["task"], "device": s["device"], "date": s["date"], "seeds": s["seeds"],
+            "iterations": s["iterations"], "wall_s": s["wall_s"], "arms": arms}
+    md = [f"\n## sandbox: {s['date']}, {s['device']}", f"`{command}`",
+          f"Task {s['task']}, {s['seeds']} seeds x {s['iterations']} iterations per arm, {s['wall_s']:.0f} s wall for all runs"
+          f" (sharing the GPU); mean ± std over seeds, iteration 0 first." + (f" Failed: {s['failed']}" if s["failed"] else ""), ""]
+    iters = range(s["iterations"] + 1)
+    for metric in MD_METRICS:
+        md += [f"**{metric}**", "", "| arm | " + " | ".join(f"iter {k}" for k in iters) + " |", "|---" * (len(iters) + 1) + "|"]
+        for arm, row in s["arms"].items():
+            cells = ["–" if m is None else f"{m:.3f} ± {d:.3f}" for m, d in zip(row[metric], row[f"{metric}_std"])]
+            md.append(f"| {arm} | " + " | ".join(cells) + " |")
+        md.append("")
+    append_result(ROOT / "bench", line, md)
+    log("\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "configs" / "sandbox-gpu.yaml"))
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--arms", default=ARMS)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=12)
+    ap.add_argument("--deadline-s", type=float, help="stop runs still going after this many seconds (a device call lasts 600 s at most)")
+    ap.add_argument("--record", type=Path, help="an experiment.json to append to bench/RESULTS.md and results.jsonl")
+    ap.add_argument("--command", default="python3 bench/bench_sandbox.py --out OUT", help="the command that made --record's file")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.record:
+        record(args.record, args.command)
+        return
+    from coevolve.experiment import run_experiment
+
+    summary = run_experiment(args.config, args.overrides, args.out / "sandbox", args.arms.split(","), args.seeds, args.parallel, args.deadline_s)
+    if summary["failed"]:
+        raise SystemExit(f"failed: {summary['failed']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The evaluate step, the gold reward as an RM (the oracle arm), and `coevolve experiment`."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from coevolve.cli import run_step
+from coevolve.core import rundir
+from coevolve.core.config import ConfigError, load_config, prepare_run
+from coevolve.core.models import load_rm
+from coevolve.core.rollout import score
+from coevolve.core.scoring import RewardScorer
+from coevolve.data.tasks import load_task
+from coevolve.evaluate_step import pairwise_accuracy
+from conftest import FAST, ROOT, TINY
+
+
+def test_pairwise_accuracy_by_hand():
+    rm_a, rm_b = [0.9, 0.1, 0.5, 0.3, 0.7], [0.2, 0.4, 0.5, 0.8, 0.6]
+    gold_a, gold_b = [1.0, 0.0, 0.7, 0.2, 0.5], [0.5, 1.0, 0.1, 0.2, 0.9]
+    # Pair 1: both prefer a (1). Pair 2: both prefer b (1). Pair 3: RM tie (0.5). Pair 4: gold tie,
+    # left out. Pair 5: gold prefers b, the RM a (0). 2.5 right of 4 counted.
+    assert pairwise_accuracy(rm_a, rm_b, gold_a, gold_b) == (pytest.approx(2.5 / 4), 4)
+
+
+def _by_hand(rm_path, cfg, prompts, a, b, gold_a, gold_b) -> float:
+    model, tok = load_rm(rm_path, cfg)
+    scorer = RewardScorer(model, tok)
+    sa, sb = scorer.score(prompts, a), scorer.score(prompts, b)
+    right = counted = 0.0
+    for x, y, ga, gb in zip(sa, sb, gold_a, gold_b):
+        if ga == gb:
+            continue
+        counted += 1
+        right += 0.5 if x == y else float((x > y) == (ga > gb))
+    return right / counted
+
+
+@pytest.fixture(scope="module")
+def evaluated(iterated_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("evaluated") / "run"
+    shutil.copytree(iterated_run, run)
+    cfg = prepare_run(None, [], run)
+    for k in (0, 1):
+        run_step("evaluate", run, k, cfg)
+    return run, cfg
+
+
+def test_evaluate_rm_accuracy_equals_a_hand_computation(evaluated):
+    run, cfg = evaluated
+    task = load_task("toy")
+    metrics = rundir.read_done(run, 1, "evaluate")["metrics"]
+    rm = run / rundir.read_done(run, 1, "evaluate")["inputs"]["rm"]
+    assert rm == run / rundir.read_done(run, 1, "m-step")["outputs"]["rm"]
+
+    pairs = datasets.load_from_disk(str(run / "iter_0/init/data/pairs")).filter(lambda r: r["split"] == "heldout")
+    gold_c = [task.gold(p, r) for p, r in zip(pairs["prompt"], pairs["chosen"])]
+    gold_r = [task.gold(p, r) for p, r in zip(pairs["prompt"], pairs["rejected"])]
+    expected = _by_hand(rm, cfg, pairs["prompt"], pairs["chosen"], pairs["rejected"], gold_c, gold_r)
+    assert metrics["eval/rm_acc_original"] == pytest.approx(expected)
+    assert metrics["eval/original_pairs"] == sum(c != r for c, r in zip(gold_c, gold_r))
+
+    fresh = datasets.load_from_disk(str(run / "iter_1/evaluate/measure/fresh_pairs"))
+    gold_a = [task.gold(p, r) for p, r in zip(fresh["prompt"], fresh["a"])]
+    gold_b = [task.gold(p, r) for p, r in zip(fresh["prompt"], fresh["b"])]
+    assert gold_a == fresh["referee_a"] and gold_b == fresh["referee_b"]
+    assert metrics["eval/rm_acc_current"] == pytest.approx(_by_hand(rm, cfg, fresh["prompt"], fresh["a"], fresh["b"], gold_a, gold_b))
+    assert all(a != b for a, b in zip(fresh["a"], fresh["b"]))
+
+
+def test_evaluate_measures_the_policy_against_policy_0(evaluated):
+    run, _ = evaluated
+    task = load_task("toy")
+    m0 = rundir.read_done(run, 0, "evaluate")["metrics"]
+    m1 = rundir.read_done(run, 1, "evaluate")["metrics"]
+    # Iteration 0 compares policy_0 with itself.
+    assert m0["eval/kl_to_initial"] == 0 and m0["eval/win_rate_vs_initial"] == 0.5
+    assert m1["eval/kl_to_initial"] > 0 and 0 <= m1["eval/win_rate_vs_initial"] <= 1
+    responses = datasets.load_from_disk(str(run / "iter_1/evaluate/score/responses"))
+    first = responses.filter(lambda r: r["model"] == "policy_K" and r["sample"] == 0)
+    assert len(first) == m1["eval/prompts"] == 24
+    assert m1["eval/gold_mean"] == pytest.approx(sum(task.gold(p, r) for p, r in zip(first["prompt"], first["response"])) / len(first))
+    assert m1["eval/length_mean"] == pytest.approx(sum(first["num_tokens"]) / len(first))
+    eval_prompts = datasets.load_from_disk(str(run / "iter_0/init/data/prompts")).filter(lambda r: r["split"] == "eval")
+    assert set(first["prompt_id"]) == set(eval_prompts["prompt_id"])
+
+
+def test_gold_reward_stands_in_for_the_rm(tmp_path):
+    oracle = ["rm.gold=true", "rm.tiny=null", "steps.rm_init=false", "steps.m_step=false"]
+    cfg = prepare_run(str(TINY), [*FAST, *oracle], tmp_path / "run")
+    run_step("init", tmp_path / "run", 0, cfg)
+    rm = rundir.latest_output(tmp_path / "run", "rm")
+    task = load_task("toy")
+    prompt = task.prompts(1, 0)[0]
+    responses = [task.respond(prompt, frozenset(), __import__("random").Random(0)), "cat cat cat"]
+    assert score(cfg, rm, [prompt] * 2, responses) == [task.gold(prompt, r) for r in responses]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rm.gold=true", "rm.tiny=null"], "rm.gold: the gold reward cannot be trained"),
+    (["rm.gold=true", "rm.tiny=null", "steps.rm_init=false", "steps.m_step=false", "data.task=null",
+      "data.prompts.path=x.jsonl"], "rm.gold: the gold reward needs a sandbox task"),
+    (["policy.gold=true", "policy.tiny=null"], "policy.gold: only the RM"),
+    (["steps.evaluate=true"], "steps.evaluate: needs held-out prompts"),
+])
+def test_gold_and_evaluate_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+@pytest.mark.slow
+def test_experiment_writes_its_table_and_plot(tmp_path):
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "coevolve", "experiment", "--config", str(TINY), "--run-dir", str(out),
+           "--arms", "frozen-rm,oracle", "--seeds", "1", "--parallel", "2", *FAST, "iterations=1", "tracking.mode=disabled"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "experiment.json").read_text())
+    arms = summary["arms"]
+    assert set(arms) == {"frozen-rm", "oracle"} and summary["seeds"] == 1 and summary["task"] == "toy"
+    for row in arms.values():
+        assert len(row["gold"]) == len(row["rm_acc_current"]) == 2 and None not in row["gold"]
+        assert row["gold_std"] == [0.0, 0.0]
+    # The gold reward agrees with itself; a frozen RM judges the original pairs alike at every iteration.
+    assert arms["oracle"]["rm_acc_current"] == [1.0, 1.0] and arms["oracle"]["rm_acc_original"] == [1.0, 1.0]
+    assert arms["frozen-rm"]["rm_acc_original"][0] == arms["frozen-rm"]["rm_acc_original"][1]
+    # Same seed, same iteration-0 policy: both arms start from the same measurement.
+    assert arms["frozen-rm"]["gold"][0] == arms["oracle"]["gold"][0]
+    table = (out / "table.md").read_text()
+    assert "| frozen-rm |" in table and "| oracle |" in table and "**gold**" in table
+    assert (out / "experiment.png").stat().st_size > 10_000
+    assert (out / "oracle" / "seed_0" / "iter_1" / "evaluate" / "DONE.json").exists()
