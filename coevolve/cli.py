@@ -59,6 +59,12 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
     final_policy = rundir.latest_output(run_dir, "policy")
     final_rm = rundir.latest_output(run_dir, "rm")
     print(f"\nDone. Run directory: {run_dir}\n  policy: {final_policy}\n  rm:     {final_rm}\n  report: coevolve report {run_dir}")
+    if cfg.steps.evaluate:
+        from coevolve.report import before_after
+
+        summary = before_after(run_dir)
+        if summary:
+            print("\n" + summary)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,19 @@ COLUMNS = [
     ("RM acc held-out, after", "m-step", "rm_after/accuracy_heldout"),
     ("RM acc pseudo, before", "m-step", "rm_before/accuracy_pseudo"),
     ("RM acc pseudo, after", "m-step", "rm_after/accuracy_pseudo"),
+    ("eval: gold reward", "evaluate", "eval/gold_mean"),
+    ("eval: judge reward", "evaluate", "eval/judge_mean"),
+    ("eval: RM acc original pairs", "evaluate", "eval/rm_acc_original"),
+    ("eval: RM acc current policy", "evaluate", "eval/rm_acc_current"),
+    ("eval: win rate vs policy_0", "evaluate", "eval/win_rate_vs_initial"),
+    ("eval: KL to policy_0", "evaluate", "eval/kl_to_initial"),
+]
+# What `before_after` compares between the first and the last evaluation.
+EVAL_LINES = [
+    ("gold reward", "eval/gold_mean"), ("judge reward", "eval/judge_mean"), ("RM score", "eval/rm_score_mean"),
+    ("RM accuracy, original pairs", "eval/rm_acc_original"), ("RM accuracy, current policy's pairs", "eval/rm_acc_current"),
+    ("win rate vs policy_0", "eval/win_rate_vs_initial"), ("KL to policy_0", "eval/kl_to_initial"),
+    ("response tokens", "eval/length_mean"),
 ]
 
 
@@ -60,6 +73,35 @@ def write_report(run_dir: Path) -> Path:
     page = out / "index.html"
     page.write_text(render(run_dir, steps, done, iterations, plots))
     return page
+
+
+def before_after(run_dir: Path, examples: int = 3, width: int = 200) -> str | None:
+    """The first and the last evaluation of a run side by side, with a few held-out prompts' responses
+    (policy_0's and the last policy's first sample); None when the run has no two evaluations."""
+    evals = [(k, d) for k, name, d in rundir.finished_steps(run_dir) if name == "evaluate"]
+    if len(evals) < 2:
+        return None
+    (k0, first), (k1, last) = evals[0], evals[-1]
+    lines = [f"Evaluation on held-out prompts, iteration {k0} -> {k1}:"]
+    for label, key in EVAL_LINES:
+        if key in first["metrics"] and key in last["metrics"]:
+            lines.append(f"  {label:<38} {first['metrics'][key]:8.3f} -> {last['metrics'][key]:8.3f}")
+
+    def firsts(k: int) -> dict:
+        ds = datasets.load_from_disk(str(rundir.step_dir(run_dir, k, "evaluate") / "score" / "responses"))
+        return {r["prompt_id"]: r for r in ds if r["model"] == "policy_K" and r["sample"] == 0}
+
+    referee = "gold" if "eval/gold_mean" in last["metrics"] else "judge" if "eval/judge_mean" in last["metrics"] else "-"
+    before, after = firsts(k0), firsts(k1)
+    for pid in sorted(before)[:examples]:
+        b, a = before[pid], after.get(pid)
+        if a is None:
+            continue
+        lines += ["", f"  prompt: {b['prompt'][:width]}"]
+        for tag, row in (("before", b), ("after", a)):
+            text = " ".join(row["response"].split())
+            lines.append(f"  {tag:<6} [{referee} {row['referee']:.2f}] {text[:width]}")
+    return "\n".join(lines)
 
 
 def metric(done: dict, k: int, step: str, key: str) -> float:
