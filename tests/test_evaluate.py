@@ -107,6 +107,7 @@ def test_gold_reward_stands_in_for_the_rm(tmp_path):
       "data.prompts.path=x.jsonl"], "rm.gold: the gold reward needs a sandbox task"),
     (["policy.gold=true", "policy.tiny=null"], "policy.gold: only the RM"),
     (["steps.evaluate=true"], "steps.evaluate: needs held-out prompts"),
+    (["data.pair_source=policy", "steps.rm_init=false"], "data.pair_source: 'policy' needs"),
 ])
 def test_gold_and_evaluate_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

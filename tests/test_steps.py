@@ -17,11 +17,13 @@ from trl.data_utils import _tokenize
 from coevolve.cli import run_step
 from coevolve.core import rundir
 from coevolve.core.chat import prompt_messages, rm_example, rm_input_ids
-from coevolve.core.config import load_config
+from coevolve.core.config import load_config, prepare_run
 from coevolve.core.plan import step_plan
-from coevolve.core.rollout import score
+from coevolve.core.rollout import sample, score
 from coevolve.data.store import Store
+from coevolve.data.tasks import load_task
 from coevolve.policy.pairs import length_controlled
+from conftest import FAST, TINY
 from tiny_run import tiny_run  # noqa: F401  (the fixture)
 
 
@@ -192,3 +194,27 @@ def test_run_leaves_a_complete_run_directory(tiny_run):
     assert not list(tiny_run.glob("iter_*/.*.partial"))
     final = rundir.latest_output(tiny_run, "policy")
     assert final.parent.parent.parent.name == "e-step" and AutoModelForCausalLM.from_pretrained(final)
+
+
+def test_rm_init_labels_pairs_sampled_from_the_starting_policy(tmp_path):
+    run = tmp_path / "run"
+    cfg = prepare_run(str(TINY), [*FAST, "data.pair_source=policy"], run)
+    for name in ("init", "sft-warmup", "rm-init"):
+        run_step(name, run, 0, cfg)
+    assert not (run / "iter_0/init/data/pairs").exists()
+    assert rundir.latest_output(run, "pairs", iteration_max=0) == run / "iter_0/rm-init/pairs"
+    pairs = datasets.load_from_disk(str(run / "iter_0/rm-init/pairs"))
+    # The pairs are the starting policy's own two samples: sampling again with the same seed gives them.
+    task = load_task("toy")
+    prompts = task.pair_prompts(cfg.data.num_pairs, cfg.data.seed)
+    again = sample(cfg, run / "iter_0/sft-warmup/train/policy", prompts, 2, cfg.seed * 1000 + 300)
+    samples = {p: set(t) for p, t in zip(prompts, again.texts)}
+    assert len(pairs) > 0.5 * len(prompts)
+    assert all({c, r} == samples[p] for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]))
+    # Labelled by Bradley-Terry on gold at T = 0.05: mostly, not always, the gold-better one is chosen.
+    agree = mean(c > r for c, r in zip(pairs["chosen_gold"], pairs["rejected_gold"]))
+    assert 0.7 < agree < 1.0 or agree == 1.0 and len(pairs) < 30
+    assert set(pairs["split"]) == {"train", "heldout"}
+    assert len(Store(run).load("pairs")) == len(pairs)
+    m = done(run, 0, "rm-init")["metrics"]
+    assert m["pairs/labelled"] == len(pairs) and m["rm_after/accuracy_train"] > m["rm_before/accuracy_train"]

@@ -79,6 +79,10 @@ class DataConfig(Strict):
     num_demos: int = 300
     # Bradley-Terry noise temperature for task-labelled "human" pairs.
     label_temperature: float = 0.05
+    # Where a task's "human" pairs come from: its response generator (made by `init`), or two samples
+    # per prompt from the starting policy (made by `rm-init`, after `sft-warmup`); both labelled by
+    # Bradley-Terry on the gold reward.
+    pair_source: Literal["generator", "policy"] = "generator"
     # Paper: two thirds of the prompts update the policy, one third the RM; plus a fixed D_MS.
     rm_fraction: float = 1 / 3
     select_size: int = 2000
@@ -293,6 +297,8 @@ class Config(Strict):
             raise ValueError("rm.gold: the gold reward needs a sandbox task (data.task)")
         if self.rm.gold and (self.steps.rm_init or self.steps.m_step):
             raise ValueError("rm.gold: the gold reward cannot be trained; set steps.rm_init=false and steps.m_step=false")
+        if self.data.pair_source == "policy" and not (self.data.task and self.data.pairs is None and self.steps.rm_init):
+            raise ValueError("data.pair_source: 'policy' needs a sandbox task (data.task), no data.pairs, and steps.rm_init=true (rm-init samples them)")
         if self.steps.evaluate and self.data.eval_size < 1:
             raise ValueError("steps.evaluate: needs held-out prompts; set data.eval_size (e.g. 100)")
         if self.evaluate.samples_per_prompt < 1:

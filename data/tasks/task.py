@@ -98,6 +98,10 @@ class Task(ABC):
                           "chosen_gold": gold_a, "rejected_gold": gold_b})
         return pairs
 
+    def pair_prompts(self, n: int, seed: int) -> list[str]:
+        """The prompts of the "human" pairs sampled from a policy (a stream apart from `prompts`)."""
+        return self._prompts(n, random.Random(f"pair-prompts-{seed}"))
+
     def synthetic_pairs(self, n: int, seed: int, temperature: float | None = None) -> list[dict]:
         """Labelled pairs on `n` prompts from the demonstration generator, before any policy exists."""
         rng = random.Random(f"synthetic-{seed}")
