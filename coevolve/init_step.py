@@ -14,6 +14,7 @@ import random
 
 import datasets
 
+from coevolve.core.config import ModelSource
 from coevolve.core.gold import write_gold_rm
 from coevolve.core.models import materialize
 from coevolve.core.step import StepRun
@@ -98,6 +99,15 @@ def corpus(step: StepRun) -> list[str]:
     return texts
 
 
+def rm_source(step: StepRun) -> ModelSource:
+    """The RM's source; when it names the policy's very weights (say one GGUF file), the policy's saved
+    safetensors copy instead, which loads in seconds where a GGUF file is read and dequantized again."""
+    cfg = step.cfg
+    if cfg.rm.name_or_path is not None and cfg.rm.model_dump(exclude={"dtype"}) == cfg.policy.model_dump(exclude={"dtype"}):
+        return cfg.rm.model_copy(update={"name_or_path": str(step.path("policy")), "gguf_file": None, "revision": None})
+    return cfg.rm
+
+
 def main(step: StepRun) -> dict:
     cfg = step.cfg
     data = step.phase("data", lambda tmp: build_data(step, tmp))
@@ -108,7 +118,7 @@ def main(step: StepRun) -> dict:
     if cfg.rm.gold:
         step.phase("rm", lambda tmp: write_gold_rm(tmp, cfg.data.task))
     else:
-        step.phase("rm", lambda tmp: materialize(cfg.rm, "rm", tmp, text))
+        step.phase("rm", lambda tmp: materialize(rm_source(step), "rm", tmp, text))
     outputs = {"policy": "policy", "rm": "rm", "prompts": "data/prompts"}
     if judge is not None:
         step.phase("judge", lambda tmp: materialize(judge, "rm", tmp, text))
