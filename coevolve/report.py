@@ -64,6 +64,7 @@ def write_report(run_dir: Path) -> Path:
         "losses.png": losses(run_dir, steps),
         "response_lengths.png": response_lengths(run_dir, done, iterations),
         "wall_time.png": wall_time(steps),
+        "evaluation.png": evaluation(done),
     }
     plots = []
     for name, fig in figures.items():
@@ -144,6 +145,28 @@ def policy_reward(done: dict, iterations: list[int]) -> Figure | None:
     right.set_title("model-selection win rate")
     right.set_ylim(0, 1)
     return fig if drawn else None
+
+
+def evaluation(done: dict) -> Figure | None:
+    """The evaluate step's measurements, iteration 0 included: the distribution-shift view."""
+    ks = sorted(k for k, step in done if step == "evaluate")
+    if not ks:
+        return None
+    fig = Figure(figsize=(10, 3.5))
+    left, right = fig.subplots(1, 2)
+    _lines(left, ks, {
+        "gold reward": series(done, ks, "evaluate", "eval/gold_mean"),
+        "judge reward": series(done, ks, "evaluate", "eval/judge_mean"),
+        "win rate vs policy_0": series(done, ks, "evaluate", "eval/win_rate_vs_initial"),
+    })
+    left.set_title("policy on held-out prompts")
+    _lines(right, ks, {
+        "original held-out pairs": series(done, ks, "evaluate", "eval/rm_acc_original"),
+        "current policy's pairs": series(done, ks, "evaluate", "eval/rm_acc_current"),
+    })
+    right.set_title("RM accuracy against gold / judge")
+    right.set_ylim(0, 1)
+    return fig
 
 
 def rm_accuracy(done: dict, iterations: list[int]) -> Figure | None:

@@ -11,7 +11,7 @@ from tiny_run import tiny_run  # noqa: F401  (the fixture)
 from coevolve.cli import main
 from coevolve.core import rundir
 
-PLOTS = {"policy_reward.png", "rm_accuracy.png", "pair_counts.png", "losses.png", "response_lengths.png", "wall_time.png"}
+PLOTS = {"policy_reward.png", "rm_accuracy.png", "pair_counts.png", "losses.png", "response_lengths.png", "wall_time.png", "evaluation.png"}
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from coevolve.core.step import StepRun
 from coevolve.core.training import trainer_args
 
 TINY = ROOT / "configs" / "tiny.yaml"
-STEPS = ["iter0-init", "iter0-sft-warmup", "iter0-rm-init", "iter1-e-step", "iter1-m-step", "iter2-e-step", "iter2-m-step"]
+STEPS = ["iter0-init", "iter0-sft-warmup", "iter0-rm-init", "iter0-evaluate", "iter1-e-step", "iter1-m-step", "iter1-evaluate",
+         "iter2-e-step", "iter2-m-step", "iter2-evaluate"]
 
 
 def wandb_runs(run_dir: Path) -> list[dict]:
@@ -81,6 +82,8 @@ def test_steps_log_their_metrics_trl_curves_distributions_and_phase_times(runs):
         assert key in m_step, key
     assert "select/best_checkpoint" in runs["iter1-e-step"]["summary"] and "time/total" in runs["iter1-e-step"]["summary"]
     assert "train/loss" in runs["iter0-sft-warmup"]["history"] and "rm_after/accuracy_heldout" in runs["iter0-rm-init"]["history"]
+    for key in ["eval/gold_mean", "eval/rm_acc_original", "eval/rm_acc_current", "eval/kl_to_initial", "eval/win_rate_vs_initial", "time/measure"]:
+        assert key in runs["iter1-evaluate"]["history"], key
 
 
 @pytest.mark.slow
