@@ -1,7 +1,8 @@
 """Step `m-step` (iteration K >= 1): refit the RM to the policy's shifted outputs (Mutual-Taught's M-step).
 
 generate  one response per RM-update prompt from policy_K (after the E-step) and from policy_{K-1}
-          (before it), with the same seed
+          (before it), drawn independently (different seeds), as the paper's y_t and y_{t-1}: with
+          one seed, a policy that one DPO pass changed little answers identically and the pair is lost
 score     rm_{K-1} scores both
 pseudo    pseudo pair per prompt: policy_K's response preferred. delta = r(new) - r(old); epsilon = the
           std of the old policy's scores on these prompts; pairs with delta <= -epsilon (confidently
@@ -33,7 +34,7 @@ def generate(step: StepRun, new: Path, old: Path, prompts: datasets.Dataset, tmp
     seed = step.cfg.seed * 1000 + 700 + step.iteration
     texts = list(prompts["prompt"])
     new_gen = sample(step.cfg, new, texts, 1, seed, "generate: policy_K")
-    old_gen = sample(step.cfg, old, texts, 1, seed, "generate: policy_K-1")
+    old_gen = sample(step.cfg, old, texts, 1, seed + 1, "generate: policy_K-1")
     datasets.Dataset.from_dict({
         "prompt_id": list(prompts["prompt_id"]), "prompt": texts,
         "new": [t[0] for t in new_gen.texts], "old": [t[0] for t in old_gen.texts],
