@@ -123,16 +123,16 @@ def test_m_step_filters_pseudo_pairs_and_fits_the_rm(iterated_run):
     assert all(d > -m["pseudo/epsilon"] for d in kept["delta"]) and m["pseudo/kept"] == len(kept)
     assert m["pseudo/kept"] + m["pseudo/dropped"] == len(scored)
     assert m["mix/pseudo"] == m["pseudo/kept"] and m["mix/e-step"] == done(run, 1, "e-step")["metrics"]["pairs/count"]
-    assert m["rm_after/accuracy_train_mix"] >= m["rm_before/accuracy_train_mix"]
-    # Accuracy on the mix starts near 1 (its E-step pairs were ranked by this very RM), so the fit shows
-    # in the margins: Bradley-Terry training widens chosen-over-rejected on the pairs it trained on.
+    # The fit shows in the Bradley-Terry loss on the pairs the RM trained on, not in their accuracy:
+    # its E-step pairs were ranked by rm_K-1 itself (accuracy near 1 before any training), and the
+    # pseudo pairs are noisy, so accuracy on the mix may even dip while the loss falls.
     mix = datasets.load_from_disk(str(run / "iter_1/m-step/mix"))
     cfg = load_config(None, [], run)
-    margins = {}
+    loss = {}
     for name, rm in (("before", run / result["inputs"]["rm"]), ("after", run / "iter_1/m-step/train/rm")):
         chosen, rejected = (score(cfg, rm, mix["prompt"], mix[side]) for side in ("chosen", "rejected"))
-        margins[name] = mean(c - r for c, r in zip(chosen, rejected))
-    assert margins["after"] > margins["before"] + 0.01, margins
+        loss[name] = mean(-torch.nn.functional.logsigmoid(torch.tensor(c - r)).item() for c, r in zip(chosen, rejected))
+    assert loss["after"] < loss["before"] - 0.001, loss
     # The paper's default: the M-step restarts from the base RM, not from the previous one.
     assert result["inputs"]["rm_start"] == "iter_0/rm-init/train/rm"
     assert len(Store(run).load("pseudo_pairs", [1])) == len(scored)
