@@ -27,20 +27,16 @@ MD_METRICS = ("gold", "rm_acc_current", "rm_acc_original", "win_rate_vs_initial"
 
 
 def record(summary_path: Path, command: str) -> None:
+    from coevolve.experiment import table
+
     s = json.loads(summary_path.read_text())
     arms = {arm: {k: row[k] for m in LINE_METRICS for k in (m, f"{m}_std")} for arm, row in s["arms"].items()}
     line = {"bench": "sandbox", "task": s["task"], "device": s["device"], "date": s["date"], "seeds": s["seeds"],
             "iterations": s["iterations"], "wall_s": s["wall_s"], "arms": arms}
     md = [f"\n## sandbox: {s['date']}, {s['device']}", f"`{command}`",
           f"Task {s['task']}, {s['seeds']} seeds x {s['iterations']} iterations per arm, {s['wall_s']:.0f} s wall for all runs"
-          f" (sharing the GPU); mean ± std over seeds, iteration 0 first." + (f" Failed: {s['failed']}" if s["failed"] else ""), ""]
-    iters = range(s["iterations"] + 1)
-    for metric in MD_METRICS:
-        md += [f"**{metric}**", "", "| arm | " + " | ".join(f"iter {k}" for k in iters) + " |", "|---" * (len(iters) + 1) + "|"]
-        for arm, row in s["arms"].items():
-            cells = ["–" if m is None else f"{m:.3f} ± {d:.3f}" for m, d in zip(row[metric], row[f"{metric}_std"])]
-            md.append(f"| {arm} | " + " | ".join(cells) + " |")
-        md.append("")
+          f" (sharing the GPU); mean ± std over seeds, iteration 0 first." + (f" Failed: {s['failed']}" if s["failed"] else ""), "",
+          table(s, MD_METRICS), ""]
     append_result(ROOT / "bench", line, md)
     log("\n".join(md))
 

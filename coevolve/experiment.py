@@ -54,7 +54,7 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)) // max(1, parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
-    def one(job: tuple[str, int]) -> tuple[str, int, int, float]:
+    def one(job: tuple[str, int]) -> tuple[str, int, int | str]:
         arm, seed = job
         run = out / arm / f"seed_{seed}"
         run.mkdir(parents=True, exist_ok=True)
@@ -73,13 +73,13 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
         seconds = time.perf_counter() - start
         status = "finished" if code == 0 else "STOPPED at the deadline" if code == "deadline" else f"FAILED (exit {code})"
         print(f"{arm} seed {seed}: {status} in {seconds:.0f}s", flush=True)
-        return arm, seed, code, seconds
+        return arm, seed, code
 
     with ThreadPoolExecutor(max(1, parallel)) as pool:
         results = list(pool.map(one, jobs))
     summary = collect(out, arms, [seed for _, seed in jobs[:: len(arms)]], base.iterations, base.data.task)
     summary.update({"config": config, "overrides": list(overrides), "wall_s": round(time.perf_counter() - t0, 1),
-                    "failed": [f"{arm} seed {seed} (exit {code})" for arm, seed, code, _ in results if code != 0]})
+                    "failed": [f"{arm} seed {seed} (exit {code})" for arm, seed, code in results if code != 0]})
     write_outputs(out, summary)
     return summary
 
@@ -124,9 +124,15 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
     return summary
 
 
-def table(summary: dict) -> str:
+def metric_names(summary: dict) -> list[str]:
+    """The measured metrics of a summary's arms, the referee's reward first."""
+    return [m for m in next(iter(summary["arms"].values())) if not m.endswith("_std") and m != "stopped_runs"]
+
+
+def table(summary: dict, metrics: list[str] | tuple[str, ...] | None = None) -> str:
+    """Markdown: per metric (all by default), a row per arm of mean ± std per iteration."""
     arms = summary["arms"]
-    metrics = [m for m in next(iter(arms.values())) if not m.endswith("_std") and m != "stopped_runs"]
+    metrics = metrics or metric_names(summary)
     head = "| arm | " + " | ".join(f"iter {k}" for k in range(summary["iterations"] + 1)) + " |"
     rule = "|---" * (summary["iterations"] + 2) + "|"
     lines = []
@@ -149,7 +155,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     arms = summary["arms"]
-    metrics = [m for m in next(iter(arms.values())) if not m.endswith("_std") and m != "stopped_runs"][:4]
+    metrics = metric_names(summary)[:4]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4))
     iters = list(range(summary["iterations"] + 1))
     for ax, metric in zip(axes, metrics):
