@@ -22,19 +22,8 @@ import datasets
 from coevolve.core import rundir
 from coevolve.core.divergence import response_kl
 from coevolve.core.rollout import sample, score
-from coevolve.core.scoring import win_rate
+from coevolve.core.scoring import pairwise_accuracy, win_rate
 from coevolve.core.step import StepRun
-
-
-def pairwise_accuracy(rm_a: list[float], rm_b: list[float], ref_a: list[float], ref_b: list[float]) -> tuple[float, int]:
-    """Share of pairs the RM orders as the referee does, over the pairs the referee does not tie; an
-    RM tie counts half. Also returns how many pairs counted."""
-    preferred, other = [], []
-    for ra, rb, ga, gb in zip(rm_a, rm_b, ref_a, ref_b, strict=True):
-        if ga != gb:
-            preferred.append(ra if ga > gb else rb)
-            other.append(rb if ga > gb else ra)
-    return win_rate(preferred, other), len(preferred)
 
 
 class Referee:

@@ -7,7 +7,8 @@ score     rm_{K-1} scores both
 pseudo    pseudo pair per prompt: policy_K's response preferred. delta = r(new) - r(old); epsilon = the
           std of the old policy's scores on these prompts; pairs with delta <= -epsilon (confidently
           worse) are dropped, and so are identical responses; slightly negative ones are kept (they act
-          as regularisation, per the paper). Dropped pairs are kept with the reason.
+          as regularisation, per the paper). Dropped pairs are kept with the reason. On a sandbox task,
+          the share of pseudo labels the gold reward agrees with is measured too (it trains nothing).
 mix       the training set: kept pseudo pairs + the E-step's RM-ranked pairs (+ original pairs, if set)
 train     Bradley-Terry with trl's RewardTrainer, restarting from the base RM (paper) or rm_{K-1}
 measure   accuracy of rm_{K-1} and rm_K on held-out original pairs, the training mix and the pseudo pairs
@@ -18,15 +19,18 @@ import random
 from collections import Counter
 from pathlib import Path
 from statistics import mean, pstdev
+from typing import Callable
 
 import datasets
 
 from coevolve.core import rundir
 from coevolve.core.rollout import sample, score
+from coevolve.core.scoring import pairwise_accuracy
 from coevolve.core.step import StepRun
 from coevolve.data.records import pair_records
 from coevolve.data.sampling import replay_mix
 from coevolve.data.store import Store
+from coevolve.data.tasks import load_task
 from coevolve.policy.e_step import iteration_prompts
 from coevolve.reward.training import accuracy_phase, train_rm
 
@@ -51,7 +55,7 @@ def score_both(step: StepRun, rm: Path, responses: datasets.Dataset, tmp: Path) 
     return {"score/new_mean": mean(new), "score/old_mean": mean(old)}
 
 
-def pseudo_pairs(scored: datasets.Dataset, tmp: Path) -> dict:
+def pseudo_pairs(scored: datasets.Dataset, tmp: Path, gold: Callable[[str, str], float] | None = None) -> dict:
     epsilon = pstdev(scored["old_score"])
     kept, dropped = [], []
     for r in scored:
@@ -75,6 +79,7 @@ def pseudo_pairs(scored: datasets.Dataset, tmp: Path) -> dict:
     for d in dropped:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
     return {
+        **(gold_agreement(gold, kept, dropped) if gold else {}),
         "pseudo/epsilon": epsilon,
         "pseudo/kept": len(kept),
         "pseudo/dropped": len(dropped),
@@ -82,6 +87,22 @@ def pseudo_pairs(scored: datasets.Dataset, tmp: Path) -> dict:
         "pseudo/kept_negative_delta": sum(p["delta"] < 0 for p in kept),
         "pseudo/delta_mean": mean(p["delta"] for p in kept + dropped),
     }
+
+
+def gold_agreement(gold: Callable[[str, str], float], kept: list[dict], dropped: list[dict]) -> dict:
+    """How often "policy_K's response is better" is true by the gold reward (pairs it ties left out):
+    Mutual-Taught's pseudo labels are only as good as the E-step's improvement."""
+    def agreement(rows: list[dict]) -> tuple[float, int]:
+        g_new = [gold(r["prompt"], r["chosen"]) for r in rows]
+        g_old = [gold(r["prompt"], r["rejected"]) for r in rows]
+        return pairwise_accuracy([1.0] * len(rows), [0.0] * len(rows), g_new, g_old)
+
+    kept_acc, kept_n = agreement(kept)
+    out = {"pseudo/gold_label_acc": kept_acc, "pseudo/gold_label_pairs": kept_n}
+    worse = [d for d in dropped if d["reason"].startswith("delta")]
+    if worse:  # the filter is right where the gold agrees the new response is worse: a low share here
+        out["pseudo/gold_label_acc_dropped"], out["pseudo/gold_label_pairs_dropped"] = agreement(worse)
+    return out
 
 
 def mix(step: StepRun, kept: datasets.Dataset, e_pairs: Path | None, original: Path | None, tmp: Path) -> dict:
@@ -131,7 +152,8 @@ def main(step: StepRun) -> dict:
     batch = iteration_prompts(prompts, "rm", cfg.m_step.prompts_per_iteration, k)
     responses = step.phase("generate", lambda tmp: generate(step, new, old, batch, tmp))
     scored = step.phase("score", lambda tmp: score_both(step, rm, datasets.load_from_disk(str(responses)), tmp))
-    pseudo = step.phase("pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp))
+    gold = load_task(cfg.data.task).gold if cfg.data.task else None
+    pseudo = step.phase("pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp, gold))
     kept = datasets.load_from_disk(str(pseudo / "kept"))
     train_mix = step.phase("mix", lambda tmp: mix(step, kept, e_pairs, original, tmp))
     mixed = datasets.load_from_disk(str(train_mix))

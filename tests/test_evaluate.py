@@ -16,7 +16,7 @@ from coevolve.core.models import load_rm
 from coevolve.core.rollout import score
 from coevolve.core.scoring import RewardScorer
 from coevolve.data.tasks import load_task
-from coevolve.evaluate_step import pairwise_accuracy
+from coevolve.core.scoring import pairwise_accuracy
 from conftest import FAST, ROOT, TINY
 
 

@@ -56,6 +56,21 @@ def test_pseudo_pairs_drop_only_confidently_worse(tmp_path):
         "c": "delta <= -epsilon (confidently worse)", "d": "identical responses",
     }
     assert metrics["pseudo/kept_negative_delta"] == 1
+    assert "pseudo/gold_label_acc" not in metrics  # no gold reward given
+
+
+def test_pseudo_pairs_gold_agreement(tmp_path):
+    # Gold = the response's length: a pseudo label is right when the new response is longer.
+    rows = datasets.Dataset.from_dict({
+        "prompt_id": list("abcde"), "prompt": ["p"] * 5,
+        "new": ["long", "x", "xx", "abc", "bigger"], "old": ["s", "yy", "zz", "abcd", "b"],
+        "new_score": [1.0, 1.0, 1.0, 1.0, -9.0], "old_score": [0.0, 0.0, 0.0, 0.0, 0.0],
+    })
+    metrics = pseudo_pairs(rows, tmp_path, gold=lambda prompt, response: float(len(response)))
+    # Kept a, b, c, d: right on a, wrong on b and d, tied on c (left out): 1 of 3.
+    assert metrics["pseudo/gold_label_acc"] == pytest.approx(1 / 3) and metrics["pseudo/gold_label_pairs"] == 3
+    # e was dropped as confidently worse, but the gold says it was better: the filter was wrong once.
+    assert metrics["pseudo/gold_label_acc_dropped"] == 1.0 and metrics["pseudo/gold_label_pairs_dropped"] == 1
 
 
 def test_win_rate_counts_ties_half():

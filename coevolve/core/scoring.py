@@ -37,3 +37,14 @@ def win_rate(first: list[float], second: list[float]) -> float:
     if not first:
         return float("nan")
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(first, second, strict=True)) / len(first)
+
+
+def pairwise_accuracy(rm_a: list[float], rm_b: list[float], ref_a: list[float], ref_b: list[float]) -> tuple[float, int]:
+    """Share of pairs the RM orders as the referee does, over the pairs the referee does not tie; an
+    RM tie counts half. Also returns how many pairs counted."""
+    preferred, other = [], []
+    for ra, rb, ga, gb in zip(rm_a, rm_b, ref_a, ref_b, strict=True):
+        if ga != gb:
+            preferred.append(ra if ga > gb else rb)
+            other.append(rb if ga > gb else ra)
+    return win_rate(preferred, other), len(preferred)
