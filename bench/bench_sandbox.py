@@ -4,7 +4,7 @@ configs/sandbox-gpu.yaml, run by `coevolve experiment` with the runs sharing one
 On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:. && bash bench/device_layout.sh
-    python3 bench/bench_sandbox.py --out OUT                         # the experiment; OUT/sandbox/experiment.json
+    python3 bench/bench_sandbox.py --out OUT --runs /tmp/runs        # the experiment; OUT/sandbox/experiment.json
     python3 bench/bench_sandbox.py --record OUT/sandbox/experiment.json --command "..."   # here: RESULTS.md, results.jsonl
 """
 from __future__ import annotations
@@ -41,10 +41,39 @@ def record(summary_path: Path, command: str) -> None:
     log("\n".join(md))
 
 
+def step_seconds(out: Path) -> dict:
+    """Mean seconds per step kind and arm (phases summed, process start excluded), from every run's DONE.json."""
+    per: dict = {}
+    for done in out.glob("*/seed_*/iter_*/*/DONE.json"):
+        arm = done.parents[3].name
+        d = json.loads(done.read_text())
+        per.setdefault(arm, {}).setdefault(d["step"], []).append(sum(d["timings"].values()))
+    return {arm: {step: round(sum(v) / len(v), 1) for step, v in sorted(steps.items())} for arm, steps in per.items()}
+
+
+def export(runs: Path, out: Path) -> None:
+    """The experiment's summary, each run's console log and its steps' DONE.json, flattened into `out`
+    (the device brings back only a few folder levels, and no names with '+')."""
+    import shutil
+
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for name in ("experiment.json", "table.md", "experiment.png"):
+        if (runs / name).exists():
+            shutil.copy(runs / name, out / name)
+    for run in runs.glob("*/seed_*"):
+        flat = f"{run.parent.name}_{run.name}".replace("+", "_")
+        if (run / "run.log").exists():
+            shutil.copy(run / "run.log", out / "logs" / f"{flat}.log")
+        for done in run.glob("iter_*/*/DONE.json"):
+            shutil.copy(done, out / "logs" / f"{flat}_{done.parents[1].name}_{done.parent.name}.json")
+    (out / "step_seconds.json").write_text(json.dumps(step_seconds(runs), indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "sandbox-gpu.yaml"))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--runs", type=Path, help="where the runs' folders go (default OUT/sandbox); OUT/sandbox gets the summary and logs")
     ap.add_argument("--arms", default=ARMS)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=12)
@@ -58,7 +87,11 @@ def main() -> None:
         return
     from coevolve.experiment import run_experiment
 
-    summary = run_experiment(args.config, args.overrides, args.out / "sandbox", args.arms.split(","), args.seeds, args.parallel, args.deadline_s)
+    runs = args.runs or args.out / "sandbox"
+    summary = run_experiment(args.config, args.overrides, runs, args.arms.split(","), args.seeds, args.parallel, args.deadline_s)
+    log("mean seconds per step (phases only), per arm: " + json.dumps(step_seconds(runs), indent=1))
+    if runs != args.out / "sandbox":
+        export(runs, args.out / "sandbox")
     if summary["failed"]:
         raise SystemExit(f"failed: {summary['failed']}")
 
