@@ -4,6 +4,8 @@ run's page in the Prefect UI in a headless Chromium."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -173,16 +175,17 @@ def test_killed_step_resumes_to_the_same_outputs(prefect_server, reference_run, 
     copy_run(reference, run, upto=last)
 
     proc = start_flow(prefect_server, run, tmp_path / "killed.log")
-    phases = rundir.partial_dir(run, last, "e-step") / "phases"
+    partial = rundir.partial_dir(run, last, "e-step")
     victim = None
     deadline = time.monotonic() + 300
     # Kill the E-step once it has finished a phase, so the resumed step must keep that phase's output.
     while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        if phases.exists() and any(phases.glob("*.json")):
-            victim = next((p for p in psutil.Process(proc.pid).children(recursive=True) if "e-step" in p.cmdline()), None)
+        if (partial / "phases").exists() and any((partial / "phases").glob("*.json")):
+            victim = int(re.search(r"e-step \(pid (\d+)\)", (partial / "log.txt").read_text()).group(1))
         time.sleep(0.2)
     assert victim is not None, (tmp_path / "killed.log").read_text()[-4000:]
-    victim.send_signal(signal.SIGKILL)
+    assert victim in {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    os.kill(victim, signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
     killed = flow_run_id(tmp_path / "killed.log")
 

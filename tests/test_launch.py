@@ -68,6 +68,14 @@ def test_a_failing_process_reports_its_last_lines():
     assert message.startswith("step e-step (iteration 1) exited with code 1") and message.endswith("49\nboom")
 
 
+def test_a_preloaded_step_is_forked_with_its_output_and_exit_code(tmp_path):
+    cmd = [sys.executable, "-m", "coevolve", "step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"]
+    plain = run_process(cmd, lambda line: None)
+    forked = run_process(cmd, lambda line: None, preload=True)
+    assert forked == plain and plain[0] == 2
+    assert any("no config: give --config FILE" in line for line in forked[1])
+
+
 def test_an_interrupted_caller_leaves_no_child_behind():
     pids = []
 

@@ -249,6 +249,8 @@ class LaunchConfig(Strict):
     launcher: Literal["python", "accelerate", "deepspeed"] = "python"
     gpus: int = 1
     deepspeed_config: str | None = None
+    # Python-launched steps fork from a process that imported the libraries once (core/forkserver.py).
+    preload: bool = True
 
 
 class RetriesConfig(Strict):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from coevolve.core.config import Config
+from coevolve.core.forkserver import ForkedStep
 from coevolve.core.plan import GENERATION_STEPS
 
 # Steps that train a model, the only ones that go through the multi-GPU launcher; `init` only
@@ -52,18 +53,22 @@ def step_command(cfg: Config, step: str, run_dir: Path, iteration: int) -> list[
 
 
 def run_process(
-    cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | None = None, tail: int = 30
+    cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | None = None, tail: int = 30, preload: bool = False
 ) -> tuple[int, list[str]]:
     """Run `cmd` with stderr merged into stdout; every line goes to `on_line` as it arrives. Returns the
-    exit code and the last `tail` lines."""
+    exit code and the last `tail` lines. With `preload`, a plain `python -m coevolve ...` command is
+    forked from a server that has imported the libraries already (core/forkserver.py)."""
     # Unbuffered, so a step's lines arrive while it runs, not when it exits.
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     last: deque[str] = deque(maxlen=tail)
     # The child stays in our process group: whoever kills this process's group (Prefect cancelling a
     # flow run does) kills the step too.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True, errors="replace", bufsize=1
-    )
+    if preload and cmd[:3] == [sys.executable, "-m", "coevolve"]:
+        proc = ForkedStep(cmd[3:], child_env)
+    else:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True, errors="replace", bufsize=1
+        )
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -70,7 +71,9 @@ class StepRun:
             saved = json.loads(record.read_text())
             self.metrics.update(saved["metrics"])
             self.timings[record.stem] = saved["seconds"]
-        log.info(f"iteration {self.iteration} {self.name}: working in {self.dir}" + (f" (resuming after {sorted(self.timings)})" if self.timings else ""))
+        # The pid: a step forked from the preload server has that server's command line, not its own.
+        log.info(f"iteration {self.iteration} {self.name} (pid {os.getpid()}): working in {self.dir}"
+                 + (f" (resuming after {sorted(self.timings)})" if self.timings else ""))
         tracking.start(self)
         return self
 
