@@ -32,7 +32,7 @@ from coevolve.core.models import device_of, dtype_of
 from coevolve.core.rollout import sample, score
 from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, train_sft, trainer_args
+from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, save_trained, train_sft, trainer_args
 from coevolve.data.records import pair_records, response_records
 from coevolve.data.sampling import sample_prompts
 from coevolve.data.store import Store
@@ -129,7 +129,10 @@ def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset,
     ref_model = None
     if reference != policy:
         ref_model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype_of(cfg.policy.dtype, device_of(cfg)))
-    trainer = DPOTrainer(model=str(policy), ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    # With LoRA and no other reference, trl's reference is the policy with its adapters off: the policy
+    # at the iteration's start, as the paper's.
+    trainer = DPOTrainer(model=str(policy), ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+                         peft_config=lora_config(cfg.e_step.train, policy, "CAUSAL_LM"))
     trainer.train()
     save_last_checkpoint(trainer, tmp)
     return {"dpo/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "dpo")}
@@ -146,11 +149,13 @@ def train_seft(step: StepRun, policy: Path, rows: datasets.Dataset, tmp: Path) -
 
 
 def save_last_checkpoint(trainer, tmp: Path) -> None:
-    """The end of training is a candidate too, and every candidate needs its tokenizer to be loaded."""
+    """The end of training is a candidate too, and every candidate needs its tokenizer to be loaded and,
+    after LoRA training, its adapters merged (a candidate may become the next step's policy)."""
     final = tmp / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
     if not final.exists():
-        trainer.save_model(str(final))
+        save_trained(trainer, final)
     for ckpt in (tmp / "checkpoints").glob("checkpoint-*"):
+        merge_adapter_checkpoint(ckpt)
         trainer.processing_class.save_pretrained(ckpt)
 
 

@@ -6,7 +6,7 @@ import datasets
 
 from coevolve.core import rundir
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, train_sft
+from coevolve.core.training import keep_log, save_trained, train_sft
 
 
 def main(step: StepRun) -> dict:
@@ -16,8 +16,7 @@ def main(step: StepRun) -> dict:
 
     def train(tmp):
         trainer = train_sft(step.cfg, policy, datasets.load_from_disk(str(demos)), step.cfg.sft_warmup, tmp / "trainer")
-        trainer.save_model(str(tmp / "policy"))
-        trainer.processing_class.save_pretrained(tmp / "policy")
+        save_trained(trainer, tmp / "policy")
         return keep_log(trainer, tmp / "train_log.jsonl", "sft")
 
     step.phase("train", train)

@@ -17,7 +17,7 @@ import datasets
 
 from coevolve.core import rundir
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, train_sft
+from coevolve.core.training import keep_log, save_trained, train_sft
 from coevolve.data.store import Store
 from coevolve.revision.template import revision_prompt
 
@@ -52,8 +52,7 @@ def train(step: StepRun, start: Path, examples: datasets.Dataset, tmp: Path) -> 
     cfg = step.cfg
     rows = [{"prompt": revision_prompt(cfg.reviser.template, e["prompt"], e["response"]), "completion": e["target"]} for e in examples]
     trainer = train_sft(cfg, start, rows, cfg.reviser.train, tmp / "trainer")
-    trainer.save_model(str(tmp / "reviser"))
-    trainer.processing_class.save_pretrained(tmp / "reviser")
+    save_trained(trainer, tmp / "reviser")
     return keep_log(trainer, tmp / "train_log.jsonl", "reviser")
 
 

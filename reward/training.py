@@ -12,7 +12,7 @@ from coevolve.core.config import TrainConfig
 from coevolve.core.models import load_rm
 from coevolve.core.scoring import RewardScorer, win_rate
 from coevolve.core.step import Progress, StepRun
-from coevolve.core.training import keep_log, trainer_args
+from coevolve.core.training import keep_log, lora_config, save_trained, trainer_args
 
 
 def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: TrainConfig, tmp: Path) -> dict:
@@ -20,10 +20,10 @@ def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: Tr
     tok = AutoTokenizer.from_pretrained(start_from)
     rows = [preference_example(tok, r["prompt"], r["chosen"], r["rejected"], for_rm=True) for r in pairs]
     args = trainer_args(RewardConfig, train, step.cfg, tmp / "trainer")
-    trainer = RewardTrainer(model=str(start_from), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    trainer = RewardTrainer(model=str(start_from), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+                            peft_config=lora_config(train, start_from, "SEQ_CLS"))
     trainer.train()
-    trainer.save_model(str(tmp / "rm"))
-    tok.save_pretrained(tmp / "rm")
+    save_trained(trainer, tmp / "rm")
     return {"rm_train/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "rm_train")}
 
 

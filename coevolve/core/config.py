@@ -110,6 +110,19 @@ class GenerationConfig(Strict):
     batch_size: int = 64
 
 
+class LoraSettings(Strict):
+    """LoRA adapters (peft) trained instead of the full model, then merged into the saved checkpoint, so
+    the next step loads a plain model."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    # Adapters in the top N transformer layers only: backward then stops below them, which makes
+    # training a 135M model on a CPU affordable; None = every layer.
+    top_layers: int | None = None
+
+
 class TrainConfig(Strict):
     """Passed to the trl trainer's config; `extra` takes any other field of that config as is."""
 
@@ -124,6 +137,7 @@ class TrainConfig(Strict):
     # None: bf16 on a GPU that supports it, fp32 elsewhere.
     bf16: bool | None = None
     logging_steps: int = 1
+    lora: LoraSettings | None = None
     extra: dict[str, Any] = {}
 
 

@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from coevolve.core import tracking
 from coevolve.core.chat import completion_example
-from coevolve.core.config import Config, TrainConfig
+from coevolve.core.config import Config, ConfigError, TrainConfig
 from coevolve.core.models import device_of
+
+log = logging.getLogger("coevolve")
+# Fewer optimizer steps than this in a training phase is almost always a batch-size mistake (e.g.
+# the paper's accumulation of 8 or 16 left on a few hundred pairs), so the step log says so.
+FEW_STEPS = 10
 
 
 def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, **fields):
@@ -52,7 +59,11 @@ def keep_log(trainer, out: Path, prefix: str) -> dict:
     """Write the trainer's log history as jsonl and return first/last values of its loss-like metrics."""
     history = [h for h in trainer.state.log_history if "loss" in h or any(k.startswith("rewards/") for k in h)]
     out.write_text("".join(json.dumps(h) + "\n" for h in trainer.state.log_history))
-    metrics = {f"{prefix}/steps": trainer.state.global_step}
+    steps, a = trainer.state.global_step, trainer.args
+    if steps < FEW_STEPS:
+        log.warning(f"{prefix}: only {steps} optimizer step(s), each of {a.per_device_train_batch_size} x {a.gradient_accumulation_steps} "
+                    f"(per device x gradient_accumulation_steps) x {a.world_size} process(es); lower them for more steps")
+    metrics = {f"{prefix}/steps": steps}
     keys = sorted({k for h in history for k in h if k not in ("epoch", "step", "learning_rate", "grad_norm")})
     for key in keys:
         values = [h[key] for h in history if key in h]
@@ -61,12 +72,73 @@ def keep_log(trainer, out: Path, prefix: str) -> dict:
     return metrics
 
 
+def lora_config(train: TrainConfig, start: Path, task_type: str):
+    """The peft LoraConfig for `train.lora` (None without it); `task_type` is CAUSAL_LM or SEQ_CLS
+    (which also trains the RM's score head in full)."""
+    if train.lora is None:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ConfigError("a training config's `lora` needs peft: pip install 'coevolve[lora]'") from None
+    lora = train.lora
+    targets, layers = lora.target_modules, None
+    if lora.top_layers is not None:
+        n = AutoConfig.from_pretrained(start).num_hidden_layers
+        layers = list(range(max(0, n - lora.top_layers), n))
+        if isinstance(targets, str):  # peft takes layers_to_transform only with a list of names
+            targets, layers = _linear_modules(start, task_type, layers), None
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      layers_to_transform=layers, task_type=task_type)
+
+
+def _linear_modules(start: Path, task_type: str, layers: list[int]) -> list[str]:
+    """Full names of the linear modules inside the given transformer layers, read off a weightless copy."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(AutoConfig.from_pretrained(start))
+    wanted = {str(i) for i in layers}
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and (m := re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", name)) and m.group(1) in wanted]
+    if not names:
+        raise ConfigError(f"lora.top_layers: found no linear modules in layers {layers} of {start}; name lora.target_modules")
+    return names
+
+
+def save_trained(trainer, path: Path) -> None:
+    """The trained model as a plain checkpoint, LoRA adapters merged in, with its tokenizer."""
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(trainer.model):
+        if trainer.is_world_process_zero():
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(path)
+    else:
+        trainer.save_model(str(path))
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(path)
+
+
+def merge_adapter_checkpoint(path: Path) -> None:
+    """A checkpoint the trainer saved as LoRA adapters only, rewritten as the merged model."""
+    if not (path / "adapter_config.json").exists():
+        return
+    from peft import AutoPeftModelForCausalLM
+
+    merged = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
+    for adapter_file in path.glob("adapter_*"):
+        adapter_file.unlink()
+    merged.save_pretrained(path)
+
+
 def train_sft(cfg: Config, start: Path, rows, train: TrainConfig, output_dir: Path, **fields) -> SFTTrainer:
     """trl's SFTTrainer from `start`, trained on rows of prompt and completion; `fields` go to its
     SFTConfig. Also used by the reviser and by E-step mode seft."""
     tok = AutoTokenizer.from_pretrained(start)
     train_set = datasets.Dataset.from_list([completion_example(tok, r["prompt"], r["completion"]) for r in rows])
     args = trainer_args(SFTConfig, train, cfg, output_dir, **fields)
-    trainer = SFTTrainer(model=str(start), args=args, train_dataset=train_set, processing_class=tok)
+    trainer = SFTTrainer(model=str(start), args=args, train_dataset=train_set, processing_class=tok,
+                         peft_config=lora_config(train, start, "CAUSAL_LM"))
     trainer.train()
     return trainer
