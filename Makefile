@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN    ?= runs/tiny
 
-.PHONY: demo test chromium clean
+.PHONY: demo demo-real test chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/coevolve run --config configs/tiny.yaml --run-dir $(RUN)
+
+# One Mutual-Taught iteration on the real SmolLM2-135M-Instruct (CPU, under 10 minutes).
+demo-real: $(STAMP)
+	$(VENV)/bin/coevolve run --config configs/smollm2.yaml --run-dir runs/smollm2
 
 # The Prefect UI test screenshots the page with Debian's chromium.
 chromium:

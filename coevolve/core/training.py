@@ -19,7 +19,7 @@ from coevolve.core.models import device_of
 log = logging.getLogger("coevolve")
 # Fewer optimizer steps than this in a training phase is almost always a batch-size mistake (e.g.
 # the paper's accumulation of 8 or 16 left on a few hundred pairs), so the step log says so.
-FEW_STEPS = 10
+FEW_STEPS = 5
 
 
 def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, **fields):
