@@ -118,7 +118,8 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
             name = referee if metric == f"{referee}_mean" else metric
             means, stds = [], []
             for k in range(iterations + 1):
-                values = [s[k][metric] for s, _ in runs if s[k] is not None and metric in s[k]]
+                # NaN is "nothing to measure" (e.g. no fresh pairs the referee tells apart): left out.
+                values = [s[k][metric] for s, _ in runs if s[k] is not None and metric in s[k] and s[k][metric] == s[k][metric]]
                 means.append(round(mean(values), 4) if values else None)
                 stds.append(round(pstdev(values), 4) if values else None)
             row[name], row[f"{name}_std"] = means, stds

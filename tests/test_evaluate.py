@@ -14,9 +14,9 @@ from coevolve.core import rundir
 from coevolve.core.config import ConfigError, load_config, prepare_run
 from coevolve.core.models import load_rm
 from coevolve.core.rollout import score
-from coevolve.core.scoring import RewardScorer
+from coevolve.core.scoring import RewardScorer, pairwise_accuracy
 from coevolve.data.tasks import load_task
-from coevolve.core.scoring import pairwise_accuracy
+from coevolve.experiment import collect
 from conftest import FAST, ROOT, TINY
 
 
@@ -136,3 +136,14 @@ def test_experiment_writes_its_table_and_plot(tmp_path):
     assert "| frozen-rm |" in table and "| oracle |" in table and "**gold**" in table
     assert (out / "experiment.png").stat().st_size > 10_000
     assert (out / "oracle" / "seed_0" / "iter_1" / "evaluate" / "DONE.json").exists()
+
+
+def test_experiment_table_leaves_out_what_could_not_be_measured(tmp_path):
+    # rm_acc_current is NaN when the referee tells no fresh pairs apart (e.g. a collapsed policy).
+    for seed, (gold, acc) in enumerate([(0.5, 0.6), (0.7, float("nan"))]):
+        step = tmp_path / "frozen-rm" / f"seed_{seed}" / "iter_0" / "evaluate"
+        step.mkdir(parents=True)
+        (step / "DONE.json").write_text(json.dumps({"metrics": {"eval/gold_mean": gold, "eval/rm_acc_current": acc}}))
+    row = collect(tmp_path, ["frozen-rm"], [0, 1], 0, "toy")["arms"]["frozen-rm"]
+    assert row["gold"] == [0.6] and row["gold_std"] == [0.1]
+    assert row["rm_acc_current"] == [0.6] and row["rm_acc_current_std"] == [0.0]
