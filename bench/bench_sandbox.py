@@ -51,7 +51,7 @@ def step_seconds(out: Path) -> dict:
     return {arm: {step: round(sum(v) / len(v), 1) for step, v in sorted(steps.items())} for arm, steps in per.items()}
 
 
-def export(runs: Path, out: Path) -> None:
+def export(runs: Path, out: Path, seconds: dict) -> None:
     """The experiment's summary, each run's console log and its steps' DONE.json, flattened into `out`
     (the device brings back only a few folder levels, and no names with '+')."""
     import shutil
@@ -66,7 +66,7 @@ def export(runs: Path, out: Path) -> None:
             shutil.copy(run / "run.log", out / "logs" / f"{flat}.log")
         for done in run.glob("iter_*/*/DONE.json"):
             shutil.copy(done, out / "logs" / f"{flat}_{done.parents[1].name}_{done.parent.name}.json")
-    (out / "step_seconds.json").write_text(json.dumps(step_seconds(runs), indent=1))
+    (out / "step_seconds.json").write_text(json.dumps(seconds, indent=1))
 
 
 def main() -> None:
@@ -89,9 +89,10 @@ def main() -> None:
 
     runs = args.runs or args.out / "sandbox"
     summary = run_experiment(args.config, args.overrides, runs, args.arms.split(","), args.seeds, args.parallel, args.deadline_s)
-    log("mean seconds per step (phases only), per arm: " + json.dumps(step_seconds(runs), indent=1))
+    seconds = step_seconds(runs)
+    log("mean seconds per step (phases only), per arm: " + json.dumps(seconds, indent=1))
     if runs != args.out / "sandbox":
-        export(runs, args.out / "sandbox")
+        export(runs, args.out / "sandbox", seconds)
     if summary["failed"]:
         raise SystemExit(f"failed: {summary['failed']}")
 
