@@ -84,21 +84,23 @@ def lora_config(train: TrainConfig, start: Path, task_type: str):
     lora = train.lora
     targets, layers = lora.target_modules, None
     if lora.top_layers is not None:
-        n = AutoConfig.from_pretrained(start).num_hidden_layers
+        config = AutoConfig.from_pretrained(start)
+        n = config.num_hidden_layers
         layers = list(range(max(0, n - lora.top_layers), n))
         if isinstance(targets, str):  # peft takes layers_to_transform only with a list of names
-            targets, layers = _linear_modules(start, task_type, layers), None
+            targets, layers = _linear_modules(config, task_type, layers, start), None
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                       layers_to_transform=layers, task_type=task_type)
 
 
-def _linear_modules(start: Path, task_type: str, layers: list[int]) -> list[str]:
-    """Full names of the linear modules inside the given transformer layers, read off a weightless copy."""
+def _linear_modules(config, task_type: str, layers: list[int], start: Path) -> list[str]:
+    """Full names of the linear modules inside the given transformer layers, read off a weightless copy
+    of the model `config` describes (`start`: where it came from, for the error message)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
     with torch.device("meta"):
-        model = cls.from_config(AutoConfig.from_pretrained(start))
+        model = cls.from_config(config)
     wanted = {str(i) for i in layers}
     names = [name for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and (m := re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", name)) and m.group(1) in wanted]
