@@ -27,7 +27,7 @@ ARMS = {
     "mutual-taught+seft": ["steps.m_step=true", "steps.reviser=true", "e_step.mode=dpo+seft"],
     # The sandbox's gold reward as the RM: the upper bound. It trains no RM, so it samples no "human"
     # pairs from the policy either (the generator's pairs only serve its RM-accuracy column, 1.0 anyway).
-    "oracle": ["rm.gold=true", "rm.name_or_path=null", "rm.gguf_file=null", "rm.tiny=null", "steps.rm_init=false", "steps.m_step=false",
+    "oracle": ["rm.gold=true", "rm.name_or_path=null", "rm.gguf_file=null", "rm.tiny=null", "rm.from_policy=false", "steps.rm_init=false", "steps.m_step=false",
                "data.pair_source=generator"],
 }
 # Evaluate-step metrics in the table, in order; the referee's reward (gold or judge) comes first.

@@ -1,5 +1,6 @@
 """Step `rm-init` (iteration 0, optional): train the base RM on the original preference pairs with
-trl's RewardTrainer (Bradley-Terry); held-out pairs measure it.
+trl's RewardTrainer (Bradley-Terry); held-out pairs measure it. The RM starts from init's, or with
+`rm.from_policy` from the policy as it stands here (after sft-warmup) with a new score head.
 
 pairs   only with `data.pair_source: policy`: the "human" pairs are two samples per prompt from the
         starting policy (after sft-warmup), labelled by Bradley-Terry on the task's gold reward; they
@@ -47,10 +48,12 @@ def sample_pairs(step: StepRun, policy: Path, tmp: Path) -> dict:
 
 def main(step: StepRun) -> dict:
     here = (step.iteration, step.name)
-    rm = step.inputs["rm"] = rundir.require_output(step.run_dir, "rm", here)
-    outputs = {"rm": "train/rm"}
-    if step.cfg.data.pair_source == "policy":
+    cfg = step.cfg
+    if cfg.rm.from_policy or cfg.data.pair_source == "policy":
         policy = step.inputs["policy"] = rundir.require_output(step.run_dir, "policy", here)
+    rm = step.inputs["rm"] = policy if cfg.rm.from_policy else rundir.require_output(step.run_dir, "rm", here)
+    outputs = {"rm": "train/rm"}
+    if cfg.data.pair_source == "policy":
         pairs_path = step.phase("pairs", lambda tmp: sample_pairs(step, policy, tmp))
         outputs["pairs"] = "pairs"
     else:
@@ -60,6 +63,6 @@ def main(step: StepRun) -> dict:
     heldout = pairs.filter(lambda r: r["split"] == "heldout")
 
     step.phase("before", lambda tmp: accuracy_phase(step, rm, {"heldout": heldout, "train": train_pairs}, "rm_before"))
-    step.phase("train", lambda tmp: train_rm(step, rm, train_pairs, step.cfg.rm_init, tmp))
+    step.phase("train", lambda tmp: train_rm(step, rm, train_pairs, cfg.rm_init, tmp))
     step.phase("after", lambda tmp: accuracy_phase(step, step.path("train") / "rm", {"heldout": heldout, "train": train_pairs}, "rm_after"))
     return step.finish(outputs)

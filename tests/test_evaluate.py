@@ -105,7 +105,8 @@ def test_gold_reward_stands_in_for_the_rm(tmp_path):
     (["rm.gold=true", "rm.tiny=null"], "rm.gold: the gold reward cannot be trained"),
     (["rm.gold=true", "rm.tiny=null", "steps.rm_init=false", "steps.m_step=false", "data.task=null",
       "data.prompts.path=x.jsonl"], "rm.gold: the gold reward needs a sandbox task"),
-    (["policy.gold=true", "policy.tiny=null"], "policy.gold: only the RM"),
+    (["policy.gold=true", "policy.tiny=null"], "policy: gold and from_policy are RM-only"),
+    (["rm.from_policy=true", "rm.tiny=null", "steps.rm_init=false"], "rm.from_policy: the RM is made from the policy by rm-init"),
     (["steps.evaluate=true"], "steps.evaluate: needs held-out prompts"),
     (["data.pair_source=policy", "steps.rm_init=false"], "data.pair_source: 'policy' needs"),
 ])

@@ -44,14 +44,17 @@ class ModelSource(Strict):
     tiny: TinyModel | None = None
     # RM only: the sandbox task's gold reward r* stands in for a trained RM (the `oracle` arm).
     gold: bool = False
+    # RM only: start from the policy as rm-init finds it (after sft-warmup) with a new score head, so
+    # the RM shares the SFT model's features (InstructGPT's recipe; the paper's RM is an LLM too).
+    from_policy: bool = False
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.name_or_path is not None) + (self.tiny is not None) + self.gold != 1:
-            raise ValueError("give exactly one of name_or_path (hub id or local path), tiny, or gold: true")
+        if (self.name_or_path is not None) + (self.tiny is not None) + self.gold + self.from_policy != 1:
+            raise ValueError("give exactly one of name_or_path (hub id or local path), tiny, gold: true, or from_policy: true")
         return self
 
 
@@ -307,8 +310,11 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.policy.gold:
-            raise ValueError("policy.gold: only the RM can be the gold reward")
+        for role, source in (("policy", self.policy), ("evaluate.judge", self.evaluate.judge)):
+            if source is not None and (source.gold or source.from_policy):
+                raise ValueError(f"{role}: gold and from_policy are RM-only sources")
+        if self.rm.from_policy and not self.steps.rm_init:
+            raise ValueError("rm.from_policy: the RM is made from the policy by rm-init; set steps.rm_init=true")
         if self.rm.gold and not self.data.task:
             raise ValueError("rm.gold: the gold reward needs a sandbox task (data.task)")
         if self.rm.gold and (self.steps.rm_init or self.steps.m_step):
