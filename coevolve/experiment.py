@@ -3,22 +3,28 @@ table (mean ± std over seeds per iteration) of what the evaluate step measured,
 
 Each arm × seed is an ordinary `coevolve run` in `OUT/ARM/seed_S` (so it resumes, and can be opened
 with `coevolve report`), its console output in `run.log` there. An arm is a list of config overrides.
+Arms whose configs differ only where steps of iteration 1+ look (e.g. frozen-rm and mutual-taught)
+share one iteration 0 per seed: run once in `OUT/.start/seed_S-ARM`, then copied into each run, so
+their comparison starts from the very same policy and RM, and iteration 0 is paid once.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, pstdev
 
 from coevolve.core import rundir
-from coevolve.core.config import ConfigError, load_config
+from coevolve.core.config import Config, ConfigError, load_config
+from coevolve.core.plan import iteration_steps
 
 ARMS = {
     # Iterative DPO against the RM of iteration 0, never updated.
@@ -34,8 +40,29 @@ ARMS = {
 METRICS = ("rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "kl_to_initial", "length_mean", "rm_score_mean")
 
 
+# What only the steps of iterations 1+ read (and the run's name).
+LATER_FIELDS = {"run_name", "iterations", "e_step", "m_step", "reviser", "stores"}
+LATER_STEPS = {"m_step", "reviser"}
+
+
 def arm_overrides(arm: str, seed: int, run_name: str) -> list[str]:
     return [*ARMS[arm], f"seed={seed}", f"data.seed={seed}", "steps.evaluate=true", f"run_name={run_name}-{arm}-seed{seed}"]
+
+
+def start_key(cfg: Config) -> str:
+    """Equal for two configs exactly when their iteration 0 is the same."""
+    tree = cfg.model_dump(mode="json", exclude=LATER_FIELDS)
+    tree["steps"] = {k: v for k, v in tree["steps"].items() if k not in LATER_STEPS}
+    return json.dumps(tree, sort_keys=True)
+
+
+def share_start(start: Path, run: Path, cfg: Config) -> None:
+    """Iteration 0 (and what it stored) from the shared start into `run`, unless `run` has its own."""
+    if all(rundir.is_done(run, 0, s) for s in iteration_steps(cfg, 0)):
+        return
+    for part in ("iter_0", "stores"):
+        shutil.rmtree(run / part, ignore_errors=True)
+        shutil.copytree(start / part, run / part)
 
 
 def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str], seeds: int, parallel: int = 1,
@@ -47,8 +74,13 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
         raise ConfigError(f"--arms: unknown arm(s) {unknown}; arms: {sorted(ARMS)}")
     base = load_config(config, overrides)
     jobs = [(arm, base.seed + s) for s in range(seeds) for arm in arms]
-    for arm, seed in jobs:  # every arm's config must be valid before any of them starts
-        load_config(config, [*overrides, *arm_overrides(arm, seed, base.run_name)])
+    # Every arm's config must be valid before any of them starts.
+    configs = {job: load_config(config, [*overrides, *arm_overrides(*job, base.run_name)]) for job in jobs}
+    # Per seed, the first arm of each group with the same iteration 0 runs it for the group.
+    groups: dict[tuple, list] = {}
+    for job, cfg in configs.items():
+        groups.setdefault((job[1], start_key(cfg)), []).append(job)
+    starts = {job: group[0] for group in groups.values() if len(group) > 1 for job in group}
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # Runs sharing the machine split its CPU threads: each torch process otherwise starts one per core,
@@ -56,23 +88,43 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)) // max(1, parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
-    def one(job: tuple[str, int]) -> tuple[str, int, int | str]:
-        arm, seed = job
-        run = out / arm / f"seed_{seed}"
+    def coevolve_run(run: Path, job: tuple[str, int], *more: str) -> int | str:
         run.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "coevolve", "run", "--config", config, "--run-dir", str(run), *overrides, *arm_overrides(arm, seed, base.run_name)]
-        print(f"{arm} seed {seed}: started ({run / 'run.log'})", flush=True)
-        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "coevolve", "run", "--config", config, "--run-dir", str(run), *overrides,
+               *arm_overrides(*job, base.run_name), *more]
         with open(run / "run.log", "a") as log:
             # Its own process group, so that a stop at the deadline reaches the step process too.
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
             try:
-                code = proc.wait(timeout=None if deadline_s is None else max(1.0, t0 + deadline_s - time.perf_counter()))
+                return proc.wait(timeout=None if deadline_s is None else max(1.0, t0 + deadline_s - time.perf_counter()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait()
-                code = "deadline"
-        seconds = time.perf_counter() - start
+                return "deadline"
+
+    locks = {lead: threading.Lock() for lead in set(starts.values())}
+    start_codes: dict[tuple[str, int], int | str] = {}
+
+    def shared_start(job: tuple[str, int]) -> tuple[Path, int | str]:
+        start = out / ".start" / f"seed_{job[1]}-{job[0]}"
+        with locks[job]:  # the group's first thread runs it; the others wait for its result
+            if job not in start_codes:
+                print(f"iteration 0 of seed {job[1]}, shared: started ({start / 'run.log'})", flush=True)
+                start_codes[job] = coevolve_run(start, job, "iterations=0")
+        return start, start_codes[job]
+
+    def one(job: tuple[str, int]) -> tuple[str, int, int | str]:
+        arm, seed = job
+        run = out / arm / f"seed_{seed}"
+        began, code = time.perf_counter(), 0
+        if job in starts:
+            start, code = shared_start(starts[job])
+            if code == 0:
+                share_start(start, run, configs[job])
+        if code == 0:
+            print(f"{arm} seed {seed}: started ({run / 'run.log'})", flush=True)
+            code = coevolve_run(run, job)
+        seconds = time.perf_counter() - began
         status = "finished" if code == 0 else "STOPPED at the deadline" if code == "deadline" else f"FAILED (exit {code})"
         print(f"{arm} seed {seed}: {status} in {seconds:.0f}s", flush=True)
         return arm, seed, code

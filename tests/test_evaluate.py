@@ -119,20 +119,26 @@ def test_gold_and_evaluate_config_errors(overrides, message):
 def test_experiment_writes_its_table_and_plot(tmp_path):
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "coevolve", "experiment", "--config", str(TINY), "--run-dir", str(out),
-           "--arms", "frozen-rm,oracle", "--seeds", "1", "--parallel", "2", *FAST, "iterations=1", "tracking.mode=disabled"]
+           "--arms", "frozen-rm,mutual-taught,oracle", "--seeds", "1", "--parallel", "3", *FAST, "iterations=1", "tracking.mode=disabled"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "experiment.json").read_text())
     arms = summary["arms"]
-    assert set(arms) == {"frozen-rm", "oracle"} and summary["seeds"] == 1 and summary["task"] == "toy"
+    assert set(arms) == {"frozen-rm", "mutual-taught", "oracle"} and summary["seeds"] == 1 and summary["task"] == "toy"
     for row in arms.values():
         assert len(row["gold"]) == len(row["rm_acc_current"]) == 2 and None not in row["gold"]
         assert row["gold_std"] == [0.0, 0.0]
     # The gold reward agrees with itself; a frozen RM judges the original pairs alike at every iteration.
     assert arms["oracle"]["rm_acc_current"] == [1.0, 1.0] and arms["oracle"]["rm_acc_original"] == [1.0, 1.0]
     assert arms["frozen-rm"]["rm_acc_original"][0] == arms["frozen-rm"]["rm_acc_original"][1]
-    # Same seed, same iteration-0 policy: both arms start from the same measurement.
-    assert arms["frozen-rm"]["gold"][0] == arms["oracle"]["gold"][0]
+    # Same seed, same iteration-0 policy: every arm starts from the same measurement.
+    assert arms["frozen-rm"]["gold"][0] == arms["mutual-taught"]["gold"][0] == arms["oracle"]["gold"][0]
+    # frozen-rm and mutual-taught differ only from iteration 1 on: their iteration 0 ran once, and was
+    # copied into both; the oracle (no trained RM) has its own.
+    assert [p.name for p in (out / ".start").iterdir()] == ["seed_0-frozen-rm"]
+    init_runs = {json.loads((out / arm / "seed_0" / "iter_0" / "init" / "DONE.json").read_text())["started"] for arm in arms}
+    assert len(init_runs) == 2
+    assert (out / "mutual-taught" / "seed_0" / "iter_1" / "m-step" / "DONE.json").exists()
     table = (out / "table.md").read_text()
     assert "| frozen-rm |" in table and "| oracle |" in table and "**gold**" in table
     assert (out / "experiment.png").stat().st_size > 10_000
