@@ -88,17 +88,23 @@ def test_steps_log_their_metrics_trl_curves_distributions_and_phase_times(runs):
 
 @pytest.mark.slow
 def test_outputs_are_reference_artifacts_and_inputs_name_their_producers(tiny_run, runs):
-    logged = {}
+    logged, digests = {}, {}
     for name in STEPS:
-        names = [art["name"] for art in runs[name]["artifacts"]]
+        outputs = [art for art in runs[name]["artifacts"] if not art.get("use_after_commit")]
+        used = {art["name"]: art for art in runs[name]["artifacts"] if art.get("use_after_commit")}
+        names = [art["name"] for art in outputs]
         assert len(names) == len(set(names)), names
         for art in runs[name]["artifacts"]:
             # References into the run directory, nothing copied or uploaded.
             assert all(e["ref"].startswith(tiny_run.resolve().as_uri() + "/") for e in art["manifest"]["contents"]), art["name"]
-            logged[art["name"]] = art["type"]
-        # Lineage: every input is an artifact that an earlier step logged.
-        for role, artifact in runs[name]["config"]["step"].get("inputs", {}).items():
+        # Lineage: every input is declared as used, and is the very version (digest) an earlier step logged.
+        inputs = runs[name]["config"]["step"].get("inputs", {})
+        assert set(used) == set(inputs.values()), name
+        for role, artifact in inputs.items():
             assert artifact in logged, (name, role, artifact)
+            assert used[artifact]["digest"] == digests[artifact], (name, role, artifact)
+        for art in outputs:
+            logged[art["name"]], digests[art["name"]] = art["type"], art["digest"]
     assert logged["tiny-prompts-iter_0-init"] == "dataset" and logged["tiny-policy-iter_0-init"] == "model"
     assert {"tiny-pairs-iter_1-e-step", "tiny-samples-iter_1-e-step", "tiny-pseudo_pairs-iter_2-m-step", "tiny-train_mix-iter_2-m-step"} <= set(logged)
     assert logged["tiny-policy-iter_2-e-step"] == logged["tiny-rm-iter_2-m-step"] == "model"

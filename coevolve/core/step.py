@@ -74,6 +74,11 @@ class StepRun:
         # The pid: a step forked from the preload server has that server's command line, not its own.
         log.info(f"iteration {self.iteration} {self.name} (pid {os.getpid()}): working in {self.dir}"
                  + (f" (resuming after {sorted(self.timings)})" if self.timings else ""))
+        # Finished outputs never change: without this, datasets' map/filter would write cache files
+        # into earlier steps' dataset folders (changing what their W&B artifacts' digests describe).
+        import datasets
+
+        datasets.disable_caching()
         tracking.start(self)
         return self
 

@@ -11,9 +11,8 @@ their records, so the attempt that finishes holds the whole step.
 
 Lineage: an artifact is named after the step output it references (`tiny-policy-iter_1-e-step`), and
 its version is the digest of the files, so a consumer that declares an input with the same files
-lands on the producer's version; an input whose producer was never tracked is logged then. wandb
-refuses `use_artifact` in offline mode, so offline runs record their inputs' artifact names in their
-config (`step.inputs`) instead.
+lands on the producer's version; an input whose producer was never tracked is logged then. Inputs
+are also named in the run's config (`step.inputs`).
 """
 from __future__ import annotations
 
@@ -109,8 +108,13 @@ def finish(step, done: dict) -> None:
     _run.summary["time/total"] = sum(done["timings"].values())
     inputs = {role: artifact_name(step.cfg, step.run_dir, rel) for role, rel in done["inputs"].items()}
     _run.config.update({"step": {**_run.config["step"], "inputs": inputs}}, allow_val_change=True)
-    if not _run.offline:
-        for rel in set(done["inputs"].values()):
+    for rel in set(done["inputs"].values()):
+        if _run.offline:
+            # wandb refuses use_artifact offline; this writes the record that use_artifact itself
+            # writes for a new artifact: on `wandb sync` it is committed (onto the producer's version,
+            # same digest) and marked as this run's input.
+            _run._log_artifact(_artifact(step, rel), is_user_created=True, use_after_commit=True)
+        else:
             _run.use_artifact(_artifact(step, rel))
     # One artifact per path, however many keys name it.
     for rel in dict.fromkeys(done["outputs"].values()):
