@@ -1,0 +1,215 @@
+"""One full Mutual-Taught iteration (e-step with model selection, then m-step) on a 0.5B shape: ours
+(`coevolve run`, each step its own process) against the same iteration as a naive sequence of plain
+TRL scripts with HF `generate` (bench/naive_iteration.py), same model, prompts, splits and
+hyper-parameters (issue 9, bench 3).
+
+Reported: both wall times and their ratio; ours broken down by phase kind (generation, scoring,
+training, selection, data, measurement) from the steps' DONE.json, the rest of the wall time being
+process start-up, model loads outside phases and orchestration (`overhead_frac`); the naive one by
+script; one save and one load of the policy checkpoint (safetensors), timed on their own.
+
+Workload: random weights of the named shape as a Llama (no download), a word-level tokenizer made here, prompts
+of 32-128 random words; `--prompts` are split by `init` as the paper splits them (select set first,
+then a third for the RM, two thirds for the policy).
+
+On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:. && bash bench/device_layout.sh
+    python3 bench/bench_iteration.py --model qwen2-0.5b --out OUT
+    python3 bench/bench_iteration.py --model tiny --prompts 24 --select 4 --num-samples 3 --new-tokens 8   # CPU smoke run
+    python3 bench/bench_iteration.py --record OUT/iteration.json --command "..."   # here: RESULTS.md, results.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_training import build_tokenizer  # noqa: E402
+from common import MODELS, append_result, log  # noqa: E402
+
+# Phase names of the e-step and m-step (policy/e_step.py, reward/m_step.py) by what they spend time on.
+PHASE_KINDS = {"generate": "generation", "score": "scoring", "train": "training", "select": "selection",
+               "pairs": "data", "mix": "data", "pseudo": "data", "before": "measurement", "after": "measurement"}
+NAIVE_STAGES = ("generate", "score", "dpo", "select", "pseudo", "rm")
+
+
+def timed(cmd: list[str], log_path: Path) -> float:
+    t0 = time.perf_counter()
+    with open(log_path, "a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if code:
+        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed (exit {code}); see {log_path}")
+    return time.perf_counter() - t0
+
+
+def make_models(model: str, work: Path) -> tuple[int, dict]:
+    """Policy and RM (the same shape with a score head) saved in bf16; one save and one load timed.
+    Llama-typed: transformers maps a `qwen2` folder to Qwen2's own tokenizer class, which cannot read
+    the word-level tokenizer made here (a real Qwen2 checkpoint ships its own)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(MODELS[model]["vocab_size"])
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODELS[model], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    policy = LlamaForCausalLM(config).to(torch.bfloat16)
+    params = sum(p.numel() for p in policy.parameters())
+    policy.save_pretrained(work / "policy")
+    tok.save_pretrained(work / "policy")
+    del policy
+    rm = AutoModelForSequenceClassification.from_pretrained(work / "policy", num_labels=1, dtype=torch.bfloat16)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(work / "rm")
+    tok.save_pretrained(work / "rm")
+    del rm
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=torch.bfloat16).to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    policy.save_pretrained(work / "io_probe")
+    save_s = time.perf_counter() - t0
+    return params, {"load_s": round(load_s, 2), "save_s": round(save_s, 2)}
+
+
+def write_prompts(n: int, vocab: int, path: Path) -> None:
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": " ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(rng.randint(32, 128)))}) + "\n")
+
+
+def ours_config(a, work: Path, backend: str) -> dict:
+    train = lambda batch, lr: {"learning_rate": lr, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,  # noqa: E731
+                               "max_length": a.max_length, "logging_steps": 10}
+    return {
+        "run_name": "bench-iteration", "iterations": 0,
+        "policy": {"name_or_path": str(work / "policy")}, "rm": {"name_or_path": str(work / "rm")},
+        "data": {"prompts": {"path": str(work / "prompts.jsonl")}, "select_size": a.select},
+        "sampling": {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": a.new_tokens},
+        "generation": {"backend": backend, "batch_size": a.batch_rows},
+        "steps": {"sft_warmup": False, "rm_init": False, "m_step": True, "evaluate": False},
+        # tau 0: random weights win model selection by chance; the iteration must go on to the m-step.
+        "e_step": {"num_samples": a.num_samples, "beta": 0.01, "save_steps": a.save_steps, "tau": 0.0, "train": train(a.dpo_batch, 7e-7)},
+        "m_step": {"train": train(a.rm_batch, 2e-6)},
+        "tracking": {"mode": "disabled"},
+    }
+
+
+def run_ours(a, work: Path, backend: str) -> tuple[float, dict]:
+    import yaml
+
+    (work / "ours.yaml").write_text(yaml.safe_dump(ours_config(a, work, backend)))
+    run = work / "ours"
+    coevolve = [sys.executable, "-m", "coevolve", "run"]
+    timed([*coevolve, "--config", str(work / "ours.yaml"), "--run-dir", str(run)], work / "ours.log")  # init: not part of the iteration
+    wall = timed([*coevolve, "--run-dir", str(run), "iterations=1"], work / "ours.log")
+    kinds: dict[str, float] = {}
+    for step in ("e-step", "m-step"):
+        for phase, seconds in json.loads((run / "iter_1" / step / "DONE.json").read_text())["timings"].items():
+            kind = PHASE_KINDS.get(phase, "other")
+            kinds[kind] = kinds.get(kind, 0.0) + seconds
+    kinds["outside phases (process start, loads, orchestration)"] = wall - sum(kinds.values())
+    return wall, {k: round(v, 2) for k, v in kinds.items()}
+
+
+def run_naive(a, work: Path) -> tuple[float, dict]:
+    """The same prompts, split as ours split them, through the naive scripts."""
+    import datasets
+
+    naive = work / "naive"
+    naive.mkdir(exist_ok=True)
+    for model in ("policy", "rm"):
+        (naive / model).symlink_to(work / model)
+    prompts = datasets.load_from_disk(str(work / "ours" / "iter_0" / "init" / "data" / "prompts"))
+    split = lambda name: [r["prompt"] for r in prompts if r["split"] == name]  # noqa: E731
+    settings = {"policy_prompts": split("policy"), "rm_prompts": split("rm"), "select_prompts": split("select"),
+                "num_samples": a.num_samples, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": a.new_tokens,
+                "batch_rows": a.batch_rows, "max_length": a.max_length, "beta": 0.01, "save_steps": a.save_steps,
+                "dpo_lr": 7e-7, "dpo_batch": a.dpo_batch, "rm_lr": 2e-6, "rm_batch": a.rm_batch}
+    (naive / "settings.json").write_text(json.dumps(settings))
+    stages = {s: round(timed([sys.executable, str(ROOT / "bench" / "naive_iteration.py"), s, "--work", str(naive)], work / "naive.log"), 2)
+              for s in NAIVE_STAGES}
+    return sum(stages.values()), stages
+
+
+def record(path: Path, command: str) -> None:
+    r = json.loads(path.read_text())
+    line = {k: r[k] for k in ("bench", "device", "date", "model", "params", "workload", "ours_s", "naive_s", "speedup", "overhead_frac", "io")}
+    rows = [f"| ours: {k} | {v:.1f} |" for k, v in r["ours_breakdown"].items()] + [f"| naive: {k} | {v:.1f} |" for k, v in r["naive_breakdown"].items()]
+    md = [f"\n## iteration: {r['date']}, {r['device']}", f"`{command}`",
+          f"Model: {r['model']} shape, random weights, {r['params'] / 1e6:.0f}M params. Workload: {json.dumps(r['workload'])}.", "",
+          "| part | seconds |", "|---|---|", *rows, "",
+          f"One Mutual-Taught iteration: ours {r['ours_s']:.1f} s, naive TRL scripts {r['naive_s']:.1f} s: **{r['speedup']:.2f}x**. "
+          f"Outside our steps' phases (process start, loads, orchestration): {100 * r['overhead_frac']:.1f}% of ours. "
+          f"Policy checkpoint: save {r['io']['save_s']} s, load {r['io']['load_s']} s.", ""]
+    append_result(ROOT / "bench", line, md)
+    log("\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2-0.5b", choices=sorted(MODELS))
+    ap.add_argument("--prompts", type=int, default=1600, help="all prompts, before init splits them")
+    ap.add_argument("--select", type=int, default=64, help="model-selection prompts (D_MS)")
+    ap.add_argument("--num-samples", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batch-rows", type=int, default=512)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--dpo-batch", type=int, default=16)
+    ap.add_argument("--rm-batch", type=int, default=32)
+    ap.add_argument("--save-steps", type=int, default=25)
+    ap.add_argument("--backend", help="ours' generation backend (default: static on a GPU, hf elsewhere)")
+    ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--out", type=Path, help="where iteration.json and the logs go")
+    ap.add_argument("--record", type=Path, help="an iteration.json to append to bench/RESULTS.md and results.jsonl")
+    ap.add_argument("--command", default="python3 bench/bench_iteration.py --out OUT")
+    a = ap.parse_args()
+    if a.record:
+        record(a.record, a.command)
+        return
+    import torch
+
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench-iteration-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    backend = a.backend or ("static" if cuda else "hf")
+    params, io = make_models(a.model, work)
+    write_prompts(a.prompts, MODELS[a.model]["vocab_size"], work / "prompts.jsonl")
+    ours_s, ours_parts = run_ours(a, work, backend)
+    log(f"ours: {ours_s:.1f}s {ours_parts}")
+    naive_s, naive_parts = run_naive(a, work)
+    log(f"naive: {naive_s:.1f}s {naive_parts}")
+    result = {
+        "bench": "iteration", "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": a.model, "params": params,
+        "workload": {"prompts": a.prompts, "select": a.select, "num_samples": a.num_samples, "new_tokens": a.new_tokens,
+                     "batch_rows": a.batch_rows, "dpo_batch": a.dpo_batch, "rm_batch": a.rm_batch, "save_steps": a.save_steps, "backend": backend},
+        "ours_s": round(ours_s, 1), "naive_s": round(naive_s, 1), "speedup": round(naive_s / ours_s, 2),
+        "overhead_frac": round(ours_parts["outside phases (process start, loads, orchestration)"] / ours_s, 3),
+        "ours_breakdown": ours_parts, "naive_breakdown": naive_parts, "io": io,
+    }
+    out = a.out or work
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "iteration.json").write_text(json.dumps(result, indent=1))
+    for name in ("ours.log", "naive.log"):
+        if (work / name).exists() and out != work:
+            (out / name).write_text((work / name).read_text()[-200_000:])
+    log(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
