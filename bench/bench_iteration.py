@@ -126,8 +126,9 @@ def run_ours(a, work: Path, backend: str) -> tuple[float, dict]:
     return wall, {k: round(v, 2) for k, v in kinds.items()}
 
 
-def run_naive(a, work: Path) -> tuple[float, dict]:
-    """The same prompts, split as ours split them, through the naive scripts."""
+def run_naive(a, work: Path, stages: dict, save) -> None:
+    """The same prompts, split as ours split them, through the naive scripts; each script's time goes
+    into `stages` and is saved as soon as it is known (a device call may end before the last)."""
     import datasets
 
     naive = work / "naive"
@@ -141,9 +142,9 @@ def run_naive(a, work: Path) -> tuple[float, dict]:
                 "batch_rows": a.batch_rows, "max_length": a.max_length, "beta": 0.01, "save_steps": a.save_steps,
                 "dpo_lr": 7e-7, "dpo_batch": a.dpo_batch, "rm_lr": 2e-6, "rm_batch": a.rm_batch}
     (naive / "settings.json").write_text(json.dumps(settings))
-    stages = {s: round(timed([sys.executable, str(ROOT / "bench" / "naive_iteration.py"), s, "--work", str(naive)], work / "naive.log"), 2)
-              for s in NAIVE_STAGES}
-    return sum(stages.values()), stages
+    for stage in NAIVE_STAGES:
+        stages[stage] = round(timed([sys.executable, str(ROOT / "bench" / "naive_iteration.py"), stage, "--work", str(naive)], work / "naive.log"), 2)
+        save()
 
 
 def record(path: Path, command: str) -> None:
@@ -187,27 +188,32 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     backend = a.backend or ("static" if cuda else "hf")
+    out = a.out or work
+    out.mkdir(parents=True, exist_ok=True)
     params, io = make_models(a.model, work)
     write_prompts(a.prompts, MODELS[a.model]["vocab_size"], work / "prompts.jsonl")
     ours_s, ours_parts = run_ours(a, work, backend)
     log(f"ours: {ours_s:.1f}s {ours_parts}")
-    naive_s, naive_parts = run_naive(a, work)
-    log(f"naive: {naive_s:.1f}s {naive_parts}")
     result = {
         "bench": "iteration", "device": torch.cuda.get_device_name() if cuda else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": a.model, "params": params,
         "workload": {"prompts": a.prompts, "select": a.select, "num_samples": a.num_samples, "new_tokens": a.new_tokens,
                      "batch_rows": a.batch_rows, "dpo_batch": a.dpo_batch, "rm_batch": a.rm_batch, "save_steps": a.save_steps, "backend": backend},
-        "ours_s": round(ours_s, 1), "naive_s": round(naive_s, 1), "speedup": round(naive_s / ours_s, 2),
-        "overhead_frac": round(ours_parts["outside phases (process start, loads, orchestration)"] / ours_s, 3),
-        "ours_breakdown": ours_parts, "naive_breakdown": naive_parts, "io": io,
+        "ours_s": round(ours_s, 1), "overhead_frac": round(ours_parts["outside phases (process start, loads, orchestration)"] / ours_s, 3),
+        "ours_breakdown": ours_parts, "naive_breakdown": {}, "io": io,
     }
-    out = a.out or work
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "iteration.json").write_text(json.dumps(result, indent=1))
-    for name in ("ours.log", "naive.log"):
-        if (work / name).exists() and out != work:
-            (out / name).write_text((work / name).read_text()[-200_000:])
+
+    def save() -> None:
+        naive = result["naive_breakdown"]
+        if len(naive) == len(NAIVE_STAGES):
+            result.update(naive_s=round(sum(naive.values()), 1), speedup=round(sum(naive.values()) / ours_s, 2))
+        (out / "iteration.json").write_text(json.dumps(result, indent=1))
+        for name in ("ours.log", "naive.log"):
+            if (work / name).exists() and out != work:
+                (out / name).write_text((work / name).read_text()[-200_000:])
+
+    save()
+    run_naive(a, work, result["naive_breakdown"], save)
     log(json.dumps(result, indent=1))
 
 
