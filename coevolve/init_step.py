@@ -117,11 +117,9 @@ def main(step: StepRun) -> dict:
     text = corpus(step) if needs_corpus else []
     step.phase("policy", lambda tmp: materialize(cfg.policy, "policy", tmp, text))
     outputs = {"policy": "policy", "prompts": "data/prompts"}
-    if cfg.rm.gold:
-        step.phase("rm", lambda tmp: write_gold_rm(tmp, cfg.data.task))
-    elif not cfg.rm.from_policy:
-        step.phase("rm", lambda tmp: materialize(rm_source(step), "rm", tmp, text))
-    if not cfg.rm.from_policy:
+    if not cfg.rm.from_policy:  # else rm-init makes the RM
+        make_rm = (lambda tmp: write_gold_rm(tmp, cfg.data.task)) if cfg.rm.gold else (lambda tmp: materialize(rm_source(step), "rm", tmp, text))
+        step.phase("rm", make_rm)
         outputs["rm"] = "rm"
     if judge is not None:
         step.phase("judge", lambda tmp: materialize(judge, "rm", tmp, text))

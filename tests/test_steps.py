@@ -11,7 +11,7 @@ from statistics import mean, pstdev
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl.data_utils import _tokenize
 
 from coevolve.cli import run_step
@@ -144,6 +144,23 @@ def test_finished_step_is_skipped(prepared_run):
     cfg = load_config(None, [], prepared_run)
     assert run_step("sft-warmup", prepared_run, 0, cfg) == json.loads(path.read_text())
     assert path.stat().st_mtime_ns == before
+
+
+def test_rm_from_policy_starts_from_the_sft_policy(fresh_run):
+    cfg = prepare_run(None, ["rm.tiny=null", "rm.from_policy=true"], fresh_run)
+    run_step("init", fresh_run, 0, cfg, force=True)
+    assert "rm" not in done(fresh_run, 0, "init")["outputs"]
+    run_step("rm-init", fresh_run, 0, cfg, force=True)
+    d = done(fresh_run, 0, "rm-init")
+    assert d["inputs"]["rm"] == d["inputs"]["policy"] == "iter_0/sft-warmup/train/policy"
+    rm = AutoModelForSequenceClassification.from_pretrained(fresh_run / d["outputs"]["rm"])
+    policy = AutoModelForCausalLM.from_pretrained(fresh_run / d["inputs"]["policy"])
+    # The policy's body under a new score head: its vocabulary and embeddings, moved only by training
+    # (a freshly built RM's would be unrelated: cosine ~0).
+    embed_rm, embed_policy = rm.get_input_embeddings().weight.flatten(), policy.get_input_embeddings().weight.flatten()
+    assert embed_rm.shape == embed_policy.shape
+    assert torch.nn.functional.cosine_similarity(embed_rm, embed_policy, dim=0) > 0.9
+    assert d["metrics"]["rm_after/accuracy_train"] > d["metrics"]["rm_before/accuracy_train"]
 
 
 def test_killed_step_resumes_at_its_first_unfinished_phase(fresh_run):
