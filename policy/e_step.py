@@ -26,13 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from coevolve.core import rundir
-from coevolve.core.chat import preference_example
 from coevolve.core.config import Config
 from coevolve.core.models import device_of, dtype_of
 from coevolve.core.rollout import sample, score
 from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, save_trained, train_sft, trainer_args
+from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, preference_dataset, save_trained, train_sft, trainer_args
 from coevolve.data.records import pair_records, response_records
 from coevolve.data.sampling import sample_prompts
 from coevolve.data.store import Store
@@ -120,7 +119,7 @@ def build_pairs(step: StepRun, scored: datasets.Dataset, tmp: Path) -> dict:
 def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset, tmp: Path) -> dict:
     cfg = step.cfg
     tok = AutoTokenizer.from_pretrained(policy)
-    rows = [preference_example(tok, p["prompt"], p["chosen"], p["rejected"], for_rm=False) for p in pairs]
+    rows = preference_dataset(tok, pairs, cfg.e_step.train, for_rm=False)
     args = trainer_args(
         DPOConfig, cfg.e_step.train, cfg, tmp / "checkpoints",
         beta=cfg.e_step.beta, save_strategy="steps", save_steps=cfg.e_step.save_steps, save_only_model=True,
@@ -131,7 +130,7 @@ def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset,
         ref_model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype_of(cfg.policy.dtype, device_of(cfg)))
     # With LoRA and no other reference, trl's reference is the policy with its adapters off: the policy
     # at the iteration's start, as the paper's.
-    trainer = DPOTrainer(model=str(policy), ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+    trainer = DPOTrainer(model=str(policy), ref_model=ref_model, args=args, train_dataset=rows, processing_class=tok,
                          peft_config=lora_config(cfg.e_step.train, policy, "CAUSAL_LM"))
     trainer.train()
     save_last_checkpoint(trainer, tmp)

@@ -7,20 +7,19 @@ import datasets
 from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from coevolve.core.chat import preference_example
 from coevolve.core.config import TrainConfig
 from coevolve.core.models import load_rm
 from coevolve.core.scoring import RewardScorer, win_rate
 from coevolve.core.step import Progress, StepRun
-from coevolve.core.training import keep_log, lora_config, save_trained, trainer_args
+from coevolve.core.training import keep_log, lora_config, preference_dataset, save_trained, trainer_args
 
 
 def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: TrainConfig, tmp: Path) -> dict:
     """Bradley-Terry training from `start_from` on rows with prompt/chosen/rejected; saves tmp/rm."""
     tok = AutoTokenizer.from_pretrained(start_from)
-    rows = [preference_example(tok, r["prompt"], r["chosen"], r["rejected"], for_rm=True) for r in pairs]
+    rows = preference_dataset(tok, pairs, train, for_rm=True)
     args = trainer_args(RewardConfig, train, step.cfg, tmp / "trainer")
-    trainer = RewardTrainer(model=str(start_from), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+    trainer = RewardTrainer(model=str(start_from), args=args, train_dataset=rows, processing_class=tok,
                             peft_config=lora_config(train, start_from, "SEQ_CLS"))
     trainer.train()
     save_trained(trainer, tmp / "rm")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -10,16 +11,19 @@ import time
 from statistics import mean, pstdev
 
 import datasets
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 from trl.data_utils import _tokenize
 
 from coevolve.cli import run_step
 from coevolve.core import rundir
 from coevolve.core.chat import prompt_messages, rm_example, rm_input_ids
-from coevolve.core.config import load_config, prepare_run
+from coevolve.core.config import TrainConfig, load_config, prepare_run
 from coevolve.core.plan import step_plan
 from coevolve.core.rollout import sample, score
+from coevolve.core.training import preference_dataset, trainer_args
 from coevolve.data.store import Store
 from coevolve.data.tasks import load_task
 from coevolve.policy.pairs import length_controlled
@@ -161,6 +165,37 @@ def test_rm_from_policy_starts_from_the_sft_policy(fresh_run):
     assert embed_rm.shape == embed_policy.shape
     assert torch.nn.functional.cosine_similarity(embed_rm, embed_policy, dim=0) > 0.9
     assert d["metrics"]["rm_after/accuracy_train"] > d["metrics"]["rm_before/accuracy_train"]
+
+
+def padding_share(trainer) -> float:
+    """Share of the positions in the trainer's batches (one epoch) that are padding."""
+    pad = total = 0
+    for batch in trainer.get_train_dataloader():
+        for key, mask in batch.items():
+            if key.endswith("attention_mask"):
+                pad, total = pad + int((mask == 0).sum()), total + mask.numel()
+    return pad / total
+
+
+@pytest.mark.parametrize("kind", ["dpo", "rm"])
+def test_length_grouped_batches_carry_less_padding(prepared_run, tmp_path, kind):
+    cfg = load_config(None, [], prepared_run)
+    rng = random.Random(0)
+    animals = ["cat", "dog", "bear", "fox", "owl"]
+    # Half the pairs one word long, half forty: random batches of 8 mix them. (The sampler sorts within
+    # random chunks of up to 50 batches, fewer on a small set: 400 pairs make chunks of 12 batches.)
+    pairs = [{"prompt": "name animals", "chosen": " ".join(rng.choices(animals, k=n)), "rejected": " ".join(rng.choices(animals, k=n))}
+             for n in rng.choices([1, 40], k=400)]
+    path = prepared_run / ("iter_0/sft-warmup/train/policy" if kind == "dpo" else "iter_0/rm-init/train/rm")
+    tok = AutoTokenizer.from_pretrained(path)
+    shares = {}
+    for grouped in (False, True):
+        train = TrainConfig(per_device_train_batch_size=8, max_length=512, group_by_length=grouped)
+        rows = preference_dataset(tok, pairs, train, for_rm=kind == "rm")
+        trainer_cls, config_cls = (DPOTrainer, DPOConfig) if kind == "dpo" else (RewardTrainer, RewardConfig)
+        trainer = trainer_cls(model=str(path), args=trainer_args(config_cls, train, cfg, tmp_path / str(grouped)), train_dataset=rows, processing_class=tok)
+        shares[grouped] = padding_share(trainer)
+    assert shares[False] > 0.3 and shares[True] < 0.5 * shares[False], shares
 
 
 def test_killed_step_resumes_at_its_first_unfinished_phase(fresh_run):

@@ -137,6 +137,9 @@ class TrainConfig(Strict):
     warmup_ratio: float = 0.1
     max_length: int = 2048
     gradient_checkpointing: bool = False
+    # DPO and RM training: batches of pairs of similar length (transformers' length-grouped sampler),
+    # so that less of each batch is padding.
+    group_by_length: bool = False
     # None: bf16 on a GPU that supports it, fp32 elsewhere.
     bf16: bool | None = None
     logging_steps: int = 1

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from coevolve.core import tracking
-from coevolve.core.chat import completion_example
+from coevolve.core.chat import completion_example, preference_example
 from coevolve.core.config import Config, ConfigError, TrainConfig
 from coevolve.core.models import device_of
 
@@ -50,9 +50,23 @@ def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, 
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if train.group_by_length:
+        # The sampler reads the `length` column of preference_dataset; trl's collators ignore it.
+        args.update(train_sampling_strategy="group_by_length", remove_unused_columns=False)
     args.update(fields)
     args.update(train.extra)
     return config_cls(**args)
+
+
+def preference_dataset(tok, pairs, train: TrainConfig, for_rm: bool) -> datasets.Dataset:
+    """trl preference rows for `pairs` (prompt/chosen/rejected) in the tokenizer's format; with
+    `train.group_by_length`, a `length` column to group by: characters of the prompt and the longer
+    response (the sampler needs the order, not the unit)."""
+    rows = [preference_example(tok, p["prompt"], p["chosen"], p["rejected"], for_rm) for p in pairs]
+    if train.group_by_length:
+        for row, p in zip(rows, pairs):
+            row["length"] = len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"]))
+    return datasets.Dataset.from_list(rows)
 
 
 def keep_log(trainer, out: Path, prefix: str) -> dict:
