@@ -4,7 +4,7 @@ table (mean ± std over seeds per iteration) of what the evaluate step measured,
 Each arm × seed is an ordinary `coevolve run` in `OUT/ARM/seed_S` (so it resumes, and can be opened
 with `coevolve report`), its console output in `run.log` there. An arm is a list of config overrides.
 Arms whose configs differ only where steps of iteration 1+ look (e.g. frozen-rm and mutual-taught)
-share one iteration 0 per seed: run once in `OUT/.start/seed_S-ARM`, then copied into each run, so
+share one iteration 0 per seed: run once in `OUT/.start/seed_S-ARM`, then linked into each run, so
 their comparison starts from the very same policy and RM, and iteration 0 is paid once.
 """
 from __future__ import annotations
@@ -62,7 +62,16 @@ def share_start(start: Path, run: Path, cfg: Config) -> None:
         return
     for part in ("iter_0", "stores"):
         shutil.rmtree(run / part, ignore_errors=True)
-        shutil.copytree(start / part, run / part)
+        shutil.copytree(start / part, run / part, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # Hard links: finished files never change (steps and stores replace whole folders), so the runs can
+    # share them, and a real model's iteration 0 (several GB) is not copied once per arm.
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
 
 
 def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str], seeds: int, parallel: int = 1,
