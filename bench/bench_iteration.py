@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_training import build_tokenizer  # noqa: E402
+from bench_training import build_tokenizer, save_model  # noqa: E402
 from common import MODELS, append_result, log  # noqa: E402
 
 # Phase names of the e-step and m-step (policy/e_step.py, reward/m_step.py) by what they spend time on.
@@ -58,16 +58,10 @@ def make_models(model: str, work: Path) -> tuple[int, dict]:
     Llama-typed: transformers maps a `qwen2` folder to Qwen2's own tokenizer class, which cannot read
     the word-level tokenizer made here (a real Qwen2 checkpoint ships its own)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     tok = build_tokenizer(MODELS[model]["vocab_size"])
-    torch.manual_seed(0)
-    config = LlamaConfig(**MODELS[model], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    policy = LlamaForCausalLM(config).to(torch.bfloat16)
-    params = sum(p.numel() for p in policy.parameters())
-    policy.save_pretrained(work / "policy")
-    tok.save_pretrained(work / "policy")
-    del policy
+    params = save_model(model, tok, work / "policy", model_type="llama")
     rm = AutoModelForSequenceClassification.from_pretrained(work / "policy", num_labels=1, dtype=torch.bfloat16)
     rm.config.pad_token_id = tok.pad_token_id
     rm.save_pretrained(work / "rm")

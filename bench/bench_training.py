@@ -67,14 +67,15 @@ def build_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
 
 
-def save_model(name: str, tok, folder: Path) -> int:
-    """A random-weight causal LM of the named shape, saved in bf16 with its tokenizer; returns params."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def save_model(name: str, tok, folder: Path, model_type: str = "qwen2") -> int:
+    """A random-weight causal LM of the named shape and architecture, saved in bf16 with its tokenizer;
+    returns params."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(**MODELS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config = AutoConfig.for_model(model_type, **MODELS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Qwen2ForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     model.to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from coevolve.policy.pairs import length_controlled  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -30,7 +34,8 @@ def write(path: Path, value) -> None:
     path.write_text(json.dumps(value))
 
 
-def generate(model_path: Path, prompts: list[str], n: int, s: dict) -> list[list[str]]:
+def generate(model_path: Path, prompts: list[str], n: int, s: dict) -> list[list[tuple[str, int]]]:
+    """n (text, token count) samples per prompt."""
     tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPE).to(DEVICE).eval()
     per_batch = max(1, s["batch_rows"] // n)
@@ -40,8 +45,9 @@ def generate(model_path: Path, prompts: list[str], n: int, s: dict) -> list[list
         with torch.no_grad():
             ids = model.generate(**enc, do_sample=True, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"],
                                  num_return_sequences=n, pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        out += [texts[j * n : (j + 1) * n] for j in range(len(texts) // n)]
+        completions = ids[:, enc["input_ids"].shape[1] :]
+        samples = list(zip(tok.batch_decode(completions, skip_special_tokens=True), (completions != tok.pad_token_id).sum(1).tolist()))
+        out += [samples[j * n : (j + 1) * n] for j in range(len(samples) // n)]
     return out
 
 
@@ -57,29 +63,23 @@ def score(rm_path: Path, prompts: list[str], responses: list[str], s: dict) -> l
     return scores
 
 
-def length_controlled(prompt: str, responses: list[str], scores: list[float]) -> dict | None:
-    """The paper's pair: the shortest response scoring above the mean, against the lowest scoring."""
-    mean = statistics.mean(scores)
-    above = [i for i, sc in enumerate(scores) if sc > mean]
-    if not above:
-        return None
-    chosen = min(above, key=lambda i: len(responses[i]))
-    rejected = min(range(len(scores)), key=scores.__getitem__)
-    return None if chosen == rejected else {"prompt": prompt, "chosen": responses[chosen], "rejected": responses[rejected]}
-
-
 def stage_generate(w: Path, s: dict) -> None:
     write(w / "samples.json", generate(w / "policy", s["policy_prompts"], s["num_samples"], s))
 
 
 def stage_score(w: Path, s: dict) -> None:
+    """The paper's pairs (the same rule as ours: chosen = the shortest response scoring above the
+    prompt's mean, rejected = the lowest scoring)."""
     samples = read(w / "samples.json")
     flat_p = [p for p, rs in zip(s["policy_prompts"], samples) for _ in rs]
-    flat_r = [r for rs in samples for r in rs]
-    flat_s = score(w / "rm", flat_p, flat_r, s)
-    n = s["num_samples"]
-    pairs = [length_controlled(p, rs, flat_s[i * n : (i + 1) * n]) for i, (p, rs) in enumerate(zip(s["policy_prompts"], samples))]
-    write(w / "pairs.json", [p for p in pairs if p])
+    flat_s = score(w / "rm", flat_p, [text for rs in samples for text, _ in rs], s)
+    n, pairs = s["num_samples"], []
+    for i, (prompt, rs) in enumerate(zip(s["policy_prompts"], samples)):
+        texts, lengths = [t for t, _ in rs], [c for _, c in rs]
+        picked = length_controlled(texts, flat_s[i * n : (i + 1) * n], lengths)
+        if isinstance(picked, tuple):  # else the reason there is no pair
+            pairs.append({"prompt": prompt, "chosen": texts[picked[0]], "rejected": texts[picked[1]]})
+    write(w / "pairs.json", pairs)
 
 
 def stage_dpo(w: Path, s: dict) -> None:
@@ -99,10 +99,10 @@ def stage_dpo(w: Path, s: dict) -> None:
 def stage_select(w: Path, s: dict) -> None:
     """Each candidate and the starting policy answer the selection prompts once; the RM judges."""
     prompts = s["select_prompts"]
-    base = score(w / "rm", prompts, [r[0] for r in generate(w / "policy", prompts, 1, s)], s)
+    base = score(w / "rm", prompts, [r[0][0] for r in generate(w / "policy", prompts, 1, s)], s)
     best = (-1.0, None)
     for ckpt in sorted((w / "dpo").glob("checkpoint-*")) + [w / "dpo" / "final"]:
-        cand = score(w / "rm", prompts, [r[0] for r in generate(ckpt, prompts, 1, s)], s)
+        cand = score(w / "rm", prompts, [r[0][0] for r in generate(ckpt, prompts, 1, s)], s)
         rate = statistics.mean(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(cand, base))
         best = max(best, (rate, str(ckpt)))
     (w / "selected.txt").write_text(best[1])
@@ -112,8 +112,8 @@ def stage_pseudo(w: Path, s: dict) -> None:
     """M-step pairs: the new policy's response preferred over the old one's, unless the old RM finds it
     confidently worse (margin under minus the std of the old policy's scores)."""
     prompts = s["rm_prompts"]
-    new = [r[0] for r in generate(Path((w / "selected.txt").read_text()), prompts, 1, s)]
-    old = [r[0] for r in generate(w / "policy", prompts, 1, s)]
+    new = [r[0][0] for r in generate(Path((w / "selected.txt").read_text()), prompts, 1, s)]
+    old = [r[0][0] for r in generate(w / "policy", prompts, 1, s)]
     new_s, old_s = score(w / "rm", prompts, new, s), score(w / "rm", prompts, old, s)
     eps = statistics.pstdev(old_s)
     write(w / "pseudo.json", [{"prompt": p, "chosen": a, "rejected": b}
