@@ -88,7 +88,7 @@ def write_prompts(n: int, vocab: int, path: Path) -> None:
 
 def ours_config(a, work: Path, backend: str) -> dict:
     train = lambda batch, lr: {"learning_rate": lr, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,  # noqa: E731
-                               "max_length": a.max_length, "logging_steps": 10}
+                               "max_length": a.max_length, "logging_steps": 10, "group_by_length": True}
     return {
         "run_name": "bench-iteration", "iterations": 0,
         "policy": {"name_or_path": str(work / "policy")}, "rm": {"name_or_path": str(work / "rm")},
@@ -118,6 +118,27 @@ def run_ours(a, work: Path, backend: str) -> tuple[float, dict]:
             kinds[kind] = kinds.get(kind, 0.0) + seconds
     kinds["outside phases (process start, loads, orchestration)"] = wall - sum(kinds.values())
     return wall, {k: round(v, 2) for k, v in kinds.items()}
+
+
+def profile_ours(a, work: Path, backend: str, out: Path) -> None:
+    """Where ours' time goes, for `--profile`: the preload's import time, then the iteration's steps each
+    run in this machine's plain interpreter under cProfile; top functions by cumulative time to OUT."""
+    import pstats
+
+    import yaml
+
+    (work / "ours.yaml").write_text(yaml.safe_dump(ours_config(a, work, backend)))
+    run = work / "ours"
+    preload = "from coevolve.cli import STEPS; import importlib; [importlib.import_module(m) for m in STEPS.values()]"
+    t = timed([sys.executable, "-X", "importtime", "-c", preload], out / "importtime.log")
+    log(f"preload imports: {t:.1f}s (interpreter included)")
+    timed([sys.executable, "-m", "coevolve", "run", "--config", str(work / "ours.yaml"), "--run-dir", str(run)], work / "ours.log")
+    for step in ("e-step", "m-step"):
+        prof = out / f"{step}.prof"
+        t = timed([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "coevolve", "step", step, "--run-dir", str(run), "--iteration", "1"], work / "ours.log")
+        with open(out / f"{step}.txt", "w") as f:
+            pstats.Stats(str(prof), stream=f).sort_stats("cumulative").print_stats(80)
+        log(f"{step}: {t:.1f}s under cProfile; {json.loads((run / 'iter_1' / step / 'DONE.json').read_text())['timings']}")
 
 
 def run_naive(a, work: Path, stages: dict, save) -> None:
@@ -171,6 +192,7 @@ def main() -> None:
     ap.add_argument("--backend", help="ours' generation backend (default: static on a GPU, hf elsewhere)")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="where iteration.json and the logs go")
+    ap.add_argument("--profile", action="store_true", help="only ours' steps, each under cProfile (see profile_ours)")
     ap.add_argument("--record", type=Path, help="an iteration.json to append to bench/RESULTS.md and results.jsonl")
     ap.add_argument("--command", default="python3 bench/bench_iteration.py --out OUT")
     a = ap.parse_args()
@@ -187,6 +209,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     params, io = make_models(a.model, work)
     write_prompts(a.prompts, MODELS[a.model]["vocab_size"], work / "prompts.jsonl")
+    if a.profile:
+        profile_ours(a, work, backend, out)
+        return
     ours_s, ours_parts = run_ours(a, work, backend)
     log(f"ours: {ours_s:.1f}s {ours_parts}")
     result = {

@@ -24,7 +24,7 @@ from typing import Callable
 import datasets
 
 from coevolve.core import rundir
-from coevolve.core.rollout import sample, score
+from coevolve.core.rollout import sample_each, score
 from coevolve.core.scoring import pairwise_accuracy
 from coevolve.core.step import StepRun
 from coevolve.data.records import pair_records
@@ -37,8 +37,7 @@ from coevolve.reward.training import accuracy_phase, train_rm
 def generate(step: StepRun, new: Path, old: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
     seed = step.cfg.seed * 1000 + 700 + step.iteration
     texts = list(prompts["prompt"])
-    new_gen = sample(step.cfg, new, texts, 1, seed, "generate: policy_K")
-    old_gen = sample(step.cfg, old, texts, 1, seed + 1, "generate: policy_K-1")
+    new_gen, old_gen = sample_each(step.cfg, [(new, seed, "generate: policy_K"), (old, seed + 1, "generate: policy_K-1")], texts, 1)
     datasets.Dataset.from_dict({
         "prompt_id": list(prompts["prompt_id"]), "prompt": texts,
         "new": [t[0] for t in new_gen.texts], "old": [t[0] for t in old_gen.texts],
@@ -49,8 +48,8 @@ def generate(step: StepRun, new: Path, old: Path, prompts: datasets.Dataset, tmp
 
 def score_both(step: StepRun, rm: Path, responses: datasets.Dataset, tmp: Path) -> dict:
     prompts = list(responses["prompt"])
-    new = score(step.cfg, rm, prompts, list(responses["new"]), "score: policy_K")
-    old = score(step.cfg, rm, prompts, list(responses["old"]), "score: policy_K-1")
+    both = score(step.cfg, rm, prompts + prompts, list(responses["new"]) + list(responses["old"]), "score: policy_K, policy_K-1")
+    new, old = both[: len(prompts)], both[len(prompts) :]
     responses.add_column("new_score", new).add_column("old_score", old).save_to_disk(str(tmp))
     return {"score/new_mean": mean(new), "score/old_mean": mean(old)}
 

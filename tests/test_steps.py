@@ -22,7 +22,7 @@ from coevolve.core import rundir
 from coevolve.core.chat import prompt_messages, rm_example, rm_input_ids
 from coevolve.core.config import TrainConfig, load_config, prepare_run
 from coevolve.core.plan import step_plan
-from coevolve.core.rollout import sample, score
+from coevolve.core.rollout import sample, sample_each, score
 from coevolve.core.training import preference_dataset, trainer_args
 from coevolve.data.store import Store
 from coevolve.data.tasks import load_task
@@ -270,3 +270,16 @@ def test_rm_init_labels_pairs_sampled_from_the_starting_policy(tmp_path):
     assert len(Store(run).load("pairs")) == len(pairs)
     m = done(run, 0, "rm-init")["metrics"]
     assert m["pairs/labelled"] == len(pairs) and m["rm_after/accuracy_train"] > m["rm_before/accuracy_train"]
+
+
+@pytest.mark.parametrize("backend", ["hf", "static"])
+def test_one_loaded_model_samples_each_checkpoint_as_its_own_load_would(prepared_run, backend):
+    """sample_each copies each next policy's weights into the model it loaded first (select and the
+    m-step sample several checkpoints); every policy's samples must be those of its own load."""
+    cfg = load_config(prepared_run / "config.yaml", [f"generation.backend={backend}"])
+    first, second = prepared_run / "iter_0/init/policy", prepared_run / "iter_0/sft-warmup/train/policy"
+    prompts = list(datasets.load_from_disk(str(prepared_run / "iter_0/init/data/prompts"))["prompt"][:6])
+    each = sample_each(cfg, [(first, 1, "a"), (second, 2, "b"), (first, 1, "c")], prompts, 2)
+    alone = [sample(cfg, first, prompts, 2, 1), sample(cfg, second, prompts, 2, 2)]
+    assert [g.texts for g in each] == [alone[0].texts, alone[1].texts, alone[0].texts]
+    assert alone[0].texts != alone[1].texts

@@ -1,11 +1,12 @@
-"""Sampling from a saved policy and scoring with a saved RM: the two GPU workloads every step shares.
-Each loads its model, does one batched pass, and frees the memory before the next model loads."""
+"""Sampling from saved policies and scoring with a saved RM: the two GPU workloads every step shares.
+Each loads its model once, does its batched passes, and frees the memory before the next model loads."""
 from __future__ import annotations
 
 import gc
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import Config
@@ -22,11 +23,31 @@ def sampling_params(cfg: Config, n: int, seed: int) -> SamplingParams:
 
 
 def sample(cfg: Config, policy: Path, prompts: list[str], n: int, seed: int, label: str = "generate") -> Generations:
-    model, tok = load_policy(policy, cfg)
-    backend = make_backend(cfg.generation.backend, model, tok, batch_size=cfg.generation.batch_size, progress=Progress(label, len(prompts)))
-    out = backend.generate([policy_prompt_text(tok, p) for p in prompts], sampling_params(cfg, n, seed))
+    return sample_each(cfg, [(policy, seed, label)], prompts, n)[0]
+
+
+def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: list[str], n: int) -> list[Generations]:
+    """`n` samples per prompt from each (policy, seed, progress label). The policies must share one
+    architecture (checkpoints of one model): the first is loaded, and each next one's weights are
+    copied into it in place, so one backend, with its captured CUDA graphs, serves them all."""
+    model, tok = load_policy(policies[0][0], cfg)
+    backend = make_backend(cfg.generation.backend, model, tok, batch_size=cfg.generation.batch_size)
+    texts = [policy_prompt_text(tok, p) for p in prompts]
+    out = []
+    for i, (policy, seed, label) in enumerate(policies):
+        if i > 0:
+            _copy_weights(model, policy)
+        backend.progress = Progress(label, len(prompts))
+        out.append(backend.generate(texts, sampling_params(cfg, n, seed)))
     _free(model, backend)
     return out
+
+
+def _copy_weights(model, policy: Path) -> None:
+    # Read on the CPU: only one copy of the weights is ever on the GPU.
+    fresh = AutoModelForCausalLM.from_pretrained(policy, dtype=model.dtype)
+    model.load_state_dict(fresh.state_dict())
+    del fresh
 
 
 def score(cfg: Config, rm: Path, prompts: list[str], responses: list[str], label: str = "score") -> list[float]:
