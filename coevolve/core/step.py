@@ -77,8 +77,12 @@ class StepRun:
         # Finished outputs never change: without this, datasets' map/filter would write cache files
         # into earlier steps' dataset folders (changing what their W&B artifacts' digests describe).
         import datasets
+        import transformers
 
         datasets.disable_caching()
+        # Per-shard progress bars of datasets/transformers drown the step's own progress lines.
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
         tracking.start(self)
         return self
 
@@ -161,12 +165,8 @@ def _fmt(v) -> str:
 
 
 def setup_logging() -> None:
-    # Per-shard progress bars of datasets/transformers drown the step's own progress lines.
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    # No heavy import here: `coevolve run` only launches steps, and its step server imports the
+    # libraries in a process of its own.
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
