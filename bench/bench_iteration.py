@@ -16,6 +16,7 @@ On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:. && bash bench/device_layout.sh
     python3 bench/bench_iteration.py --model qwen2-0.5b --out OUT
+    python3 bench/bench_iteration.py --model qwen2-0.5b --profile --out OUT   # where ours' time goes: OUT/*.txt
     python3 bench/bench_iteration.py --model tiny --prompts 24 --select 4 --num-samples 3 --new-tokens 8   # CPU smoke run
     python3 bench/bench_iteration.py --record OUT/iteration.json --command "..."   # here: RESULTS.md, results.jsonl
 """
