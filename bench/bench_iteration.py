@@ -17,7 +17,7 @@ On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:. && bash bench/device_layout.sh
     python3 bench/bench_iteration.py --model qwen2-0.5b --out OUT
-    python3 bench/bench_iteration.py --model qwen2-0.5b --profile --out OUT   # where ours' time goes: OUT/*.txt
+    python3 bench/bench_iteration.py --model qwen2-0.5b --profile --out OUT   # where ours' time goes: OUT/*.profile.json
     python3 bench/bench_iteration.py --model tiny --prompts 24 --select 4 --num-samples 3 --new-tokens 8   # CPU smoke run
     python3 bench/bench_iteration.py --record OUT/iteration.json --command "..."   # here: RESULTS.md, results.jsonl
 """
@@ -133,10 +133,8 @@ def run_ours(a, work: Path, backend: str) -> tuple[float, dict]:
 
 
 def profile_ours(a, work: Path, backend: str, out: Path) -> None:
-    """Where ours' time goes, for `--profile`: the preload's import time, then the iteration's steps each
-    run in this machine's plain interpreter under cProfile; top functions by cumulative time to OUT."""
-    import pstats
-
+    """Where ours' time goes, for `--profile`: the step server's imports in a fresh interpreter
+    (`-X importtime`), then the iteration's steps each under torch.profiler (bench/profile_step.py)."""
     import yaml
 
     (work / "ours.yaml").write_text(yaml.safe_dump(ours_config(a, work, backend)))
@@ -146,11 +144,8 @@ def profile_ours(a, work: Path, backend: str, out: Path) -> None:
     log(f"preload imports: {t:.1f}s (interpreter included)")
     timed([sys.executable, "-m", "coevolve", "run", "--config", str(work / "ours.yaml"), "--run-dir", str(run)], work / "ours.log")
     for step in ("e-step", "m-step"):
-        prof = out / f"{step}.prof"
-        t = timed([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "coevolve", "step", step, "--run-dir", str(run), "--iteration", "1"], work / "ours.log")
-        with open(out / f"{step}.txt", "w") as f:
-            pstats.Stats(str(prof), stream=f).sort_stats("cumulative").print_stats(80)
-        log(f"{step}: {t:.1f}s under cProfile; {json.loads((run / 'iter_1' / step / 'DONE.json').read_text())['timings']}")
+        timed([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--run-dir", str(run), "--step", step, "--iteration", "1", "--out", str(out)], out / "profile.log")
+    log((out / "profile.log").read_text())
 
 
 def run_naive(a, work: Path, stages: dict, save) -> None:
@@ -204,7 +199,7 @@ def main() -> None:
     ap.add_argument("--backend", help="ours' generation backend (default: static on a GPU, hf elsewhere)")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="where iteration.json and the logs go")
-    ap.add_argument("--profile", action="store_true", help="only ours' steps, each under cProfile (see profile_ours)")
+    ap.add_argument("--profile", action="store_true", help="only ours' steps, each under torch.profiler (see profile_ours)")
     ap.add_argument("--record", type=Path, help="an iteration.json to append to bench/RESULTS.md and results.jsonl")
     ap.add_argument("--command", default="python3 bench/bench_iteration.py --out OUT")
     a = ap.parse_args()
