@@ -28,7 +28,7 @@ from trl import DPOConfig, DPOTrainer
 from coevolve.core import rundir
 from coevolve.core.config import Config
 from coevolve.core.models import device_of, dtype_of
-from coevolve.core.rollout import sample, sample_each, score
+from coevolve.core.rollout import sample, sample_each, score, score_each
 from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
 from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, preference_dataset, save_trained, train_sft, trainer_args
@@ -177,8 +177,7 @@ def select(step: StepRun, policy: Path, rm: Path, select_prompts: list[str], che
     # Every model answers with the same seed, so the comparison is paired; the RM scores all answers in one pass.
     models = [(policy, seed, "select: start")] + [(ckpt, seed, f"select: {ckpt.name}") for ckpt in checkpoints]
     answers = [[t[0] for t in gens.texts] for gens in sample_each(cfg, models, select_prompts, 1)]
-    flat = score(cfg, rm, select_prompts * len(answers), [a for texts in answers for a in texts], "select: score")
-    baseline, *scored = [flat[i : i + len(select_prompts)] for i in range(0, len(flat), len(select_prompts))]
+    baseline, *scored = score_each(cfg, rm, select_prompts, answers, "select: score")
     rows = [{"checkpoint": ckpt.name, "win_rate": win_rate(scores, baseline), "score_mean": mean(scores)} for ckpt, scores in zip(checkpoints, scored, strict=True)]
     best, stop = pick_checkpoint(rows, cfg.e_step.tau)
     tmp.mkdir(parents=True)

@@ -24,7 +24,7 @@ from typing import Callable
 import datasets
 
 from coevolve.core import rundir
-from coevolve.core.rollout import sample_each, score
+from coevolve.core.rollout import sample_each, score_each
 from coevolve.core.scoring import pairwise_accuracy
 from coevolve.core.step import StepRun
 from coevolve.data.records import pair_records
@@ -48,8 +48,7 @@ def generate(step: StepRun, new: Path, old: Path, prompts: datasets.Dataset, tmp
 
 def score_both(step: StepRun, rm: Path, responses: datasets.Dataset, tmp: Path) -> dict:
     prompts = list(responses["prompt"])
-    both = score(step.cfg, rm, prompts + prompts, list(responses["new"]) + list(responses["old"]), "score: policy_K, policy_K-1")
-    new, old = both[: len(prompts)], both[len(prompts) :]
+    new, old = score_each(step.cfg, rm, prompts, [list(responses["new"]), list(responses["old"])], "score: policy_K, policy_K-1")
     responses.add_column("new_score", new).add_column("old_score", old).save_to_disk(str(tmp))
     return {"score/new_mean": mean(new), "score/old_mean": mean(old)}
 

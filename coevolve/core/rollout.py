@@ -50,14 +50,25 @@ def _copy_weights(model, policy: Path) -> None:
 
 
 def score(cfg: Config, rm: Path, prompts: list[str], responses: list[str], label: str = "score") -> list[float]:
+    return score_each(cfg, rm, prompts, [responses], label)[0]
+
+
+def score_each(cfg: Config, rm: Path, prompts: list[str], answers: list[list[str]], label: str = "score") -> list[list[float]]:
+    """The RM's scores of each list of responses to `prompts` (e.g. several models' answers), from one
+    load of the RM and one length-sorted pass over them all."""
+    n = len(prompts)
+    if any(len(responses) != n for responses in answers):
+        raise ValueError(f"score: {[len(r) for r in answers]} responses for {n} prompts")
+    flat_prompts, flat = list(prompts) * len(answers), [r for responses in answers for r in responses]
     task = gold_task(rm)
     if task is not None:
-        return [task.gold(p, r) for p, r in zip(prompts, responses, strict=True)]
-    model, tok = load_rm(rm, cfg)
-    scores = RewardScorer(model, tok, cfg.generation.batch_size, progress=Progress(label, len(prompts))).score(prompts, responses)
-    del model
-    _release_gpu_memory()
-    return scores
+        scores = [task.gold(p, r) for p, r in zip(flat_prompts, flat)]
+    else:
+        model, tok = load_rm(rm, cfg)
+        scores = RewardScorer(model, tok, cfg.generation.batch_size, progress=Progress(label, len(flat))).score(flat_prompts, flat)
+        del model
+        _release_gpu_memory()
+    return [scores[i * n : (i + 1) * n] for i in range(len(answers))]
 
 
 def _release_gpu_memory() -> None:
