@@ -110,23 +110,29 @@ def ours_config(a, work: Path, backend: str) -> dict:
     }
 
 
-def run_ours(a, work: Path, backend: str) -> tuple[float, dict]:
+def init_ours(a, work: Path, backend: str) -> Path:
+    """Ours' run directory with iteration 0 (init) done: not part of the iteration measured."""
     import yaml
 
     (work / "ours.yaml").write_text(yaml.safe_dump(ours_config(a, work, backend)))
     run = work / "ours"
-    coevolve = [sys.executable, "-m", "coevolve", "run"]
-    timed([*coevolve, "--config", str(work / "ours.yaml"), "--run-dir", str(run)], work / "ours.log")  # init: not part of the iteration
+    timed([sys.executable, "-m", "coevolve", "run", "--config", str(work / "ours.yaml"), "--run-dir", str(run)], work / "ours.log")
+    return run
+
+
+def run_ours(a, work: Path, backend: str) -> tuple[float, dict]:
+    run = init_ours(a, work, backend)
     start = time.time()
-    wall = timed([*coevolve, "--run-dir", str(run), "iterations=1"], work / "ours.log")
+    wall = timed([sys.executable, "-m", "coevolve", "run", "--run-dir", str(run), "iterations=1"], work / "ours.log")
+    done = {step: json.loads((run / "iter_1" / step / "DONE.json").read_text()) for step in ("e-step", "m-step")}
     kinds: dict[str, float] = {}
-    for step in ("e-step", "m-step"):
-        for phase, seconds in json.loads((run / "iter_1" / step / "DONE.json").read_text())["timings"].items():
+    for step in done.values():
+        for phase, seconds in step["timings"].items():
             kind = PHASE_KINDS.get(phase, "other")
             kinds[kind] = kinds.get(kind, 0.0) + seconds
     outside = wall - sum(kinds.values())
     # Steps record their start to the second: the split below is good to about 1 s.
-    first_step = datetime.datetime.fromisoformat(json.loads((run / "iter_1" / "e-step" / "DONE.json").read_text())["started"]).timestamp()
+    first_step = datetime.datetime.fromisoformat(done["e-step"]["started"]).timestamp()
     kinds[ONE_OFF] = min(max(first_step - start, 0.0), outside)
     kinds[OUTSIDE] = outside - kinds[ONE_OFF]
     return wall, {k: round(v, 2) for k, v in kinds.items()}
@@ -135,14 +141,10 @@ def run_ours(a, work: Path, backend: str) -> tuple[float, dict]:
 def profile_ours(a, work: Path, backend: str, out: Path) -> None:
     """Where ours' time goes, for `--profile`: the step server's imports in a fresh interpreter
     (`-X importtime`), then the iteration's steps each under torch.profiler (bench/profile_step.py)."""
-    import yaml
-
-    (work / "ours.yaml").write_text(yaml.safe_dump(ours_config(a, work, backend)))
-    run = work / "ours"
     preload = "from coevolve.cli import STEPS; import importlib; [importlib.import_module(m) for m in STEPS.values()]"
     t = timed([sys.executable, "-X", "importtime", "-c", preload], out / "importtime.log")
     log(f"preload imports: {t:.1f}s (interpreter included)")
-    timed([sys.executable, "-m", "coevolve", "run", "--config", str(work / "ours.yaml"), "--run-dir", str(run)], work / "ours.log")
+    run = init_ours(a, work, backend)
     for step in ("e-step", "m-step"):
         timed([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--run-dir", str(run), "--step", step, "--iteration", "1", "--out", str(out)], out / "profile.log")
     log((out / "profile.log").read_text())
