@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,9 @@ def timed(cmd: list[str], log_path: Path) -> float:
     with open(log_path, "a") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if code:
-        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed (exit {code}); see {log_path}")
+        # The log may stay on a machine that is gone by the time anyone looks: carry its end along.
+        tail = "\n".join(log_path.read_text().splitlines()[-20:])
+        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed (exit {code}); end of {log_path}:\n{tail}")
     return time.perf_counter() - t0
 
 
@@ -116,6 +119,8 @@ def init_ours(a, work: Path, backend: str) -> Path:
 
     (work / "ours.yaml").write_text(yaml.safe_dump(ours_config(a, work, backend)))
     run = work / "ours"
+    # A run left by an earlier call (a warm machine keeps /tmp) has iteration 1 done already.
+    shutil.rmtree(run, ignore_errors=True)
     timed([sys.executable, "-m", "coevolve", "run", "--config", str(work / "ours.yaml"), "--run-dir", str(run)], work / "ours.log")
     return run
 
