@@ -8,9 +8,9 @@ from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
 from coevolve.core.config import TrainConfig
-from coevolve.core.models import load_rm
-from coevolve.core.scoring import RewardScorer, win_rate
-from coevolve.core.step import Progress, StepRun
+from coevolve.core.rollout import score_each
+from coevolve.core.scoring import win_rate
+from coevolve.core.step import StepRun
 from coevolve.core.training import keep_log, lora_config, preference_dataset, save_trained, trainer_args
 
 
@@ -26,15 +26,14 @@ def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: Tr
     return {"rm_train/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "rm_train")}
 
 
-def pair_accuracy(scorer: RewardScorer, pairs: datasets.Dataset) -> float:
-    """Share of pairs where the RM scores chosen above rejected; a tie counts half."""
-    if len(pairs) == 0:
-        return float("nan")
-    prompts = list(pairs["prompt"])
-    return win_rate(scorer.score(prompts, list(pairs["chosen"])), scorer.score(prompts, list(pairs["rejected"])))
-
-
 def accuracy_phase(step: StepRun, rm: Path, sets: dict[str, datasets.Dataset], prefix: str) -> dict:
-    model, tok = load_rm(rm, step.cfg)
-    scorer = RewardScorer(model, tok, step.cfg.generation.batch_size, progress=Progress(f"{prefix} accuracy", 0))
-    return {f"{prefix}/accuracy_{name}": pair_accuracy(scorer, pairs) for name, pairs in sets.items()}
+    """Per set, the share of pairs where the RM scores chosen above rejected (a tie counts half; nan for
+    an empty set); every set's chosen and rejected responses are scored in one pass of one RM load."""
+    column = lambda name: [text for pairs in sets.values() for text in pairs[name]]  # noqa: E731
+    chosen, rejected = score_each(step.cfg, rm, column("prompt"), [column("chosen"), column("rejected")], f"{prefix} accuracy")
+    metrics, start = {}, 0
+    for name, pairs in sets.items():
+        end = start + len(pairs)
+        metrics[f"{prefix}/accuracy_{name}"] = win_rate(chosen[start:end], rejected[start:end])
+        start = end
+    return metrics

@@ -1,15 +1,22 @@
-"""The method's rules on hand-made numbers: E-step pair choice, M-step pseudo-pair filter, model selection."""
+"""The method's rules on hand-made numbers: E-step pair choice, M-step pseudo-pair filter, model selection,
+RM accuracy."""
 from __future__ import annotations
 
+import math
+import random
 from statistics import pstdev
+from types import SimpleNamespace
 
 import datasets
 import pytest
 
+from coevolve.core.gold import write_gold_rm
 from coevolve.core.scoring import win_rate
+from coevolve.data.tasks import load_task
 from coevolve.policy.e_step import pick_checkpoint
 from coevolve.policy.pairs import best_vs_worst, length_controlled
 from coevolve.reward.m_step import pseudo_pairs
+from coevolve.reward.training import accuracy_phase
 
 
 def test_length_control_picks_shortest_above_mean_and_lowest():
@@ -75,6 +82,22 @@ def test_pseudo_pairs_gold_agreement(tmp_path):
 
 def test_win_rate_counts_ties_half():
     assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_rm_accuracy_of_each_set_from_one_pass(tmp_path):
+    # The toy task's gold reward as the RM: a right answer beats "ok done" (gold 0), so a set's accuracy is
+    # known exactly; the sets are scored together, and each must get back its own rows.
+    task = load_task("toy")
+    write_gold_rm(tmp_path / "rm", "toy")
+    prompts = task.prompts(6, 0)
+    good = [task.respond(p, frozenset(), random.Random(i)) for i, p in enumerate(prompts)]
+    pairs = lambda chosen, rejected, rows: datasets.Dataset.from_dict(  # noqa: E731
+        {"prompt": [prompts[i] for i in rows], "chosen": [chosen[i] for i in rows], "rejected": [rejected[i] for i in rows]})
+    bad = ["ok done"] * 6
+    sets = {"right": pairs(good, bad, [0, 1, 2, 3]), "wrong": pairs(bad, good, [4, 5]), "empty": pairs(good, bad, [])}
+    metrics = accuracy_phase(SimpleNamespace(cfg=None), tmp_path / "rm", sets, "rm")
+    assert metrics["rm/accuracy_right"] == 1.0 and metrics["rm/accuracy_wrong"] == 0.0
+    assert math.isnan(metrics["rm/accuracy_empty"])
 
 
 def test_selection_picks_best_checkpoint_and_stops_under_tau():
