@@ -30,6 +30,8 @@ from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
+from coevolve.core import distributed
+
 from .ids import normalise, prompt_id
 from .sampling import difficulty
 from .schema import FEATURES, empty, validate
@@ -47,7 +49,10 @@ class Store:
         self.max_rows = max_rows or {}
 
     def append(self, kind: str, iteration: int, records: list[dict] | Dataset) -> None:
-        """Write `records` as iteration `iteration` of `kind`, replacing what that iteration held."""
+        """Write `records` as iteration `iteration` of `kind`, replacing what that iteration held. Under
+        several processes (core/distributed.py) the main one writes, once, for all."""
+        if not distributed.is_main():
+            return
         rows = validate(kind, iteration, records)
         earlier = self.load(kind, [k for k in self.iterations(kind) if k < iteration])
         rows = _drop_duplicates(kind, rows, earlier)

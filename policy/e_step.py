@@ -25,7 +25,7 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from coevolve.core import rundir
+from coevolve.core import distributed, rundir
 from coevolve.core.config import Config
 from coevolve.core.models import device_of, dtype_of
 from coevolve.core.rollout import sample, sample_each, score, score_each
@@ -151,7 +151,8 @@ def save_last_checkpoint(trainer, tmp: Path) -> None:
     """The end of training is a candidate too, and every candidate needs its tokenizer to be loaded and,
     after LoRA training, its adapters merged (a candidate may become the next step's policy)."""
     final = tmp / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
-    if not final.exists():
+    # Only the main process has the trainer's checkpoints; all must join a save (ZeRO-3 gathers weights).
+    if not distributed.from_main(final.exists()):
         save_trained(trainer, final)
     for ckpt in (tmp / "checkpoints").glob("checkpoint-*"):
         merge_adapter_checkpoint(ckpt)
@@ -244,7 +245,7 @@ def main(step: StepRun) -> dict:
         selected = (chosen / "selected.txt").read_text()
     else:
         selected = checkpoints[-1].name
-    if not cfg.e_step.keep_checkpoints:
+    if not cfg.e_step.keep_checkpoints and distributed.is_main():
         for ckpt in checkpoints:
             if ckpt.name != selected:
                 shutil.rmtree(ckpt)

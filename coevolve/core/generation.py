@@ -24,6 +24,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int = 0
     stop: tuple[str, ...] = ()
+    # Index of the first prompt in the whole list that these prompts are a share of (several processes):
+    # `static` keys each sample by its prompt's index there, so a share samples what the whole list would.
+    first_prompt: int = 0
 
     @property
     def greedy(self) -> bool:

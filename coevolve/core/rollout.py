@@ -2,11 +2,13 @@
 Each loads its model once, does its batched passes, and frees the memory before the next model loads."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from coevolve.core import distributed
 from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import Config
 from coevolve.core.generation import Generations, SamplingParams, make_backend
@@ -28,16 +30,21 @@ def sample(cfg: Config, policy: Path, prompts: list[str], n: int, seed: int, lab
 def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: list[str], n: int) -> list[Generations]:
     """`n` samples per prompt from each (policy, seed, progress label). The policies must share one
     architecture (checkpoints of one model): the first is loaded, and each next one's weights are
-    copied into it in place, so one backend, with its captured CUDA graphs, serves them all."""
+    copied into it in place, so one backend, with its captured CUDA graphs, serves them all. Under
+    several processes each samples its share of the prompts, and each gets back all the samples."""
     model, tok = load_policy(policies[0][0], cfg)
     backend = make_backend(cfg.generation.backend, model, tok, batch_size=cfg.generation.batch_size)
-    texts = [policy_prompt_text(tok, p) for p in prompts]
+    mine = distributed.share(len(prompts))
+    texts = [policy_prompt_text(tok, prompts[i]) for i in mine]
     out = []
     for i, (policy, seed, label) in enumerate(policies):
         if i > 0:
             _copy_weights(model, policy)
-        backend.progress = Progress(label, len(prompts))
-        out.append(backend.generate(texts, sampling_params(cfg, n, seed)))
+        backend.progress = Progress(label, len(texts))
+        gens = backend.generate(texts, replace(sampling_params(cfg, n, seed), first_prompt=mine.start))
+        # Throughput over the slowest process's time: the processes sample side by side.
+        out.append(Generations(distributed.gather(gens.texts), distributed.gather(gens.num_tokens),
+                               max(distributed.gather([gens.seconds])), gens.stats))
     del model, backend
     _release_gpu_memory()
     return out
@@ -55,7 +62,8 @@ def score(cfg: Config, rm: Path, prompts: list[str], responses: list[str], label
 
 def score_each(cfg: Config, rm: Path, prompts: list[str], answers: list[list[str]], label: str = "score") -> list[list[float]]:
     """The RM's scores of each list of responses to `prompts` (e.g. several models' answers), from one
-    load of the RM and one length-sorted pass over them all."""
+    load of the RM and one length-sorted pass over them all (under several processes, each scores its
+    share)."""
     n = len(prompts)
     if any(len(responses) != n for responses in answers):
         raise ValueError(f"score: {[len(r) for r in answers]} responses for {n} prompts")
@@ -65,7 +73,9 @@ def score_each(cfg: Config, rm: Path, prompts: list[str], answers: list[list[str
         scores = [task.gold(p, r) for p, r in zip(flat_prompts, flat)]
     else:
         model, tok = load_rm(rm, cfg)
-        scores = RewardScorer(model, tok, cfg.generation.batch_size, progress=Progress(label, len(flat))).score(flat_prompts, flat)
+        mine = distributed.share(len(flat))
+        scorer = RewardScorer(model, tok, cfg.generation.batch_size, progress=Progress(label, len(mine)))
+        scores = distributed.gather(scorer.score(flat_prompts[mine.start : mine.stop], flat[mine.start : mine.stop]))
         del model
         _release_gpu_memory()
     return [scores[i * n : (i + 1) * n] for i in range(len(answers))]

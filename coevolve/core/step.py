@@ -1,5 +1,9 @@
 """One step's life in the run directory: a `.partial` folder, phases that persist their outputs (so a
-killed step resumes at its first unfinished phase), a full log, and `DONE.json` + rename when complete."""
+killed step resumes at its first unfinished phase), a full log, and `DONE.json` + rename when complete.
+
+Under a multi-process launcher every process runs the step (core/distributed.py): the main one writes
+the step folder and its log; the others build each phase into a scratch folder of their own, thrown
+away, and all wait for the main one at the end of each phase, so each reads the phase's one output."""
 from __future__ import annotations
 
 import datetime as dt
@@ -12,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from coevolve.core import rundir, tracking
+from coevolve.core import distributed, rundir, tracking
 from coevolve.core.config import Config
 
 log = logging.getLogger("coevolve")
@@ -62,11 +66,17 @@ class StepRun:
         return rundir.is_done(self.run_dir, self.iteration, self.name) and not self.force
 
     def __enter__(self) -> "StepRun":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "phases").mkdir(exist_ok=True)
-        self._handler = logging.FileHandler(self.dir / "log.txt")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(self._handler)
+        distributed.init()
+        if distributed.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "phases").mkdir(exist_ok=True)
+            self._handler = logging.FileHandler(self.dir / "log.txt")
+            self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(self._handler)
+        else:
+            # The main process reports progress for all; the others speak only of trouble.
+            log.setLevel(logging.WARNING)
+        distributed.barrier()
         for record in sorted((self.dir / "phases").glob("*.json")):
             saved = json.loads(record.read_text())
             self.metrics.update(saved["metrics"])
@@ -101,28 +111,33 @@ class StepRun:
         returns its metrics. The output is renamed into place only when complete."""
         final = self.dir / name
         record = self.dir / "phases" / f"{name}.json"
-        if record.exists() and final.exists():
+        # Decided by the main process: another one could see the phase finished by the main one meanwhile.
+        if distributed.from_main(record.exists() and final.exists()):
             log.info(f"{name}: done earlier, kept")
             return final
-        tmp = self.dir / f"{name}.tmp"
+        tmp = self.dir / (f"{name}.tmp" if distributed.is_main() else f"{name}.rank{distributed.rank()}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         start = time.perf_counter()
         metrics = build(tmp) or {}
         seconds = time.perf_counter() - start
-        if not tmp.exists():
-            tmp.mkdir()
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
         self.metrics.update(metrics)
         self.timings[name] = seconds
-        record_tmp = record.with_suffix(".tmp")
-        record_tmp.write_text(json.dumps({"metrics": metrics, "seconds": seconds}))
-        record_tmp.replace(record)
+        if distributed.is_main():
+            if not tmp.exists():
+                tmp.mkdir()
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            record_tmp = record.with_suffix(".tmp")
+            record_tmp.write_text(json.dumps({"metrics": metrics, "seconds": seconds}))
+            record_tmp.replace(record)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         tracking.log_phase(name, metrics, seconds)
         summary = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (list, dict)))
         log.info(f"{name}: done in {seconds:.1f}s" + (f" ({summary})" if summary else ""))
+        distributed.barrier()
         return final
 
     def finish(self, outputs: dict[str, str], stop: bool = False, extra: dict | None = None) -> dict:
@@ -142,6 +157,9 @@ class StepRun:
             "stop": stop,
             **(extra or {}),
         }
+        if not distributed.is_main():
+            distributed.barrier()
+            return done
         tmp = self.dir / "DONE.json.tmp"
         tmp.write_text(json.dumps(done, indent=2, default=float))
         tmp.replace(self.dir / "DONE.json")
@@ -157,6 +175,7 @@ class StepRun:
         total = sum(self.timings.values())
         log.info(f"iteration {self.iteration} {self.name}: finished in {total:.1f}s -> {self.final}")
         tracking.finish(self, done)
+        distributed.barrier()
         return done
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from statistics import mean, pstdev
 from urllib.parse import urlsplit
 
+from coevolve.core import distributed
+
 _run = None  # this process's W&B run: a step process runs one step
 
 MODEL_KEYS = {"policy", "rm", "reviser"}
@@ -60,8 +62,8 @@ def start(step) -> None:
     global _run
     cfg = step.cfg
     mode = resolve_mode(cfg)
-    # Under a multi-GPU launcher every rank runs the step; only rank 0 reports.
-    if mode == "disabled" or os.environ.get("RANK", "0") != "0":
+    # Under a multi-GPU launcher every process runs the step; only the main one reports.
+    if mode == "disabled" or not distributed.is_main():
         return
     # TRL's WandbCallback logs into this run; it must not upload checkpoints (GBs) of its own.
     os.environ["WANDB_LOG_MODEL"] = "false"

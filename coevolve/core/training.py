@@ -49,6 +49,9 @@ def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, 
         use_cpu=device == "cpu",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # Under several processes: every parameter gets a gradient, so DDP need not walk the graph for
+        # unused ones after each backward (transformers' default when not checkpointing).
+        ddp_find_unused_parameters=False,
     )
     if train.group_by_length:
         # The sampler reads the `length` column of preference_dataset; trl's collators ignore it.
@@ -72,6 +75,8 @@ def preference_dataset(tok, pairs, train: TrainConfig, for_rm: bool) -> datasets
 def keep_log(trainer, out: Path, prefix: str) -> dict:
     """Write the trainer's log history as jsonl and return first/last values of its loss-like metrics."""
     history = [h for h in trainer.state.log_history if "loss" in h or any(k.startswith("rewards/") for k in h)]
+    # The trainer made the folder on the main process only; under several, the others write here too.
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(h) + "\n" for h in trainer.state.log_history))
     steps, a = trainer.state.global_step, trainer.args
     if steps < FEW_STEPS:

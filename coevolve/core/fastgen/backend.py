@@ -263,9 +263,9 @@ class _Run:
             self.group_left[g] -= len(items)
             if self.group_left[g] == 0:
                 del self.group_kv[g]
-        seed = self.params.seed
+        seed, first = self.params.seed, self.params.first_prompt
         init = torch.tensor(
-            [[self.prompts[s.prompt][-1], len(self.prompts[s.prompt]) - 1, s.max_new, sequence_key(seed, s.prompt, s.sample)] for s in take],
+            [[self.prompts[s.prompt][-1], len(self.prompts[s.prompt]) - 1, s.max_new, sequence_key(seed, first + s.prompt, s.sample)] for s in take],
             dtype=torch.long,
         ).to(be.w.device)
         idx = torch.tensor(slots, device=be.w.device)

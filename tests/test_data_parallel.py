@@ -1,0 +1,92 @@
+"""Steps under a multi-process launcher (issue 10, what CPUs allow): each process samples and scores its
+share of the prompts, the shares come back whole, and only the main process writes the run directory.
+A 2-process run goes through `accelerate launch` with gloo, as `coevolve run` starts it on 2 GPUs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import datasets
+import pytest
+
+from coevolve.cli import run_step
+from coevolve.core import distributed, rundir
+from coevolve.core.config import prepare_run
+from coevolve.core.launch import step_command
+from coevolve.data.store import Store
+
+# `static` keys every sample by its prompt's index in the whole list, so 2 shares sample what 1 process does.
+STATIC = ["generation.backend=static"]
+
+
+@pytest.mark.parametrize("n", range(8))
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_shares_cover_every_item_once_in_order(monkeypatch, n, size):
+    shares = []
+    for r in range(size):
+        monkeypatch.setenv("RANK", str(r))
+        monkeypatch.setenv("WORLD_SIZE", str(size))
+        shares.append(distributed.share(n))
+    assert [i for s in shares for i in s] == list(range(n))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.fixture(scope="module")
+def one_and_two(prepared_run, tmp_path_factory):
+    """Iteration 1 (e-step, m-step) of the prepared run, once in 1 process and once in 2."""
+    runs = {}
+    for processes in (1, 2):
+        run = tmp_path_factory.mktemp(f"processes{processes}") / "run"
+        shutil.copytree(prepared_run, run)
+        cfg = prepare_run(None, STATIC, run)
+        for name in ("e-step", "m-step"):
+            if processes == 1:
+                run_step(name, run, 1, cfg)
+                continue
+            launched = cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"launcher": "accelerate", "gpus": 2})})
+            cmd = step_command(launched, name, run, 1)
+            done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            runs["log"] = runs.get("log", "") + done.stdout + done.stderr
+        runs[processes] = run
+    return runs
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_pairs_one_process_writes(one_and_two):
+    one, two = one_and_two[1], one_and_two[2]
+    columns = ["prompt_id", "chosen", "rejected"]
+    pairs = [datasets.load_from_disk(str(run / "iter_1/e-step/pairs/pairs")).select_columns(columns).to_list() for run in (one, two)]
+    assert len(pairs[0]) > 0 and pairs[0] == pairs[1]
+    samples = [datasets.load_from_disk(str(run / "iter_1/e-step/score")) for run in (one, two)]
+    assert samples[0]["response"] == samples[1]["response"]
+    assert samples[0]["score"] == pytest.approx(samples[1]["score"], abs=1e-4)
+    # DDP splits each batch of pairs in two: half the steps, and model selection judged every checkpoint
+    # the main process saved (e_step.save_steps=2), the last included.
+    steps = [rundir.read_done(run, 1, "e-step")["metrics"]["dpo/steps"] for run in (one, two)]
+    assert steps[1] == (steps[0] + 1) // 2
+    candidates = datasets.load_from_disk(str(two / "iter_1/e-step/select/candidates"))["checkpoint"]
+    assert sorted(candidates) == sorted({f"checkpoint-{s}" for s in [*range(2, steps[1] + 1, 2), steps[1]]})
+
+
+@pytest.mark.slow
+def test_two_processes_leave_one_complete_run_directory(one_and_two):
+    one, two = one_and_two[1], one_and_two[2]
+    for name in ("e-step", "m-step"):
+        done = rundir.read_done(two, 1, name)
+        assert set(done["outputs"]) == set(rundir.read_done(one, 1, name)["outputs"])
+        # No other process's scratch folder, and no step left half-written.
+        leftovers = [p.name for p in (two / "iter_1").iterdir() if p.name.startswith(".") or ".rank" in p.name]
+        assert not leftovers and not list((two / "iter_1" / name).glob("*.rank*"))
+    rm = rundir.latest_output(two, "rm")
+    assert (rm / "model.safetensors").exists()
+    pseudo = datasets.load_from_disk(str(two / "iter_1/m-step/pseudo/kept"))
+    assert len(set(pseudo["prompt_id"])) == len(pseudo) > 0
+    # The stores were written once, by the main process: as many rows as one process writes, no duplicate.
+    for kind in ("responses", "pairs", "pseudo_pairs"):
+        rows = [Store(run).load(kind, [1]) for run in (one, two)]
+        assert len(rows[1]) == len(rows[0]) > 0
+    # Progress is reported once, by the main process.
+    log = one_and_two["log"]
+    assert log.count("iteration 1 e-step: finished") == log.count("iteration 1 m-step: finished") == log.count("pairs: done in") == 1
