@@ -98,7 +98,7 @@ def write_prompts(n: int, vocab: int, path: Path) -> None:
             f.write(json.dumps({"prompt": " ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(rng.randint(32, 128)))}) + "\n")
 
 
-def ours_config(a, work: Path, backend: str) -> dict:
+def ours_config(a, work: Path, backend: str, launch: dict | None = None) -> dict:
     train = lambda batch, lr: {"learning_rate": lr, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,  # noqa: E731
                                "max_length": a.max_length, "logging_steps": 10, "group_by_length": True}
     return {
@@ -112,14 +112,15 @@ def ours_config(a, work: Path, backend: str) -> dict:
         "e_step": {"num_samples": a.num_samples, "beta": 0.01, "save_steps": a.save_steps, "tau": 0.0, "train": train(a.dpo_batch, 7e-7)},
         "m_step": {"train": train(a.rm_batch, 2e-6)},
         "tracking": {"mode": "disabled"},
+        **({"launch": launch} if launch else {}),
     }
 
 
-def init_ours(a, work: Path, backend: str, name: str = "ours") -> Path:
+def init_ours(a, work: Path, backend: str, name: str = "ours", launch: dict | None = None) -> Path:
     """Ours' run directory `work/name` with iteration 0 (init) done: not part of the iteration measured."""
     import yaml
 
-    (work / "ours.yaml").write_text(yaml.safe_dump(ours_config(a, work, backend)))
+    (work / "ours.yaml").write_text(yaml.safe_dump(ours_config(a, work, backend, launch)))
     run = work / name
     # A run left by an earlier call (a warm machine keeps /tmp) has iteration 1 done already.
     shutil.rmtree(run, ignore_errors=True)
@@ -127,13 +128,15 @@ def init_ours(a, work: Path, backend: str, name: str = "ours") -> Path:
     return run
 
 
-def run_ours(a, work: Path, backend: str) -> tuple[float, dict]:
+def run_ours(a, work: Path, backend: str, launch: dict | None = None, warmup: bool = True) -> tuple[float, dict]:
+    """Ours' iteration 1: its wall time and the time by phase kind; `launch` is the config's section."""
     # An untimed first iteration leaves the machine's compile caches (the Triton kernels of trl's fused LM
     # head and of our decoder) as any earlier run on it would. Measured cold, ours alone paid for them
     # (~10 s on the H200) and naive, which runs after it with the same caches, did not.
-    warmup = init_ours(a, work, backend, "warmup")
-    timed([sys.executable, "-m", "coevolve", "run", "--run-dir", str(warmup), "iterations=1"], work / "ours.log")
-    run = init_ours(a, work, backend)
+    if warmup:
+        first = init_ours(a, work, backend, "warmup", launch)
+        timed([sys.executable, "-m", "coevolve", "run", "--run-dir", str(first), "iterations=1"], work / "ours.log")
+    run = init_ours(a, work, backend, launch=launch)
     start = time.time()
     wall = timed([sys.executable, "-m", "coevolve", "run", "--run-dir", str(run), "iterations=1"], work / "ours.log")
     done = {step: json.loads((run / "iter_1" / step / "DONE.json").read_text()) for step in ("e-step", "m-step")}
@@ -197,9 +200,9 @@ def record(path: Path, command: str) -> None:
     log("\n".join(md))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="qwen2-0.5b", choices=sorted(MODELS))
+def workload_args(ap: argparse.ArgumentParser, model: str = "qwen2-0.5b") -> None:
+    """The iteration's workload, shared with bench_scaling.py."""
+    ap.add_argument("--model", default=model, choices=sorted(MODELS))
     # Sized so that the naive side (HF generate at ~2K tokens/s on a 0.5B model) fits a 10-minute call.
     ap.add_argument("--prompts", type=int, default=400, help="all prompts, before init splits them")
     ap.add_argument("--select", type=int, default=48, help="model-selection prompts (D_MS)")
@@ -212,7 +215,17 @@ def main() -> None:
     ap.add_argument("--save-steps", type=int, default=5, help="DPO steps between selection candidates")
     ap.add_argument("--backend", help="ours' generation backend (default: static on a GPU, hf elsewhere)")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
-    ap.add_argument("--out", type=Path, help="where iteration.json and the logs go")
+    ap.add_argument("--out", type=Path, help="where the results and the logs go")
+
+
+def workload(a, backend: str) -> dict:
+    return {"prompts": a.prompts, "select": a.select, "num_samples": a.num_samples, "new_tokens": a.new_tokens,
+            "batch_rows": a.batch_rows, "dpo_batch": a.dpo_batch, "rm_batch": a.rm_batch, "save_steps": a.save_steps, "backend": backend}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    workload_args(ap)
     ap.add_argument("--profile", action="store_true", help="only ours' steps, each under torch.profiler (see profile_ours)")
     ap.add_argument("--record", type=Path, help="an iteration.json to append to bench/RESULTS.md and results.jsonl")
     ap.add_argument("--command", default="python3 bench/bench_iteration.py --out OUT")
@@ -238,8 +251,7 @@ def main() -> None:
     result = {
         "bench": "iteration", "device": torch.cuda.get_device_name() if cuda else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": a.model, "params": params,
-        "workload": {"prompts": a.prompts, "select": a.select, "num_samples": a.num_samples, "new_tokens": a.new_tokens,
-                     "batch_rows": a.batch_rows, "dpo_batch": a.dpo_batch, "rm_batch": a.rm_batch, "save_steps": a.save_steps, "backend": backend},
+        "workload": workload(a, backend),
         "ours_s": round(ours_s, 1), "overhead_frac": round((ours_parts[ONE_OFF] + ours_parts[OUTSIDE]) / ours_s, 3),
         "ours_breakdown": ours_parts, "naive_breakdown": {}, "io": io,
     }
