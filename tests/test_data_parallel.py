@@ -3,9 +3,11 @@ share of the prompts, the shares come back whole, and only the main process writ
 A 2-process run goes through `accelerate launch` with gloo, as `coevolve run` starts it on 2 GPUs."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 
 import datasets
 import pytest
@@ -90,3 +92,39 @@ def test_two_processes_leave_one_complete_run_directory(one_and_two):
     # Progress is reported once, by the main process.
     log = one_and_two["log"]
     assert log.count("iteration 1 e-step: finished") == log.count("iteration 1 m-step: finished") == log.count("pairs: done in") == 1
+
+
+SHARES_SCRIPT = """
+import json, sys
+from pathlib import Path
+from coevolve.core import distributed, rundir
+from coevolve.core.config import load_config
+from coevolve.core.rollout import sample_each, score_each
+run, prompts, out = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+distributed.init()
+cfg = load_config(run / "config.yaml", ["generation.backend=static"])
+gens = sample_each(cfg, [(rundir.latest_output(run, "policy"), 7, "sample")], prompts, 2)[0]
+scores = score_each(cfg, rundir.latest_output(run, "rm"), prompts, [[t[0] for t in gens.texts]])[0]
+if distributed.is_main():
+    Path(out).write_text(json.dumps({"texts": gens.texts, "scores": scores}))
+"""
+
+
+@pytest.mark.parametrize("count", [1, 3])  # fewer prompts than processes; shares of 1 and 2
+def test_uneven_shares_come_back_whole_and_in_order(prepared_run, tmp_path, count):
+    from coevolve.core.config import load_config
+    from coevolve.core.rollout import sample_each, score_each
+
+    prompts = [f"list {word} animals" for word in ("two", "three", "four")][:count]
+    script = tmp_path / "shares.py"
+    script.write_text(SHARES_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(prepared_run), json.dumps(prompts), str(tmp_path / "out.json")]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    two = json.loads((tmp_path / "out.json").read_text())
+    cfg = load_config(prepared_run / "config.yaml", ["generation.backend=static"])
+    gens = sample_each(cfg, [(rundir.latest_output(prepared_run, "policy"), 7, "sample")], prompts, 2)[0]
+    assert two["texts"] == gens.texts and len(gens.texts) == count
+    scores = score_each(cfg, rundir.latest_output(prepared_run, "rm"), prompts, [[t[0] for t in gens.texts]])[0]
+    assert two["scores"] == pytest.approx(scores, abs=1e-4)

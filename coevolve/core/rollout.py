@@ -41,7 +41,9 @@ def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: lis
         if i > 0:
             _copy_weights(model, policy)
         backend.progress = Progress(label, len(texts))
-        gens = backend.generate(texts, replace(sampling_params(cfg, n, seed), first_prompt=mine.start))
+        # A process whose share is empty (fewer prompts than processes) still joins the gather.
+        params = replace(sampling_params(cfg, n, seed), first_prompt=mine.start)
+        gens = backend.generate(texts, params) if texts else Generations([], [], 0.0, {})
         # Throughput over the slowest process's time: the processes sample side by side.
         out.append(Generations(distributed.gather(gens.texts), distributed.gather(gens.num_tokens),
                                max(distributed.gather([gens.seconds])), gens.stats))
