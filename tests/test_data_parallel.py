@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -18,6 +19,7 @@ from coevolve.core.config import prepare_run
 from coevolve.core.launch import step_command
 from coevolve.data.store import Store
 
+ROOT = Path(__file__).resolve().parents[1]
 # `static` keys every sample by its prompt's index in the whole list, so 2 shares sample what 1 process does.
 STATIC = ["generation.backend=static"]
 
@@ -128,3 +130,27 @@ def test_uneven_shares_come_back_whole_and_in_order(prepared_run, tmp_path, coun
     assert two["texts"] == gens.texts and len(gens.texts) == count
     scores = score_each(cfg, rundir.latest_output(prepared_run, "rm"), prompts, [[t[0] for t in gens.texts]])[0]
     assert two["scores"] == pytest.approx(scores, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_zero3_trains_and_hands_on_whole_models(prepared_run, tmp_path, lora):
+    # Under ZeRO-3 transformers partitions every model loaded once a trainer exists: sampling, scoring and
+    # the LoRA merge must still see whole models, and the saved checkpoints must be whole.
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    cfg = prepare_run(None, ["e_step.train.lora.top_layers=1", "m_step.train.lora.top_layers=1"] if lora else [], run)
+    zero3 = cfg.launch.model_copy(update={"launcher": "accelerate", "gpus": 2, "deepspeed_config": str(ROOT / "configs/deepspeed/zero3.json")})
+    for name in ("e-step", "m-step"):
+        cmd = step_command(cfg.model_copy(update={"launch": zero3}), name, run, 1)
+        done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for kind, cls in (("policy", AutoModelForCausalLM), ("rm", AutoModelForSequenceClassification)):
+        before, after = (cls.from_pretrained(rundir.latest_output(run, kind, iteration_max=k)) for k in (0, 1))
+        assert not list(rundir.latest_output(run, kind).glob("adapter_*"))
+        pairs = list(zip(before.state_dict().values(), after.state_dict().values(), strict=True))
+        assert all(a.shape == b.shape for a, b in pairs) and any((a != b).any() for a, b in pairs)
+    metrics = rundir.read_done(run, 1, "m-step")["metrics"]
+    assert metrics["rm_after/accuracy_train_mix"] >= metrics["rm_before/accuracy_train_mix"]

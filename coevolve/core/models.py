@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,10 +74,28 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
     return {f"{role}/parameters": sum(p.numel() for p in model.parameters()), f"{role}/vocab_size": len(tok)}
 
 
+@contextmanager
+def whole_weights():
+    """Models loaded inside hold all their weights on every process. Once a ZeRO-3 trainer exists in
+    the process (steps under `launch.deepspeed_config`), transformers partitions every model it loads
+    across the processes, as for training; sampling and scoring need each model whole."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # transformers keeps the live ZeRO config only behind this weak reference; it is put back after.
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ref is not None and ref() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(ref())
+
+
 def load_policy(path: Path, cfg: Config, trainable: bool = False):
     device = device_of(cfg)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(cfg.policy.dtype, device)).to(device)
+    with whole_weights():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(cfg.policy.dtype, device)).to(device)
     model.train(trainable)
     return model, tok
 
@@ -84,6 +103,7 @@ def load_policy(path: Path, cfg: Config, trainable: bool = False):
 def load_rm(path: Path, cfg: Config):
     device = device_of(cfg)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype_of(cfg.rm.dtype, device)).to(device)
+    with whole_weights():
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype_of(cfg.rm.dtype, device)).to(device)
     model.eval()
     return model, tok

@@ -13,7 +13,7 @@ from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import Config
 from coevolve.core.generation import Generations, SamplingParams, make_backend
 from coevolve.core.gold import gold_task
-from coevolve.core.models import load_policy, load_rm
+from coevolve.core.models import load_policy, load_rm, whole_weights
 from coevolve.core.scoring import RewardScorer
 from coevolve.core.step import Progress
 
@@ -54,7 +54,8 @@ def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: lis
 
 def _copy_weights(model, policy: Path) -> None:
     # Read on the CPU: only one copy of the weights is ever on the GPU.
-    fresh = AutoModelForCausalLM.from_pretrained(policy, dtype=model.dtype)
+    with whole_weights():
+        fresh = AutoModelForCausalLM.from_pretrained(policy, dtype=model.dtype)
     model.load_state_dict(fresh.state_dict())
 
 

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from coevolve.core import tracking
 from coevolve.core.chat import completion_example, preference_example
 from coevolve.core.config import Config, ConfigError, TrainConfig
-from coevolve.core.models import device_of
+from coevolve.core.models import device_of, whole_weights
 
 log = logging.getLogger("coevolve")
 # Fewer optimizer steps than this in a training phase is almost always a batch-size mistake (e.g.
@@ -118,7 +118,7 @@ def _linear_modules(config, task_type: str, layers: list[int], start: Path) -> l
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
-    with torch.device("meta"):
+    with torch.device("meta"), whole_weights():
         model = cls.from_config(config)
     wanted = {str(i) for i in layers}
     names = [name for name, module in model.named_modules()
@@ -129,15 +129,11 @@ def _linear_modules(config, task_type: str, layers: list[int], start: Path) -> l
 
 
 def save_trained(trainer, path: Path) -> None:
-    """The trained model as a plain checkpoint, LoRA adapters merged in, with its tokenizer."""
-    from accelerate.utils import is_peft_model
-
-    if is_peft_model(trainer.model):
-        if trainer.is_world_process_zero():
-            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(path)
-    else:
-        trainer.save_model(str(path))
+    """The trained model as a plain checkpoint, LoRA adapters merged in, with its tokenizer. Every
+    process calls it: under ZeRO-3 the trainer gathers the weights from all of them to save."""
+    trainer.save_model(str(path))
     if trainer.is_world_process_zero():
+        merge_adapter_checkpoint(path)
         trainer.processing_class.save_pretrained(path)
 
 
@@ -145,9 +141,12 @@ def merge_adapter_checkpoint(path: Path) -> None:
     """A checkpoint the trainer saved as LoRA adapters only, rewritten as the merged model."""
     if not (path / "adapter_config.json").exists():
         return
-    from peft import AutoPeftModelForCausalLM
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-    merged = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
+    task = json.loads((path / "adapter_config.json").read_text()).get("task_type")
+    cls = AutoPeftModelForSequenceClassification if task == "SEQ_CLS" else AutoPeftModelForCausalLM
+    with whole_weights():
+        merged = cls.from_pretrained(path).merge_and_unload()
     for adapter_file in path.glob("adapter_*"):
         adapter_file.unlink()
     merged.save_pretrained(path)
