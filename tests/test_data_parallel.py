@@ -133,15 +133,16 @@ def test_uneven_shares_come_back_whole_and_in_order(prepared_run, tmp_path, coun
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_zero3_trains_and_hands_on_whole_models(prepared_run, tmp_path, lora):
+def test_zero3_trains_and_hands_on_whole_models(prepared_run, tmp_path):
     # Under ZeRO-3 transformers partitions every model loaded once a trainer exists: sampling, scoring and
-    # the LoRA merge must still see whole models, and the saved checkpoints must be whole.
+    # the LoRA merge must still see whole models, and the saved checkpoints must be whole. LoRA only: full
+    # training goes through the same gathered save, and a second 2-minute run would push the suite past
+    # its 15 minutes.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run)
-    cfg = prepare_run(None, ["e_step.train.lora.top_layers=1", "m_step.train.lora.top_layers=1"] if lora else [], run)
+    cfg = prepare_run(None, ["e_step.train.lora.top_layers=1", "m_step.train.lora.top_layers=1"], run)
     zero3 = cfg.launch.model_copy(update={"launcher": "accelerate", "gpus": 2, "deepspeed_config": str(ROOT / "configs/deepspeed/zero3.json")})
     for name in ("e-step", "m-step"):
         cmd = step_command(cfg.model_copy(update={"launch": zero3}), name, run, 1)
