@@ -31,7 +31,7 @@ from coevolve.core.models import device_of, dtype_of
 from coevolve.core.rollout import sample, sample_each, score, score_each
 from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, preference_dataset, save_trained, train_sft, trainer_args
+from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, preference_dataset, train_sft, trainer_args
 from coevolve.data.records import pair_records, response_records
 from coevolve.data.sampling import sample_prompts
 from coevolve.data.store import Store
@@ -153,7 +153,9 @@ def save_last_checkpoint(trainer, tmp: Path) -> None:
     final = tmp / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
     # Only the main process has the trainer's checkpoints; all must join a save (ZeRO-3 gathers weights).
     if not distributed.from_main(final.exists()):
-        save_trained(trainer, final)
+        trainer.save_model(str(final))
+    if not trainer.is_world_process_zero():
+        return
     for ckpt in (tmp / "checkpoints").glob("checkpoint-*"):
         merge_adapter_checkpoint(ckpt)
         trainer.processing_class.save_pretrained(ckpt)

@@ -27,10 +27,12 @@ def is_main() -> bool:
 def init() -> None:
     """Join the launcher's process group (gloo on CPU, nccl on GPU) on this process's own GPU; the
     trainers' accelerate finds the group made and uses it."""
+    if world_size() == 1:
+        return
     import torch
     import torch.distributed as dist
 
-    if world_size() == 1 or dist.is_initialized():
+    if dist.is_initialized():
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
