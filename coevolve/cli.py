@@ -50,7 +50,7 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
             log.info(f"iteration {k} {name}: already done, skipped")
         else:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
-            code, tail = run_process(cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True), preload=cfg.launch.preload)
+            code, tail = run_process(cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True), launch=cfg.launch)
             if code != 0:
                 raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {rundir.partial_dir(run_dir, k, name) / 'log.txt'}")
         if name == "e-step" and rundir.read_done(run_dir, k, name)["stop"]:

@@ -42,7 +42,7 @@ def run_step(
     cmd = step_command(cfg, step, run, iteration)
     logger.info(shlex.join(cmd))
     with gpu_slots(gpu_limit, cfg.launch.gpus):
-        code, tail = run_process(cmd, logger.info, preload=cfg.launch.preload)
+        code, tail = run_process(cmd, logger.info, launch=cfg.launch)
     if code != 0:
         raise StepFailed(step, iteration, code, tail)
 

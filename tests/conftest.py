@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,22 @@ import pytest
 from coevolve.cli import run_step
 from coevolve.core.config import prepare_run
 from coevolve.core.step import setup_logging
+from coevolve.core.stepserver import stop_servers
 
 # Steps run in-process by the tests are not tracked; the tracking tests set their own mode. Without
 # this, a developer's `wandb login` would send test runs to their account.
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The suite's step servers (core/stepserver.py) live in a folder of their own and end with the session,
+# not after their idle time, and never serve a developer's own runs.
+os.environ["COEVOLVE_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="coevolve-tests-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def step_servers():
+    folder = Path(os.environ["COEVOLVE_RUNTIME_DIR"])
+    yield folder
+    stop_servers(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -1,13 +1,16 @@
 """Step command lines per launcher, and a child process whose lines stream as they come."""
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from coevolve.core.config import load_config
+from coevolve.core.config import LaunchConfig, load_config
 from coevolve.core.launch import StepFailed, retries, run_process, step_command
+from coevolve.core.stepserver import server_key
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 RUN = Path("/runs/r")
@@ -68,12 +71,45 @@ def test_a_failing_process_reports_its_last_lines():
     assert message.startswith("step e-step (iteration 1) exited with code 1") and message.endswith("49\nboom")
 
 
-def test_a_preloaded_step_is_forked_with_its_output_and_exit_code(tmp_path):
+def test_a_preloaded_step_is_forked_with_its_output_and_exit_code(tmp_path, step_servers):
     cmd = [sys.executable, "-m", "coevolve", "step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"]
     plain = run_process(cmd, lambda line: None)
-    forked = run_process(cmd, lambda line: None, preload=True)
+    forked = run_process(cmd, lambda line: None, launch=LaunchConfig())
     assert forked == plain and plain[0] == 2
     assert any("no config: give --config FILE" in line for line in forked[1])
+    # The server stays up for the next step, of this run or of another.
+    servers = {f: f.read_text() for f in step_servers.glob("*.pid")}
+    again = run_process(cmd, lambda line: None, launch=LaunchConfig())
+    assert again == forked
+    assert {f: f.read_text() for f in step_servers.glob("*.pid")} == servers != {}
+
+
+def test_a_step_server_serves_one_environment():
+    env = dict(os.environ)
+    assert server_key({**env, "PYTEST_CURRENT_TEST": "another test"}) == server_key(env)
+    assert server_key({**env, "HF_HUB_OFFLINE": "1" if env.get("HF_HUB_OFFLINE") != "1" else "0"}) != server_key(env)
+
+
+def test_a_killed_client_takes_its_forked_step_with_it(fresh_run):
+    # The client forks a real e-step, says its pid, and is killed with no chance to clean up. A process
+    # of its own holds the step's output open: the step must not end merely by writing to a closed pipe.
+    client = (
+        "import os, subprocess\nfrom coevolve.core.stepserver import ForkedStep\n"
+        f"step = ForkedStep(['step', 'e-step', '--run-dir', {str(fresh_run)!r}, '--iteration', '1'], {{**os.environ, 'PYTHONUNBUFFERED': '1'}}, 60)\n"
+        "holder = subprocess.Popen(['sleep', '60'], pass_fds=[step.stdout.fileno()])\n"
+        "print(step.pid, holder.pid, flush=True)\nfor line in step.stdout: pass\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", client], stdout=subprocess.PIPE, text=True)
+    pid, holder = map(int, proc.stdout.readline().split())
+    time.sleep(1.0)
+    os.kill(pid, 0)  # the step is running
+    proc.kill()
+    proc.wait()
+    try:
+        assert _ends_within(pid, 20), f"step {pid} still runs after its client was killed"
+    finally:
+        os.kill(holder, signal.SIGKILL)
+    assert not (fresh_run / "iter_1" / "e-step" / "DONE.json").exists()
 
 
 def test_an_interrupted_caller_leaves_no_child_behind():
@@ -87,3 +123,14 @@ def test_an_interrupted_caller_leaves_no_child_behind():
         run_process([sys.executable, "-c", "import os, time; print(os.getpid()); time.sleep(60)"], stop)
     with pytest.raises(ProcessLookupError):
         os.kill(pids[0], 0)
+
+
+def _ends_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

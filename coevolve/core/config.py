@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -269,8 +269,10 @@ class LaunchConfig(Strict):
     launcher: Literal["python", "accelerate", "deepspeed"] = "python"
     gpus: int = 1
     deepspeed_config: str | None = None
-    # Python-launched steps fork from a process that imported the libraries once (core/forkserver.py).
+    # Python-launched steps fork from a server that imported the libraries once (core/stepserver.py),
+    # which stays up this long without steps to serve later runs too.
     preload: bool = True
+    server_idle_s: float = Field(600.0, gt=0)
 
 
 class RetriesConfig(Strict):

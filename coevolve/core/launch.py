@@ -10,8 +10,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from coevolve.core.config import Config
-from coevolve.core.forkserver import ForkedStep
+from coevolve.core.config import Config, LaunchConfig
+from coevolve.core.stepserver import ForkedStep
 from coevolve.core.plan import GENERATION_STEPS
 
 # Steps that train a model, the only ones that go through the multi-GPU launcher; `init` only
@@ -53,19 +53,19 @@ def step_command(cfg: Config, step: str, run_dir: Path, iteration: int) -> list[
 
 
 def run_process(
-    cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | None = None, tail: int = 30, preload: bool = False
+    cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | None = None, tail: int = 30, launch: LaunchConfig | None = None
 ) -> tuple[int, list[str]]:
     """Run `cmd` with stderr merged into stdout; every line goes to `on_line` as it arrives. Returns the
-    exit code and the last `tail` lines. With `preload`, a plain `python -m coevolve ...` command is
-    forked from a server that has imported the libraries already (core/forkserver.py)."""
+    exit code and the last `tail` lines. With `launch.preload`, a plain `python -m coevolve ...` command
+    is forked from a step server that has imported the libraries already (core/stepserver.py)."""
     # Unbuffered, so a step's lines arrive while it runs, not when it exits.
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     last: deque[str] = deque(maxlen=tail)
-    # The child stays in our process group: whoever kills this process's group (Prefect cancelling a
-    # flow run does) kills the step too.
-    if preload and cmd[:3] == [sys.executable, "-m", "coevolve"]:
-        proc = ForkedStep(cmd[3:], child_env)
+    if launch is not None and launch.preload and cmd[:3] == [sys.executable, "-m", "coevolve"]:
+        proc = ForkedStep(cmd[3:], child_env, launch.server_idle_s)
     else:
+        # The child stays in our process group: whoever kills this process's group (Prefect cancelling
+        # a flow run does) kills the step too. A forked step goes with its client, which that kills.
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True, errors="replace", bufsize=1
         )

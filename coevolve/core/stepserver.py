@@ -1,0 +1,333 @@
+"""Step processes forked from a step server: a process that imported torch, transformers, trl, datasets
+and the step modules once, and that outlives the run that started it.
+
+Each step is still its own process, with its own CUDA context, memory and exit code: only the imports
+are shared. They cost 10-16 s per interpreter (2 CPU cores; ~10 s on the GPU machine): more than the
+whole overhead budget of a bench-sized iteration, and half of a sandbox run's wall time when every step
+paid them. A server forks the steps of every `coevolve run`, flow run or experiment arm with the same
+code and environment, and exits after `launch.server_idle_s` seconds without a step, so the imports are
+paid once per working session, not once per run. The server never touches CUDA: forked children could
+not use it otherwise. `launch.preload: false` turns all this off.
+
+A server serves one key: the Python, its sys.path and what is installed there, the environment, and
+coevolve's own sources. Changed code or a changed environment gets a fresh server, never a stale one.
+
+Protocol, over a Unix socket in `runtime_dir()`: the client sends one request (argv, env, cwd) with the
+write end of its output pipe; the server forks and answers {"pid": N}, then {"exit": code} when the step
+ends. A client that goes away (killed, interrupted) takes its step with it: the server terminates a
+step whose client hung up, as a process group kill would have.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import selectors
+import signal
+import site
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+# Set per process by shells, terminals and pytest, meaningless to the imports.
+VOLATILE_ENV = frozenset({"PYTEST_CURRENT_TEST", "PWD", "OLDPWD", "SHLVL", "_", "LINES", "COLUMNS"})
+HEADER = struct.Struct("!Q")
+
+
+def runtime_dir(env: dict[str, str]) -> Path:
+    if "COEVOLVE_RUNTIME_DIR" in env:
+        path = Path(env["COEVOLVE_RUNTIME_DIR"])
+    elif "XDG_RUNTIME_DIR" in env:
+        path = Path(env["XDG_RUNTIME_DIR"]) / "coevolve"
+    else:
+        path = Path(f"/tmp/coevolve-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def server_key(env: dict[str, str]) -> str:
+    """What a fresh `python -m coevolve` would import is set by the interpreter, the folder it starts in
+    (first on its sys.path), the environment (PYTHONPATH and what libraries read at import) and what is
+    installed; a package installed or removed changes its site folder's mtime."""
+    h = hashlib.sha256(f"{sys.executable}:{os.getcwd()}".encode())
+    for site_dir in [*site.getsitepackages(), site.getusersitepackages()]:
+        h.update(f"{site_dir}:{os.stat(site_dir).st_mtime_ns if os.path.isdir(site_dir) else ''}".encode())
+    for name in sorted(set(env) - VOLATILE_ENV):
+        h.update(f"{name}={env[name]}".encode())
+    for source in sorted(_source_files()):
+        stat = source.stat()
+        h.update(f"{source}:{stat.st_mtime_ns}:{stat.st_size}".encode())
+    return h.hexdigest()[:20]
+
+
+def _source_files() -> list[Path]:
+    import coevolve
+
+    # coevolve.flows, .policy, ... map to top-level folders of the checkout (pyproject's package-dir).
+    folders = {Path(p) for p in coevolve.__path__}
+    for sub in ("flows", "policy", "reward", "revision", "data"):
+        folders.update(Path(p) for p in importlib.import_module(f"coevolve.{sub}").__path__)
+    return [f for folder in folders for f in folder.rglob("*.py")]
+
+
+# --- client -----------------------------------------------------------------------------------------
+
+
+class ForkedStep:
+    """`coevolve ARGV` forked from the step server for `env` (started if none is up), with the part of
+    `subprocess.Popen`'s interface that `launch.run_process` uses: `stdout` (text, stderr merged), pid,
+    poll, wait, terminate, kill."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], idle_s: float):
+        path = runtime_dir(env) / f"{server_key(env)}.sock"
+        self._log = path.with_suffix(".log")
+        self._conn = _connect(path, env, idle_s)
+        read, write = os.pipe()
+        body = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd()}).encode()
+        socket.send_fds(self._conn, [HEADER.pack(len(body))], [write])
+        self._conn.sendall(body)
+        os.close(write)  # the step holds the only write end, so its exit ends the stream
+        self.stdout = os.fdopen(read, "r", errors="replace")
+        self._buffer = b""
+        self._code: int | None = None
+        self.pid = self._reply(None)["pid"]
+
+    def _reply(self, timeout: float | None) -> dict | None:
+        while b"\n" not in self._buffer:
+            self._conn.settimeout(timeout)
+            try:
+                chunk = self._conn.recv(4096)
+            except (BlockingIOError, TimeoutError):
+                return None
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise RuntimeError(f"the step server went away; its log: {self._log}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _exit(self, timeout: float | None) -> int | None:
+        if self._code is None:
+            reply = self._reply(timeout)
+            if reply is not None:
+                self._code = reply["exit"]
+                self._conn.close()
+        return self._code
+
+    def poll(self) -> int | None:
+        return self._exit(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._exit(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(f"coevolve (pid {self.pid})", timeout)
+        return code
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _connect(path: Path, env: dict[str, str], idle_s: float) -> socket.socket:
+    try:
+        return _open(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    # One client starts the server; the others, racing for it, find it started.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _open(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            path.unlink(missing_ok=True)  # left by a server that was killed
+        log = path.with_suffix(".log")
+        with open(log, "ab") as out:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "coevolve.core.stepserver", str(path), str(idle_s)],
+                env={**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # not in our process group: it outlives us
+            )
+        # It listens before it imports: requests wait in the socket's queue meanwhile.
+        while not path.exists():
+            if server.poll() is not None:
+                raise RuntimeError(f"the step server exited at start (code {server.returncode}); its log: {log}")
+            time.sleep(0.02)
+        return _open(path)
+
+
+def _open(path: Path) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+def stop_servers(folder: Path) -> None:
+    """Terminate every step server whose socket is in `folder` (they also end on their own when idle)."""
+    for pid_file in folder.glob("*.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pid_file.unlink(missing_ok=True)
+
+
+# --- server -----------------------------------------------------------------------------------------
+
+
+def serve(path: Path, idle_s: float) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+    pid_file = path.with_suffix(".pid")
+    pid_file.write_text(str(os.getpid()))
+    steps: dict[int, socket.socket] = {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        from coevolve.cli import STEPS
+
+        for module in ("coevolve.cli", *STEPS.values()):
+            importlib.import_module(module)
+        print(f"{time.strftime('%F %T')} step server {os.getpid()} ready ({path.name}, exits after {idle_s:g} s idle)", flush=True)
+        _loop(listener, steps, idle_s)
+    finally:
+        for pid in steps:
+            os.kill(pid, signal.SIGTERM)
+        path.unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
+
+
+def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: float) -> None:
+    events = selectors.DefaultSelector()
+    events.register(listener, selectors.EVENT_READ, ("request", None))
+    idle_since = time.monotonic()
+    hung_up: set[socket.socket] = set()
+    while True:
+        ready = events.select(None if steps else max(0.0, idle_since + idle_s - time.monotonic()))
+        if not ready and not steps:
+            return
+        for key, _ in ready:
+            kind, pid = key.data
+            if kind == "request":
+                conn, _ = listener.accept()
+                pid = _fork(conn, listener, events)
+                if pid is None:
+                    conn.close()
+                    continue
+                steps[pid] = conn
+                events.register(conn, selectors.EVENT_READ, ("client", pid))
+                events.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exit", pid))
+            elif kind == "client":
+                # Nothing more is ever sent: readable means the client hung up.
+                events.unregister(key.fileobj)
+                hung_up.add(key.fileobj)
+                os.kill(pid, signal.SIGTERM)
+            else:
+                events.unregister(key.fd)
+                os.close(key.fd)
+                _, status = os.waitpid(pid, 0)
+                conn = steps.pop(pid)
+                _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
+                if conn in hung_up:
+                    hung_up.remove(conn)
+                else:
+                    events.unregister(conn)
+                conn.close()
+                if not steps:
+                    idle_since = time.monotonic()
+
+
+def _fork(conn: socket.socket, listener: socket.socket, events: selectors.BaseSelector) -> int | None:
+    conn.settimeout(10)  # a client sends its whole request at once; never wait long on a broken one
+    try:
+        header, fds, _, _ = socket.recv_fds(conn, HEADER.size, 1)
+        if len(header) < HEADER.size or len(fds) != 1:
+            return None
+        body = b""
+        while len(body) < HEADER.unpack(header)[0]:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                return None
+            body += chunk
+    except OSError:
+        return None
+    request = json.loads(body)
+    pid = os.fork()
+    if pid == 0:
+        # The step keeps none of the server's sockets: a client waits for EOF from the server's end.
+        for key in list(events.get_map().values()):
+            key.fileobj.close() if isinstance(key.fileobj, socket.socket) else os.close(key.fd)
+        events.close()
+        conn.close()
+        _run_step(request, fds[0])
+    os.close(fds[0])
+    _send(conn, {"pid": pid})
+    return pid
+
+
+def _send(conn: socket.socket, message: dict) -> None:
+    try:
+        conn.sendall(json.dumps(message).encode() + b"\n")
+    except OSError:
+        pass  # the client is gone; its step was terminated or has ended anyway
+
+
+def _run_step(request: dict, out: int) -> None:
+    """In the forked child: become `coevolve ARGV` as the client would have started it; never returns."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(devnull)
+    os.close(out)
+    # Line-buffered, as the unbuffered fresh interpreter was: lines must reach the caller as they come.
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    code = 0
+    try:
+        if "OMP_NUM_THREADS" in os.environ:
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        from coevolve.cli import main
+
+        sys.argv = ["coevolve", *request["argv"]]
+        main(request["argv"])
+    except SystemExit as stop:
+        if isinstance(stop.code, int) or stop.code is None:
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]), float(sys.argv[2]))
