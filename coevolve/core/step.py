@@ -57,6 +57,8 @@ class StepRun:
         self.dir = rundir.partial_dir(self.run_dir, iteration, name)
         self.metrics: dict = {}
         self.timings: dict = {}
+        # Per phase: models and tokenizers loaded and saved, and the seconds it took (core/io_timing.py).
+        self.io: dict = {}
         self.inputs: dict = {}
         self.started = _now()
         self._handler: logging.Handler | None = None
@@ -81,6 +83,7 @@ class StepRun:
             saved = json.loads(record.read_text())
             self.metrics.update(saved["metrics"])
             self.timings[record.stem] = saved["seconds"]
+            self.io[record.stem] = saved.get("io", {})  # phases finished before io was counted: none
         # The pid: a step forked from the preload server has that server's command line, not its own.
         log.info(f"iteration {self.iteration} {self.name} (pid {os.getpid()}): working in {self.dir}"
                  + (f" (resuming after {sorted(self.timings)})" if self.timings else ""))
@@ -118,11 +121,15 @@ class StepRun:
         tmp = self.dir / (f"{name}.tmp" if distributed.is_main() else f"{name}.rank{distributed.rank()}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        from coevolve.core import io_timing
+
         start = time.perf_counter()
-        metrics = build(tmp) or {}
+        with io_timing.counted() as io:
+            metrics = build(tmp) or {}
         seconds = time.perf_counter() - start
         self.metrics.update(metrics)
         self.timings[name] = seconds
+        self.io[name] = io
         if distributed.is_main():
             if not tmp.exists():
                 tmp.mkdir()
@@ -130,13 +137,14 @@ class StepRun:
                 shutil.rmtree(final)
             tmp.rename(final)
             record_tmp = record.with_suffix(".tmp")
-            record_tmp.write_text(json.dumps({"metrics": metrics, "seconds": seconds}))
+            record_tmp.write_text(json.dumps({"metrics": metrics, "seconds": seconds, "io": io}))
             record_tmp.replace(record)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-        tracking.log_phase(name, metrics, seconds)
+        tracking.log_phase(name, metrics, seconds, io)
         summary = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (list, dict)))
-        log.info(f"{name}: done in {seconds:.1f}s" + (f" ({summary})" if summary else ""))
+        moved = f"; {io['loads']} loads {io['load_s']:.1f}s, {io['saves']} saves {io['save_s']:.1f}s" if io["loads"] + io["saves"] else ""
+        log.info(f"{name}: done in {seconds:.1f}s{moved}" + (f" ({summary})" if summary else ""))
         distributed.barrier()
         return final
 
@@ -154,6 +162,7 @@ class StepRun:
             "outputs": resolved,
             "metrics": self.metrics,
             "timings": self.timings,
+            "io": self.io,
             "stop": stop,
             **(extra or {}),
         }

@@ -77,16 +77,16 @@ def start(step) -> None:
         reinit="finish_previous",
     )
     if step.timings:
-        _log(step.metrics, step.timings)
+        _log(step.metrics, step.timings, step.io)
 
 
-def log_phase(name: str, metrics: dict, seconds: float) -> None:
+def log_phase(name: str, metrics: dict, seconds: float, io: dict) -> None:
     if _run is not None:
-        _log(metrics, {name: seconds})
+        _log(metrics, {name: seconds}, {name: io})
 
 
-def _log(metrics: dict, timings: dict[str, float]) -> None:
-    flat = _flatten(metrics)
+def _log(metrics: dict, timings: dict[str, float], io: dict[str, dict]) -> None:
+    flat = _flatten({**metrics, "io": io})
     numbers = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     _run.log({**numbers, **{f"time/{phase}": s for phase, s in timings.items()}})
     # Labels and flags (the selected checkpoint, whether the loop stops) have no curve to draw.

@@ -1,0 +1,60 @@
+"""Time spent loading and saving models and tokenizers, counted while a step phase runs.
+
+Steps hand models to each other as safetensors folders, and the trainers save their checkpoints
+themselves, deep inside trl and transformers, where no hook of ours reaches. So the count wraps the
+libraries' own load and save methods for the length of a phase, and restores them after.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Every model and tokenizer class inherits these; Auto* classes end in them too.
+CALLS = [
+    ("load", PreTrainedModel, "from_pretrained"),
+    ("load", PreTrainedTokenizerBase, "from_pretrained"),
+    ("save", PreTrainedModel, "save_pretrained"),
+    ("save", PreTrainedTokenizerBase, "save_pretrained"),
+]
+
+
+@contextmanager
+def counted() -> Iterator[dict]:
+    """Yields {"load_s", "loads", "save_s", "saves"}, filled as the wrapped calls return."""
+    totals = {"load_s": 0.0, "loads": 0, "save_s": 0.0, "saves": 0}
+    # A call made inside another (a checkpoint's save saving its tokenizer) is part of that one.
+    depth = [0]
+    originals = [(cls, name, cls.__dict__[name]) for _, cls, name in CALLS]
+    for kind, cls, name in CALLS:
+        setattr(cls, name, _timed(cls.__dict__[name], kind, totals, depth))
+    try:
+        yield totals
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+        totals["load_s"] = round(totals["load_s"], 3)
+        totals["save_s"] = round(totals["save_s"], 3)
+
+
+def _timed(original, kind: str, totals: dict, depth: list[int]):
+    is_classmethod = isinstance(original, classmethod)
+    func = original.__func__ if is_classmethod else original
+
+    @functools.wraps(func)
+    def timed(*args, **kwargs):
+        if depth[0]:
+            return func(*args, **kwargs)
+        depth[0] += 1
+        start = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            totals[f"{kind}_s"] += time.perf_counter() - start
+            totals[f"{kind}s"] += 1
+
+    return classmethod(timed) if is_classmethod else timed
