@@ -86,7 +86,7 @@ def main() -> None:
         base = None
         for n in counts:
             per_device = argparse.Namespace(**{**vars(a), "dpo_batch": a.dpo_batch // n, "rm_batch": a.rm_batch // n})
-            wall, kinds = run_ours(per_device, work, backend, launch_section(n, zero), warmup=not warm)
+            wall, kinds, _ = run_ours(per_device, work, backend, launch_section(n, zero), warmup=not warm)
             warm = True
             base = base or wall
             run = {"gpus": n, "zero": zero, "iter_s": round(wall, 1), "efficiency": round(base / (n * wall), 3), "breakdown": kinds}

@@ -237,8 +237,9 @@ def steady(marks, warmup: int) -> dict:
 
 
 # -- trainer configs ----------------------------------------------------------------------------------
-def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: bool, precompute: bool = True):
-    """The trl config our steps build (coevolve.core.training.trainer_args) for these TrainConfig values."""
+def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: bool, precompute: bool = True, tuning: dict | None = None):
+    """The trl config our steps build (coevolve.core.training.trainer_args) for these TrainConfig values;
+    `tuning` holds further fields of the trl config, set through `train.extra` as a user would."""
     from trl import DPOConfig, RewardConfig
 
     extra = {
@@ -254,6 +255,7 @@ def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: 
         extra.update(use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": False})
     if kind == "dpo" and precompute:
         extra.update(precompute_ref_log_probs=True, precompute_ref_batch_size=4 * batch)
+    extra.update(tuning or {})
     fields = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_length=MAX_LEN, gradient_checkpointing=False, extra=extra)
     try:
         from coevolve.core.config import DPOTrainConfig, RMTrainConfig, build_config
@@ -376,18 +378,27 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
 
 
 # -- main ---------------------------------------------------------------------------------------------
+# Padded lengths in steps of 64: a few shapes instead of one per batch, for cuDNN's plans and for
+# torch.compile, which compiles each new shape (and makes them dynamic from the second on).
+PAD64 = {"pad_to_multiple_of": 64}
+COMPILE = {"torch_compile": True, **PAD64}
 CONFIGS = {
-    # name: (kind, ours?, liger?, precompute?)
-    "trl-dpo": ("dpo", False, False, False),
-    "ours-dpo": ("dpo", True, False, True),
-    "trl-rm": ("rm", False, False, False),
-    "ours-rm": ("rm", True, False, False),
+    # name: (kind, ours?, liger?, precompute?, further trl config fields)
+    "trl-dpo": ("dpo", False, False, False, {}),
+    "ours-dpo": ("dpo", True, False, True, {}),
+    "trl-rm": ("rm", False, False, False, {}),
+    "ours-rm": ("rm", True, False, False, {}),
     # what precomputing the reference buys: ours with the reference forward in every step
-    "ours-dpo-inline-ref": ("dpo", True, False, False),
+    "ours-dpo-inline-ref": ("dpo", True, False, False, {}),
+    # torch.compile fuses the fp32-residual casts, norms and activations liger does not
+    "ours-rm-compile": ("rm", True, False, False, COMPILE),
+    "ours-dpo-compile-inline-ref": ("dpo", True, False, False, COMPILE),
     # liger replaces transformers' Qwen2 RoPE, RMSNorm and MLP module-wide, so its runs come last
-    "ours-dpo-liger": ("dpo", True, True, True),
-    "ours-dpo-liger-inline-ref": ("dpo", True, True, False),
-    "ours-rm-liger": ("rm", True, True, False),
+    "ours-dpo-liger": ("dpo", True, True, True, {}),
+    "ours-dpo-liger-inline-ref": ("dpo", True, True, False, {}),
+    "ours-dpo-liger-inline-ref-pad64": ("dpo", True, True, False, PAD64),
+    "ours-rm-liger": ("rm", True, True, False, {}),
+    "ours-rm-liger-pad64": ("rm", True, True, False, PAD64),
 }
 DEFAULT_CONFIGS = "trl-dpo,ours-dpo,trl-rm,ours-rm,ours-dpo-liger,ours-dpo-liger-inline-ref,ours-rm-liger"
 
@@ -453,7 +464,7 @@ def main():
 
     batch_of = {("dpo", False): args.trl_dpo_batch, ("rm", False): args.trl_rm_batch, ("dpo", True): args.dpo_batch, ("rm", True): args.rm_batch}
     for name in args.configs.split(","):
-        kind, ours, liger, precompute = CONFIGS[name]
+        kind, ours, liger, precompute, tuning = CONFIGS[name]
         if time.perf_counter() - t_start > args.deadline_s:
             res["errors"][name] = f"skipped: the bench had run {time.perf_counter() - t_start:.0f}s (--deadline-s)"
             continue
@@ -464,13 +475,15 @@ def main():
         out = work / name
         n_steps = total + (PROFILE_STEPS if name in profiled else 0)
         if ours:
-            trainer_cfg, via = our_args(kind, folder, out, batch, n_steps, liger, precompute)
+            trainer_cfg, via = our_args(kind, folder, out, batch, n_steps, liger, precompute, tuning)
         else:
             trainer_cfg, via = trl_args(kind, out, batch, n_steps), "trl defaults"
         r = section(name, lambda: run(kind, name, trainer_cfg, folder, tok, rows[: n_steps * batch], args.warmup, args.steps, name in profiled))
         if r is not None:
             r["config_via"] = via
+            r["tuning"] = tuning
             res["runs"][name] = r
+            save(res, args.out)  # a device call may end before the next config does
         shutil.rmtree(out, ignore_errors=True)
 
     summarize(res)
@@ -520,7 +533,7 @@ def save(res, out: Path | None):
 def table(res) -> str:
     rows = [("config", "batch", "ckpt", "ref", "sampler", "liger", "loop tok/s", "end-to-end tok/s", "MFU (6N)", "MFU (8N)", "peak GiB", "notes")]
     for r in res.get("runs", {}).values():
-        note = f"step {r['step_ms_median']} ms, padding {r['pad_share']:.0%}"
+        note = "".join(f"{k} {v}, " for k, v in r.get("tuning", {}).items()) + f"step {r['step_ms_median']} ms, padding {r['pad_share']:.0%}"
         if r.get("profile"):
             note += f", GPU busy {r['profile']['gpu_busy_share']:.0%} of the step"
         if r.get("precompute_s") is not None:
