@@ -148,17 +148,16 @@ def train_seft(step: StepRun, policy: Path, rows: datasets.Dataset, tmp: Path) -
 
 
 def save_last_checkpoint(trainer, tmp: Path) -> None:
-    """The end of training is a candidate too, and every candidate needs its tokenizer to be loaded and,
-    after LoRA training, its adapters merged (a candidate may become the next step's policy)."""
+    """The end of training is a candidate too, and every candidate, after LoRA training, needs its
+    adapters merged (a candidate may become the next step's policy). The trainer saves each with its
+    tokenizer."""
     final = tmp / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
     # Only the main process has the trainer's checkpoints; all must join a save (ZeRO-3 gathers weights).
     if not distributed.from_main(final.exists()):
         trainer.save_model(str(final))
-    if not trainer.is_world_process_zero():
-        return
-    for ckpt in (tmp / "checkpoints").glob("checkpoint-*"):
-        merge_adapter_checkpoint(ckpt)
-        trainer.processing_class.save_pretrained(ckpt)
+    if trainer.is_world_process_zero():
+        for ckpt in (tmp / "checkpoints").glob("checkpoint-*"):
+            merge_adapter_checkpoint(ckpt)
 
 
 def mix_revisions(pairs: datasets.Dataset, revisions: datasets.Dataset, tmp: Path) -> dict:

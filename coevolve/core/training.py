@@ -129,12 +129,12 @@ def _linear_modules(config, task_type: str, layers: list[int], start: Path) -> l
 
 
 def save_trained(trainer, path: Path) -> None:
-    """The trained model as a plain checkpoint, LoRA adapters merged in, with its tokenizer. Every
-    process calls it: under ZeRO-3 the trainer gathers the weights from all of them to save."""
+    """The trained model as a plain checkpoint, LoRA adapters merged in, with its tokenizer (the
+    trainer saves its processing class with the model). Every process calls it: under ZeRO-3 the
+    trainer gathers the weights from all of them to save."""
     trainer.save_model(str(path))
     if trainer.is_world_process_zero():
         merge_adapter_checkpoint(path)
-        trainer.processing_class.save_pretrained(path)
 
 
 def merge_adapter_checkpoint(path: Path) -> None:
