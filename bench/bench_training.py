@@ -13,7 +13,9 @@ Nothing in trl is patched. What differs from trl's defaults:
     needs `remove_unused_columns: false`), so less of each batch is padding;
   - SDPA attention named explicitly (`model_init_kwargs`), bf16 autocast over fp32 master weights
     like trl's default (pure bf16 weights would be faster but loses updates at DPO's lr 7e-7);
-  - optionally liger-kernel's fused RMSNorm / SwiGLU / RoPE (`use_liger_kernel`, a carried wheel).
+  - optionally liger-kernel's fused RMSNorm / SwiGLU / RoPE (`use_liger_kernel`, a carried wheel), or
+    torch.compile (`torch_compile`) with lengths padded to multiples of 64 (`*-compile` configs; run them
+    before any liger config, and give them minutes: each compiles for 2-3 minutes with a cold cache).
 trl 1.16 has no padding-free DPO (it warns and pads), so packing is not measured.
 
 Workload: a Qwen2-0.5B-shaped model (random weights, saved in bf16 and loaded by trl in fp32 as our
