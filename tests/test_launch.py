@@ -10,7 +10,7 @@ import pytest
 
 from coevolve.core.config import LaunchConfig, load_config
 from coevolve.core.launch import StepFailed, retries, run_process, step_command
-from coevolve.core.stepserver import server_key
+from coevolve.core.stepserver import runtime_dir, server_key
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 RUN = Path("/runs/r")
@@ -88,6 +88,15 @@ def test_a_step_server_serves_one_environment():
     env = dict(os.environ)
     assert server_key({**env, "PYTEST_CURRENT_TEST": "another test"}) == server_key(env)
     assert server_key({**env, "HF_HUB_OFFLINE": "1" if env.get("HF_HUB_OFFLINE") != "1" else "0"}) != server_key(env)
+
+
+def test_a_step_server_listens_only_in_a_folder_closed_to_others(tmp_path):
+    open_folder = tmp_path / "open"
+    open_folder.mkdir(mode=0o755)
+    open_folder.chmod(0o755)
+    with pytest.raises(RuntimeError, match="closed to others"):
+        runtime_dir({"COEVOLVE_RUNTIME_DIR": str(open_folder)})
+    assert runtime_dir({"COEVOLVE_RUNTIME_DIR": str(tmp_path / "new")}).stat().st_mode & 0o777 == 0o700
 
 
 def test_a_killed_client_takes_its_forked_step_with_it(fresh_run):

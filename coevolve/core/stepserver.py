@@ -48,6 +48,11 @@ def runtime_dir(env: dict[str, str]) -> Path:
     else:
         path = Path(f"/tmp/coevolve-{os.getuid()}")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Whoever can write there can have steps run as us: it must be ours alone.
+    stat = path.stat()
+    if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+        raise RuntimeError(f"step server folder {path}: must be owned by this user and closed to others (chmod 700); "
+                           "or set COEVOLVE_RUNTIME_DIR, or launch.preload: false")
     return path
 
 
