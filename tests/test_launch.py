@@ -1,6 +1,7 @@
 """Step command lines per launcher, and a child process whose lines stream as they come."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,8 +78,12 @@ def test_a_preloaded_step_is_forked_with_its_output_and_exit_code(tmp_path, step
     forked = run_process(cmd, lambda line: None, launch=LaunchConfig())
     assert forked == plain and plain[0] == 2
     assert any("no config: give --config FILE" in line for line in forked[1])
-    # The server stays up for the next step, of this run or of another.
+    # The server stays up for the next step, of this run or of another, even after a broken request.
     servers = {f: f.read_text() for f in step_servers.glob("*.pid")}
+    for junk in (b"", b"not a request"):
+        with socket.socket(socket.AF_UNIX) as bad:
+            bad.connect(str(next(step_servers.glob("*.sock"))))
+            bad.sendall(junk)
     again = run_process(cmd, lambda line: None, launch=LaunchConfig())
     assert again == forked
     assert {f: f.read_text() for f in step_servers.glob("*.pid")} == servers != {}

@@ -232,7 +232,7 @@ def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: floa
             kind, pid = key.data
             if kind == "request":
                 conn, _ = listener.accept()
-                pid = _fork(conn, listener, events)
+                pid = _fork(conn, events)
                 if pid is None:
                     conn.close()
                     continue
@@ -240,6 +240,8 @@ def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: floa
                 events.register(conn, selectors.EVENT_READ, ("client", pid))
                 events.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exit", pid))
             elif kind == "client":
+                if pid not in steps:
+                    continue  # the step ended in this same round of events, and its connection with it
                 # Nothing more is ever sent: readable means the client hung up.
                 events.unregister(key.fileobj)
                 hung_up.add(key.fileobj)
@@ -259,21 +261,10 @@ def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: floa
                     idle_since = time.monotonic()
 
 
-def _fork(conn: socket.socket, listener: socket.socket, events: selectors.BaseSelector) -> int | None:
-    conn.settimeout(10)  # a client sends its whole request at once; never wait long on a broken one
-    try:
-        header, fds, _, _ = socket.recv_fds(conn, HEADER.size, 1)
-        if len(header) < HEADER.size or len(fds) != 1:
-            return None
-        body = b""
-        while len(body) < HEADER.unpack(header)[0]:
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                return None
-            body += chunk
-    except OSError:
+def _fork(conn: socket.socket, events: selectors.BaseSelector) -> int | None:
+    request, out = _read_request(conn)
+    if request is None:
         return None
-    request = json.loads(body)
     pid = os.fork()
     if pid == 0:
         # The step keeps none of the server's sockets: a client waits for EOF from the server's end.
@@ -281,10 +272,31 @@ def _fork(conn: socket.socket, listener: socket.socket, events: selectors.BaseSe
             key.fileobj.close() if isinstance(key.fileobj, socket.socket) else os.close(key.fd)
         events.close()
         conn.close()
-        _run_step(request, fds[0])
-    os.close(fds[0])
+        _run_step(request, out)
+    os.close(out)
     _send(conn, {"pid": pid})
     return pid
+
+
+def _read_request(conn: socket.socket) -> tuple[dict | None, int]:
+    """The client's request and the write end of its output pipe; (None, -1) for a broken one."""
+    conn.settimeout(10)  # a client sends its whole request at once; never wait long on a broken one
+    fds: list[int] = []
+    try:
+        header, fds, _, _ = socket.recv_fds(conn, HEADER.size, 1)
+        body = b""
+        while len(header) == HEADER.size and len(body) < HEADER.unpack(header)[0]:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            body += chunk
+        if len(fds) == 1 and len(header) == HEADER.size and len(body) == HEADER.unpack(header)[0]:
+            return json.loads(body), fds[0]
+    except (OSError, ValueError):
+        pass
+    for fd in fds:
+        os.close(fd)
+    return None, -1
 
 
 def _send(conn: socket.socket, message: dict) -> None:
