@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import importlib
 import json
+import logging
 import os
 import selectors
 import signal
@@ -167,6 +168,9 @@ def _connect(path: Path, env: dict[str, str], idle_s: float) -> socket.socket:
                 env={**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,  # not in our process group: it outlives us
             )
+        logging.getLogger("coevolve").info(
+            f"step server {server.pid} started: it imports the libraries once for this and later runs, exits after {idle_s:g} s "
+            f"without a step (launch.server_idle_s); log: {log}")
         # It listens before it imports: requests wait in the socket's queue meanwhile.
         while not path.exists():
             if server.poll() is not None:
