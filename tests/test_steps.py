@@ -14,12 +14,12 @@ from statistics import mean, pstdev
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 from trl.data_utils import _tokenize
 
 from coevolve.cli import run_step
-from coevolve.core import rundir
+from coevolve.core import io_timing, rundir
 from coevolve.core.chat import prompt_messages, rm_example, rm_input_ids
 from coevolve.core.config import TrainConfig, load_config, prepare_run
 from coevolve.core.plan import step_plan
@@ -312,3 +312,18 @@ def test_sampling_and_scoring_free_their_models_without_a_collector_pass(prepare
     finally:
         gc.enable()
     assert after == before
+
+
+def test_load_and_save_counts_end_with_their_phase(prepared_run, tmp_path):
+    policy = rundir.latest_output(prepared_run, "policy")
+    originals = {name: PreTrainedModel.__dict__[name] for name in ("from_pretrained", "save_pretrained")}
+    with pytest.raises(RuntimeError), io_timing.counted() as io:
+        model = AutoModelForCausalLM.from_pretrained(policy)
+        model.save_pretrained(tmp_path / "copy")
+        AutoTokenizer.from_pretrained(policy)
+        raise RuntimeError("the phase failed")
+    # Each call counted once, and nothing counted once the phase is over, even a failed one.
+    assert (io["loads"], io["saves"]) == (2, 1) and io["load_s"] > 0 and io["save_s"] > 0
+    assert {name: PreTrainedModel.__dict__[name] for name in originals} == originals
+    AutoModelForCausalLM.from_pretrained(tmp_path / "copy")
+    assert io["loads"] == 2
