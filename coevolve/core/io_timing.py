@@ -26,7 +26,7 @@ CALLS = [
 def counted() -> Iterator[dict]:
     """Yields {"load_s", "loads", "save_s", "saves"}, filled as the wrapped calls return."""
     totals = {"load_s": 0.0, "loads": 0, "save_s": 0.0, "saves": 0}
-    # A call made inside another (a checkpoint's save saving its tokenizer) is part of that one.
+    # A call made inside another (a subclass's override calling its parent's) is part of that one.
     depth = [0]
     originals = [(cls, name, cls.__dict__[name]) for _, cls, name in CALLS]
     for kind, cls, name in CALLS:
