@@ -20,14 +20,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # not after their idle time, and never serve a developer's own runs.
 os.environ["COEVOLVE_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="coevolve-tests-")
 
-
-@pytest.fixture(scope="session", autouse=True)
-def step_servers():
-    folder = Path(os.environ["COEVOLVE_RUNTIME_DIR"])
-    yield folder
-    stop_servers(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 # configs/tiny.yaml made smaller still: the tests check behaviour, not quality.
@@ -36,6 +28,14 @@ FAST = [
     "sft_warmup.num_train_epochs=2", "rm_init.num_train_epochs=2",
     "e_step.num_samples=3", "e_step.save_steps=2", "e_step.tau=0.0",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def step_servers():
+    folder = Path(os.environ["COEVOLVE_RUNTIME_DIR"])
+    yield folder
+    stop_servers(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,7 @@ def run_process(
         proc = ForkedStep(cmd[3:], child_env, launch.server_idle_s)
     else:
         # The child stays in our process group: whoever kills this process's group (Prefect cancelling
-        # a flow run does) kills the step too. A forked step goes with its client, which that kills.
+        # a flow run does) kills the step too. A forked step is not in it, but ends with its client, which is.
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True, errors="replace", bufsize=1
         )

@@ -84,7 +84,7 @@ class StepRun:
             self.metrics.update(saved["metrics"])
             self.timings[record.stem] = saved["seconds"]
             self.io[record.stem] = saved.get("io", {})  # phases finished before io was counted: none
-        # The pid: a step forked from the preload server has that server's command line, not its own.
+        # The pid: a step forked from the step server has that server's command line, not its own.
         log.info(f"iteration {self.iteration} {self.name} (pid {os.getpid()}): working in {self.dir}"
                  + (f" (resuming after {sorted(self.timings)})" if self.timings else ""))
         # Finished outputs never change: without this, datasets' map/filter would write cache files
