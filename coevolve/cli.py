@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     p_serve.add_argument("--gpu-limit", help="global concurrency limit counting this host's GPUs")
     p_serve.add_argument("overrides", nargs="*", help="key.sub=value")
 
+    p_servers = sub.add_parser("servers", help="the step servers in this user's runtime folder (coevolve/core/stepserver.py)")
+    p_servers.add_argument("--stop", action="store_true", help="stop them (they also stop after launch.server_idle_s idle)")
+
     p_report = sub.add_parser("report", help="an HTML page with plots of a run, read from its run directory")
     p_report.add_argument("run_dir", type=Path)
 
@@ -150,6 +154,14 @@ def main(argv: list[str] | None = None) -> None:
             from coevolve.flows.serve import serve
 
             serve(args.config, args.overrides, args.run_dir, args.name, args.cron, args.interval, args.gpu_limit)
+        elif args.command == "servers":
+            from coevolve.core.stepserver import list_servers, runtime_dir, stop_servers
+
+            folder = runtime_dir(dict(os.environ))
+            for pid, log_path in list_servers(folder):
+                print(f"step server {pid}  log: {log_path}")
+            if args.stop:
+                stop_servers(folder)
         elif args.command == "report":
             from coevolve.report import write_report
 

@@ -89,6 +89,21 @@ def test_a_preloaded_step_is_forked_with_its_output_and_exit_code(tmp_path, step
     assert {f: f.read_text() for f in step_servers.glob("*.pid")} == servers != {}
 
 
+def test_servers_are_listed_and_stopped_from_the_cli(tmp_path):
+    env = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(tmp_path / "servers")}
+    cmd = [sys.executable, "-m", "coevolve", "step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"]
+    assert run_process(cmd, lambda line: None, env=env, launch=LaunchConfig())[0] == 2
+    pid = int(next((tmp_path / "servers").glob("*.pid")).read_text())
+    listed = subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True, check=True)
+    assert listed.stdout.startswith(f"step server {pid}  log: ")
+    subprocess.run([sys.executable, "-m", "coevolve", "servers", "--stop"], env=env, check=True)
+    deadline = time.monotonic() + 10
+    while list((tmp_path / "servers").glob("*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list((tmp_path / "servers").glob("*.sock")) and not list((tmp_path / "servers").glob("*.pid"))
+    assert subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True).stdout == ""
+
+
 def test_a_step_server_serves_one_environment():
     env = dict(os.environ)
     assert server_key({**env, "PYTEST_CURRENT_TEST": "another test"}) == server_key(env)

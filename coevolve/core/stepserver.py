@@ -189,13 +189,26 @@ def _open(path: Path) -> socket.socket:
     return conn
 
 
-def stop_servers(folder: Path) -> None:
-    """Terminate every step server whose socket is in `folder` (they also end on their own when idle)."""
-    for pid_file in folder.glob("*.pid"):
+def list_servers(folder: Path) -> list[tuple[int, Path]]:
+    """(pid, log) of every live step server whose socket is in `folder`."""
+    live = []
+    for pid_file in sorted(folder.glob("*.pid")):
         try:
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
-            pid_file.unlink(missing_ok=True)
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
+            live.append((pid, pid_file.with_suffix(".log")))
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            pass  # ended meanwhile, or killed without cleaning up: its socket refuses, and a client replaces it
+    return live
+
+
+def stop_servers(folder: Path) -> None:
+    """Terminate every step server whose socket is in `folder`; each terminates its running steps."""
+    for pid, _ in list_servers(folder):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 # --- server -----------------------------------------------------------------------------------------
