@@ -109,6 +109,7 @@ gens = sample_each(cfg, [(rundir.latest_output(run, "policy"), 7, "sample")], pr
 scores = score_each(cfg, rundir.latest_output(run, "rm"), prompts, [[t[0] for t in gens.texts]])[0]
 if distributed.is_main():
     Path(out).write_text(json.dumps({"texts": gens.texts, "scores": scores}))
+distributed.finish()
 """
 
 

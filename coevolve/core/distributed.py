@@ -39,6 +39,17 @@ def init() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def finish() -> None:
+    """Leave the process group. Left to the interpreter's exit, gloo's threads can abort the process
+    (SIGABRT, "terminate called without an active exception"; pytorch issue 190489)."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def share(n: int) -> range:
     """This process's contiguous share of `n` items; shares differ in size by at most one."""
     r, size = rank(), world_size()

@@ -104,6 +104,7 @@ class StepRun:
         if self._handler is not None:
             log.removeHandler(self._handler)
             self._handler.close()
+        distributed.finish()
 
     def path(self, name: str) -> Path:
         """Where a finished phase output lives while the step is in progress."""
