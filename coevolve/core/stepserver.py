@@ -72,14 +72,15 @@ def server_key(env: dict[str, str]) -> str:
     return h.hexdigest()[:20]
 
 
-def _source_files() -> list[Path]:
+def _source_files() -> set[Path]:
     import coevolve
 
-    # coevolve.flows, .policy, ... map to top-level folders of the checkout (pyproject's package-dir).
+    # coevolve.flows, .policy, ... map to top-level folders of a checkout (pyproject's package-dir); an
+    # installed wheel has them inside coevolve/, whose walk finds them too: each file is keyed once.
     folders = {Path(p) for p in coevolve.__path__}
     for sub in ("flows", "policy", "reward", "revision", "data"):
         folders.update(Path(p) for p in importlib.import_module(f"coevolve.{sub}").__path__)
-    return [f for folder in folders for f in folder.rglob("*.py")]
+    return {f for folder in folders for f in folder.rglob("*.py")}
 
 
 # --- client -----------------------------------------------------------------------------------------
