@@ -399,6 +399,8 @@ CONFIGS = {
     "ours-dpo-liger": ("dpo", True, True, True, {}),
     "ours-dpo-liger-inline-ref": ("dpo", True, True, False, {}),
     "ours-dpo-liger-inline-ref-pad64": ("dpo", True, True, False, PAD64),
+    # liger's fused LM-head DPO loss never holds the 152K-vocab logits; compile fuses the rest
+    "ours-dpo-compile-liger-inline-ref": ("dpo", True, True, False, COMPILE),
     "ours-rm-liger": ("rm", True, True, False, {}),
     "ours-rm-liger-pad64": ("rm", True, True, False, PAD64),
 }
