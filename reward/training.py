@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
-from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
 from coevolve.core.config import TrainConfig
+from coevolve.core.models import load_tokenizer
 from coevolve.core.rollout import score_each
 from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
@@ -16,7 +16,7 @@ from coevolve.core.training import keep_log, lora_config, preference_dataset, sa
 
 def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: TrainConfig, tmp: Path) -> dict:
     """Bradley-Terry training from `start_from` on rows with prompt/chosen/rejected; saves tmp/rm."""
-    tok = AutoTokenizer.from_pretrained(start_from)
+    tok = load_tokenizer(start_from)
     rows = preference_dataset(tok, pairs, train, for_rm=True)
     args = trainer_args(RewardConfig, train, step.cfg, tmp / "trainer")
     trainer = RewardTrainer(model=str(start_from), args=args, train_dataset=rows, processing_class=tok,

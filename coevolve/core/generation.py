@@ -70,9 +70,6 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations:
         tok = self.tokenizer
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
         encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         texts: list[list[str]] = [[] for _ in prompts]
@@ -84,7 +81,7 @@ class HFBackend:
         device = next(self.model.parameters()).device
         for b in range(0, len(order), rows_per_batch):
             idx = order[b : b + rows_per_batch]
-            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, padding_side="left", return_tensors="pt").to(device)
             out = self.model.generate(
                 **batch,
                 do_sample=not params.greedy,

@@ -2,7 +2,9 @@
 as safetensors into the run directory; every later step loads the saved folder."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,19 +93,49 @@ def whole_weights():
             hf_deepspeed.set_hf_deepspeed_config(ref())
 
 
+# Files of a saved model's folder that play no part in loading its tokenizer.
+NOT_TOKENIZER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+NOT_TOKENIZER_NAMES = {"config.json", "generation_config.json", "trainer_state.json", "adapter_config.json"}
+_tokenizers: dict[str, object] = {}
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved at `path`, loaded once per process for each distinct set of tokenizer files.
+    A step reads the tokenizers of several checkpoints of one model, saved with the same files, and a
+    150K-word vocabulary takes ~0.4 s to load (bench/RESULTS.md, io). Callers share the instance, so
+    none changes it: padding sides are passed per call."""
+    key = _tokenizer_digest(Path(path))
+    if key is None:
+        return AutoTokenizer.from_pretrained(path)
+    if key not in _tokenizers:
+        _tokenizers[key] = AutoTokenizer.from_pretrained(path)
+    return _tokenizers[key]
+
+
+def _tokenizer_digest(folder: Path) -> str | None:
+    """A digest of the folder's tokenizer files; None where the tokenizer's class is not named in its own
+    files (transformers then reads the model's config.json too) or the folder is not local."""
+    config = folder / "tokenizer_config.json"
+    if not config.is_file() or "tokenizer_class" not in json.loads(config.read_text()):
+        return None
+    digest = hashlib.sha1()
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.name not in NOT_TOKENIZER_NAMES and not file.name.endswith(NOT_TOKENIZER_SUFFIXES):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def load_policy(path: Path, cfg: Config, trainable: bool = False):
     device = device_of(cfg)
-    tok = AutoTokenizer.from_pretrained(path)
     with whole_weights():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(cfg.policy.dtype, device)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(cfg.policy.dtype, device), device_map=device)
     model.train(trainable)
-    return model, tok
+    return model, load_tokenizer(path)
 
 
 def load_rm(path: Path, cfg: Config):
     device = device_of(cfg)
-    tok = AutoTokenizer.from_pretrained(path)
     with whole_weights():
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype_of(cfg.rm.dtype, device)).to(device)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype_of(cfg.rm.dtype, device), device_map=device)
     model.eval()
-    return model, tok
+    return model, load_tokenizer(path)

@@ -19,10 +19,9 @@ class RewardScorer:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         scores = [0.0] * len(ids)
         device = next(self.model.parameters()).device
-        self.tok.padding_side = "right"
         for b in range(0, len(order), self.batch_size):
             idx = order[b : b + self.batch_size]
-            batch = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(device)
+            batch = self.tok.pad({"input_ids": [ids[i] for i in idx]}, padding_side="right", return_tensors="pt").to(device)
             logits = self.model(**batch).logits[:, 0].float().cpu().tolist()
             for i, s in zip(idx, logits):
                 scores[i] = s
