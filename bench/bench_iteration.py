@@ -198,14 +198,16 @@ def run_naive(a, work: Path, stages: dict, save) -> None:
 
 def record(path: Path, command: str) -> None:
     r = json.loads(path.read_text())
-    line = {k: r[k] for k in ("bench", "device", "date", "model", "params", "workload", "ours_s", "ours_first_s", "naive_s", "speedup", "overhead_frac", "io")}
+    line = {k: r.get(k) for k in ("bench", "device", "date", "model", "params", "workload", "ours_s", "ours_first_s", "naive_s", "speedup", "overhead_frac", "io")}
     rows = [f"| ours: {k} | {v:.1f} |" for k, v in r["ours_breakdown"].items()] + [f"| naive: {k} | {v:.1f} |" for k, v in r["naive_breakdown"].items()]
+    against = (f"naive TRL scripts {r['naive_s']:.1f} s: **{r['speedup']:.2f}x**" if r.get("naive_s")
+               else "naive TRL scripts not run (--ours-only)")
+    first = f"Ours' first run (compile caches cold): {r['ours_first_s']:.1f} s. " if r["ours_first_s"] else "Ours timed on its first run of this call (--no-warmup). "
     md = [f"\n## iteration: {r['date']}, {r['device']}", f"`{command}`",
           f"Model: {r['model']} shape, random weights, {r['params'] / 1e6:.0f}M params. Workload: {json.dumps(r['workload'])}.", "",
           "| part | seconds |", "|---|---|", *rows, "",
-          f"One Mutual-Taught iteration: ours {r['ours_s']:.1f} s, naive TRL scripts {r['naive_s']:.1f} s: **{r['speedup']:.2f}x**. "
-          f"Loads and saves, process start and orchestration: {100 * r['overhead_frac']:.1f}% of ours. "
-          f"Ours' first run (compile caches cold): {r['ours_first_s']:.1f} s. "
+          f"One Mutual-Taught iteration: ours {r['ours_s']:.1f} s, {against}. "
+          f"Loads and saves, process start and orchestration: {100 * r['overhead_frac']:.1f}% of ours. {first}"
           f"Policy checkpoint: save {r['io']['save_s']} s, load {r['io']['load_s']} s.", ""]
     append_result(ROOT / "bench", line, md)
     log("\n".join(md))
@@ -238,6 +240,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     workload_args(ap)
     ap.add_argument("--profile", action="store_true", help="only ours' steps, each under torch.profiler (see profile_ours)")
+    ap.add_argument("--ours-only", action="store_true", help="leave the naive scripts out (no ratio)")
+    ap.add_argument("--no-warmup", action="store_true", help="time ours' first run: for a call whose earlier run filled the compile caches")
     ap.add_argument("--record", type=Path, help="an iteration.json to append to bench/RESULTS.md and results.jsonl")
     ap.add_argument("--command", default="python3 bench/bench_iteration.py --out OUT")
     a = ap.parse_args()
@@ -257,13 +261,13 @@ def main() -> None:
     if a.profile:
         profile_ours(a, work, backend, out)
         return
-    ours_s, ours_parts, first_s = run_ours(a, work, backend)
-    log(f"ours: {ours_s:.1f}s {ours_parts} (first run {first_s:.1f}s)")
+    ours_s, ours_parts, first_s = run_ours(a, work, backend, warmup=not a.no_warmup)
+    log(f"ours: {ours_s:.1f}s {ours_parts} (first run {first_s}s)")
     result = {
         "bench": "iteration", "device": torch.cuda.get_device_name() if cuda else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": a.model, "params": params,
         "workload": workload(a, backend),
-        "ours_s": round(ours_s, 1), "ours_first_s": round(first_s, 1), "overhead_frac": round(sum(ours_parts[k] for k in OVERHEAD) / ours_s, 3),
+        "ours_s": round(ours_s, 1), "ours_first_s": first_s and round(first_s, 1), "overhead_frac": round(sum(ours_parts[k] for k in OVERHEAD) / ours_s, 3),
         "ours_breakdown": ours_parts, "naive_breakdown": {}, "io": io,
     }
 
@@ -277,7 +281,8 @@ def main() -> None:
                 (out / name).write_text((work / name).read_text()[-200_000:])
 
     save()
-    run_naive(a, work, result["naive_breakdown"], save)
+    if not a.ours_only:
+        run_naive(a, work, result["naive_breakdown"], save)
     log(json.dumps(result, indent=1))
 
 

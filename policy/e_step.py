@@ -4,7 +4,7 @@ generate  M samples per policy-update prompt from policy_{K-1}
 score     the current RM scores every sample, re-rendered with the RM's own template
 pairs     chosen/rejected per prompt by the configured rule (policy/pairs.py); unpaired prompts kept with why
 train     DPO with trl from policy_{K-1}; reference = the iteration's start (paper) or the initial policy;
-          a checkpoint every `save_steps` and one at the end
+          a checkpoint every `save_steps` and one at the end, written while training goes on
 select    on D_MS each checkpoint and policy_{K-1} answer every prompt; the RM judges; the checkpoint
           with the best win rate becomes policy_K, unless its win rate is under tau: then the loop stops
           and policy_{K-1} is handed on
@@ -22,12 +22,13 @@ from pathlib import Path
 from statistics import mean, pstdev
 
 import datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from coevolve.core import distributed, rundir
+from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.config import Config
-from coevolve.core.models import device_of, dtype_of
+from coevolve.core.models import device_of, dtype_of, load_tokenizer
 from coevolve.core.rollout import sample, sample_each, score, score_each
 from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
@@ -118,12 +119,9 @@ def build_pairs(step: StepRun, scored: datasets.Dataset, tmp: Path) -> dict:
 
 def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset, tmp: Path) -> dict:
     cfg = step.cfg
-    tok = AutoTokenizer.from_pretrained(policy)
+    tok = load_tokenizer(policy)
     rows = preference_dataset(tok, pairs, cfg.e_step.train, for_rm=False)
-    args = trainer_args(
-        DPOConfig, cfg.e_step.train, cfg, tmp / "checkpoints",
-        beta=cfg.e_step.beta, save_strategy="steps", save_steps=cfg.e_step.save_steps, save_only_model=True,
-    )
+    args = trainer_args(DPOConfig, cfg.e_step.train, cfg, tmp / "checkpoints", beta=cfg.e_step.beta)
     # trl builds the reference from the model path itself; another reference must be passed loaded.
     ref_model = None
     if reference != policy:
@@ -132,30 +130,23 @@ def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset,
     # at the iteration's start, as the paper's.
     trainer = DPOTrainer(model=str(policy), ref_model=ref_model, args=args, train_dataset=rows, processing_class=tok,
                          peft_config=lora_config(cfg.e_step.train, policy, "CAUSAL_LM"))
+    candidates = BackgroundCheckpoints(trainer, tmp / "checkpoints", cfg.e_step.save_steps)
     trainer.train()
-    save_last_checkpoint(trainer, tmp)
+    candidates.finish()
+    merge_candidates(tmp)
     return {"dpo/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "dpo")}
 
 
 def train_seft(step: StepRun, policy: Path, rows: datasets.Dataset, tmp: Path) -> dict:
     cfg = step.cfg
-    trainer = train_sft(
-        cfg, policy, rows, cfg.e_step.sft, tmp / "checkpoints",
-        save_strategy="steps", save_steps=cfg.e_step.save_steps, save_only_model=True,
-    )
-    save_last_checkpoint(trainer, tmp)
+    trainer = train_sft(cfg, policy, rows, cfg.e_step.sft, tmp / "checkpoints", save_every=cfg.e_step.save_steps)
+    merge_candidates(tmp)
     return {"sft/rows": len(rows), "sft/revised": sum(s == "revision" for s in rows["source"]), **keep_log(trainer, tmp / "train_log.jsonl", "sft")}
 
 
-def save_last_checkpoint(trainer, tmp: Path) -> None:
-    """The end of training is a candidate too, and every candidate, after LoRA training, needs its
-    adapters merged (a candidate may become the next step's policy). The trainer saves each with its
-    tokenizer."""
-    final = tmp / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
-    # Only the main process has the trainer's checkpoints; all must join a save (ZeRO-3 gathers weights).
-    if not distributed.from_main(final.exists()):
-        trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
+def merge_candidates(tmp: Path) -> None:
+    """After LoRA training every candidate needs its adapters merged: it may become the next step's policy."""
+    if distributed.is_main():
         for ckpt in (tmp / "checkpoints").glob("checkpoint-*"):
             merge_adapter_checkpoint(ckpt)
 

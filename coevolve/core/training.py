@@ -8,13 +8,14 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 from trl import SFTConfig, SFTTrainer
 
 from coevolve.core import tracking
+from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.chat import completion_example, preference_example
 from coevolve.core.config import Config, ConfigError, TrainConfig
-from coevolve.core.models import device_of, whole_weights
+from coevolve.core.models import device_of, load_tokenizer, whole_weights
 
 log = logging.getLogger("coevolve")
 # Fewer optimizer steps than this in a training phase is almost always a batch-size mistake (e.g.
@@ -152,13 +153,17 @@ def merge_adapter_checkpoint(path: Path) -> None:
     merged.save_pretrained(path)
 
 
-def train_sft(cfg: Config, start: Path, rows, train: TrainConfig, output_dir: Path, **fields) -> SFTTrainer:
-    """trl's SFTTrainer from `start`, trained on rows of prompt and completion; `fields` go to its
-    SFTConfig. Also used by the reviser and by E-step mode seft."""
-    tok = AutoTokenizer.from_pretrained(start)
+def train_sft(cfg: Config, start: Path, rows, train: TrainConfig, output_dir: Path, save_every: int | None = None) -> SFTTrainer:
+    """trl's SFTTrainer from `start`, trained on rows of prompt and completion; with `save_every`, a
+    checkpoint in `output_dir` every that many steps and at the end. Also used by the reviser and by
+    E-step mode seft."""
+    tok = load_tokenizer(start)
     train_set = datasets.Dataset.from_list([completion_example(tok, r["prompt"], r["completion"]) for r in rows])
-    args = trainer_args(SFTConfig, train, cfg, output_dir, **fields)
+    args = trainer_args(SFTConfig, train, cfg, output_dir)
     trainer = SFTTrainer(model=str(start), args=args, train_dataset=train_set, processing_class=tok,
                          peft_config=lora_config(train, start, "CAUSAL_LM"))
+    checkpoints = BackgroundCheckpoints(trainer, output_dir, save_every) if save_every else None
     trainer.train()
+    if checkpoints:
+        checkpoints.finish()
     return trainer
