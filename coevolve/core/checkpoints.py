@@ -62,18 +62,17 @@ class BackgroundCheckpoints(TrainerCallback):
         io_timing.charge("save", copied)
 
     def _host_copy(self, state: dict) -> dict:
-        """The weights in the host buffers: pinned where there is a GPU, for a copy at the bus's speed.
-        Tied weights share storage, and their copies must too, or save_pretrained writes both."""
+        """The weights in the host buffers. Not pinned: pinning 2 GB took longer than the copies it
+        sped up, for the few checkpoints of a step (bench/RESULTS.md, 2026-12-02 04:28). Tied weights
+        share storage, and their copies must too, or save_pretrained writes both."""
         host, copies = {}, {}
         for name, tensor in state.items():
             key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
             if key not in copies:
                 if name not in self.buffers:
-                    self.buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
-                copies[key] = self.buffers[name].copy_(tensor.detach(), non_blocking=True)
+                    self.buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype)
+                copies[key] = self.buffers[name].copy_(tensor.detach())
             host[name] = copies[key]
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         return host
 
     def _write(self, model, host: dict, path: Path) -> None:
