@@ -374,6 +374,21 @@ def test_background_checkpoints_hold_the_weights_of_their_step(prepared_run, tmp
     assert io["saves"] == 3 and io["save_s"] > 0
 
 
+def test_a_failed_background_write_fails_the_training_and_names_its_folder(prepared_run, tmp_path):
+    cfg = load_config(prepared_run / "config.yaml", [])
+    start = prepared_run / "iter_0/init/policy"
+    tok = load_tokenizer(start)
+    rows = datasets.Dataset.from_list([completion_example(tok, f"say {i}", f"w{i}") for i in range(4)])
+    trainer = SFTTrainer(model=str(start), args=trainer_args(SFTConfig, TrainConfig(per_device_train_batch_size=2), cfg, tmp_path / "trainer"),
+                         train_dataset=rows, processing_class=tok)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the checkpoints' folder should be")
+    checkpoints = BackgroundCheckpoints(trainer, blocked, every=1)
+    with pytest.raises(OSError, match="blocked"):
+        trainer.train()
+        checkpoints.finish()
+
+
 def test_load_and_save_counts_end_with_their_phase(prepared_run, tmp_path):
     policy = rundir.latest_output(prepared_run, "policy")
     originals = {name: PreTrainedModel.__dict__[name] for name in ("from_pretrained", "save_pretrained")}

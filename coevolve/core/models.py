@@ -103,7 +103,8 @@ def load_tokenizer(path: Path):
     """The tokenizer saved at `path`, loaded once per process for each distinct set of tokenizer files.
     A step reads the tokenizers of several checkpoints of one model, saved with the same files, and a
     150K-word vocabulary takes ~0.4 s to load (bench/RESULTS.md, io). Callers share the instance, so
-    none changes it: padding sides are passed per call."""
+    none changes it: padding sides are passed per call. (trl's trainers do set on it a pad or eos token
+    that their config names, which then holds for the rest of the step, as in the checkpoints they save.)"""
     key = _tokenizer_digest(Path(path))
     if key is None:
         return AutoTokenizer.from_pretrained(path)
