@@ -262,7 +262,7 @@ def main() -> None:
         profile_ours(a, work, backend, out)
         return
     ours_s, ours_parts, first_s = run_ours(a, work, backend, warmup=not a.no_warmup)
-    log(f"ours: {ours_s:.1f}s {ours_parts} (first run {first_s}s)")
+    log(f"ours: {ours_s:.1f}s {ours_parts} (first run: {first_s and round(first_s, 1)}s)")
     result = {
         "bench": "iteration", "device": torch.cuda.get_device_name() if cuda else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": a.model, "params": params,
