@@ -8,7 +8,8 @@ Nothing in trl is patched. What differs from trl's defaults:
     32 pairs per step (trl's: DPO 16, RM 32), which amortizes the step's fixed host cost;
   - DPO: reference log-probs computed once before training (`precompute_ref_log_probs`, at 4x the
     batch), so a training step runs no reference forward; its time is added back in the end-to-end
-    rate, which is the headline; `*-inline-ref` configs keep trl's reference forward in each step;
+    rate, which is the headline; `*-inline-ref` configs keep trl's reference forward in each step,
+    with the reference loaded in bf16 as policy/e_step.py passes it (trl's own would be fp32);
   - length-grouped batches (`train_sampling_strategy: group_by_length` with a `length` column, which
     needs `remove_unused_columns: false`), so less of each batch is padding;
   - SDPA attention named explicitly (`model_init_kwargs`), bf16 autocast over fp32 master weights
@@ -47,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,7 +74,7 @@ def build_tokenizer(vocab: int):
 def save_model(name: str, tok, folder: Path, model_type: str = "qwen2") -> int:
     """A random-weight causal LM of the named shape and architecture, saved in bf16 with its tokenizer;
     returns params."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **MODELS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
@@ -290,7 +292,8 @@ def trl_args(kind: str, out: Path, batch: int, steps: int):
                disable_tqdm=True, use_cpu=not torch.cuda.is_available())
 
 
-def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup: int, steps: int, profiled: bool) -> dict:
+def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup: int, steps: int, profiled: bool, ref_model=None) -> dict:
+    """One config's run; `ref_model` is DPO's reference, passed loaded (None: trl builds it)."""
     from trl import DPOTrainer, RewardTrainer
     import trl.trainer.dpo_trainer as dpo_mod
 
@@ -323,7 +326,7 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
     t0 = time.perf_counter()
     try:
         if kind == "dpo":
-            trainer = DPOTrainer(model=str(folder), args=args, train_dataset=dpo_dataset(rows), processing_class=tok, callbacks=[clock])
+            trainer = DPOTrainer(model=str(folder), ref_model=ref_model, args=args, train_dataset=dpo_dataset(rows), processing_class=tok, callbacks=[clock])
         else:
             trainer = RewardTrainer(model=str(folder), args=args, train_dataset=rm_dataset(rows, tok.eos_token_id), processing_class=tok, callbacks=[clock])
     finally:
@@ -358,6 +361,7 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
         res["profile"] = clock.kernels
     if kind == "dpo":
         res["reference"] = "precomputed" if args.precompute_ref_log_probs else "inline forward"
+        res["reference_dtype"] = str(next((trainer.ref_model or model).parameters()).dtype).replace("torch.", "")
         if args.precompute_ref_log_probs and "precompute_s" in fixed:
             # One epoch: every trained pair had its reference pass once, before training.
             ref_tokens = sum(seq_tokens(r) for r in rows)
@@ -371,7 +375,7 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
     if device == "cuda":
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     clock.trainer = trainer.data_collator = None
-    del trainer, model
+    del trainer, model, ref_model
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -482,7 +486,9 @@ def main():
             trainer_cfg, via = our_args(kind, folder, out, batch, n_steps, liger, precompute, tuning)
         else:
             trainer_cfg, via = trl_args(kind, out, batch, n_steps), "trl defaults"
-        r = section(name, lambda: run(kind, name, trainer_cfg, folder, tok, rows[: n_steps * batch], args.warmup, args.steps, name in profiled))
+        # Ours' inline reference as policy/e_step.py passes it: loaded in bf16, frozen.
+        ref = (lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)) if kind == "dpo" and ours and not precompute else (lambda: None)
+        r = section(name, lambda: run(kind, name, trainer_cfg, folder, tok, rows[: n_steps * batch], args.warmup, args.steps, name in profiled, ref()))
         if r is not None:
             r["config_via"] = via
             r["tuning"] = tuning
@@ -544,7 +550,7 @@ def table(res) -> str:
             note += f"; ref pass {r['precompute_s']}s ({r['precompute_tok_s']:,.0f} tok/s), model hash {r.get('model_hash_s')}s"
         rows.append((
             r["label"], str(r["batch_pairs"]), "on" if r["gradient_checkpointing"] else "off",
-            {"precomputed": "pre", "inline forward": "inline"}.get(r.get("reference"), "-"),
+            {"precomputed": "pre", "inline forward": "inline"}.get(r.get("reference"), "-") + (" bf16" if r.get("reference_dtype") == "bfloat16" else ""),
             "grouped" if r.get("sampler") == "group_by_length" else "random", "yes" if r["liger"] else "no",
             f"{r['tok_s']:,.0f}", f"{r['end_to_end_tok_s']:,.0f}",
             f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-",

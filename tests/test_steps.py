@@ -353,7 +353,7 @@ def test_background_checkpoints_hold_the_weights_of_their_step(prepared_run, tmp
 
     class Probe(TrainerCallback):  # runs after the checkpoints' callback, at the same step
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            weights[state.global_step] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     trainer.add_callback(Probe())
     with io_timing.counted() as io:
