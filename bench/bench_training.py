@@ -361,7 +361,9 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
         res["profile"] = clock.kernels
     if kind == "dpo":
         res["reference"] = "precomputed" if args.precompute_ref_log_probs else "inline forward"
-        res["reference_dtype"] = str(next((trainer.ref_model or model).parameters()).dtype).replace("torch.", "")
+        # `is None`, not `or`: a compiled module has no truth value.
+        reference = model if trainer.ref_model is None else trainer.ref_model
+        res["reference_dtype"] = str(next(reference.parameters()).dtype).replace("torch.", "")
         if args.precompute_ref_log_probs and "precompute_s" in fixed:
             # One epoch: every trained pair had its reference pass once, before training.
             ref_tokens = sum(seq_tokens(r) for r in rows)
