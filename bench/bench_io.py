@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import MODELS, append_result, log  # noqa: E402
+from common import MODELS, append_result, log, record_args  # noqa: E402
 
 
 def timed(fn, repeat: int) -> dict:
@@ -95,8 +95,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--record", type=Path, help="an io.json to append to bench/RESULTS.md and results.jsonl")
-    ap.add_argument("--command", default="python3 bench/bench_io.py --out OUT")
+    record_args(ap, "io.json", "bench_io.py")
     a = ap.parse_args()
     if a.record:
         record(a.record, a.command)

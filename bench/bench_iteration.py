@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_training import build_tokenizer, save_model  # noqa: E402
-from common import MODELS, append_result, log  # noqa: E402
+from common import MODELS, append_result, log, record_args  # noqa: E402
 
 # Phase names of the e-step and m-step (policy/e_step.py, reward/m_step.py) by what they spend time on.
 PHASE_KINDS = {"generate": "generation", "score": "scoring", "train": "training", "select": "selection",
@@ -242,8 +242,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="only ours' steps, each under torch.profiler (see profile_ours)")
     ap.add_argument("--ours-only", action="store_true", help="leave the naive scripts out (no ratio)")
     ap.add_argument("--no-warmup", action="store_true", help="time ours' first run: for a call whose earlier run filled the compile caches")
-    ap.add_argument("--record", type=Path, help="an iteration.json to append to bench/RESULTS.md and results.jsonl")
-    ap.add_argument("--command", default="python3 bench/bench_iteration.py --out OUT")
+    record_args(ap, "iteration.json", "bench_iteration.py")
     a = ap.parse_args()
     if a.record:
         record(a.record, a.command)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_iteration import make_models, run_ours, workload, workload_args, write_prompts  # noqa: E402
-from common import MODELS, append_result, log  # noqa: E402
+from common import MODELS, append_result, log, record_args  # noqa: E402
 
 
 def launch_section(gpus: int, zero: int) -> dict:
@@ -52,8 +52,7 @@ def main() -> None:
     workload_args(ap, model="qwen2-1.5b")
     ap.add_argument("--gpus", default="1,2", help="GPU counts, 1 first (the efficiency's base)")
     ap.add_argument("--zero", default="2,3", help="ZeRO stages; 0 is plain DDP")
-    ap.add_argument("--record", type=Path, help="a scaling.json to append to bench/RESULTS.md and results.jsonl")
-    ap.add_argument("--command", default="python3 bench/bench_scaling.py --out OUT")
+    record_args(ap, "scaling.json", "bench_scaling.py")
     a = ap.parse_args()
     if a.record:
         record(a.record, a.command)

@@ -13,6 +13,15 @@ MODELS = {
 }
 
 
+def record_args(ap, saved: str, script: str) -> None:
+    """`--record FILE`: a result saved on the GPU machine, appended here to RESULTS.md and
+    results.jsonl, with `--command`, the command that made it."""
+    from pathlib import Path
+
+    ap.add_argument("--record", type=Path, help=f"a saved {saved} to append to bench/RESULTS.md and results.jsonl")
+    ap.add_argument("--command", default=f"python3 bench/{script} --out OUT", help="the command that made it, for the record")
+
+
 def log(*a):
     print(*a, flush=True)
 
