@@ -117,19 +117,22 @@ def build_pairs(step: StepRun, scored: datasets.Dataset, tmp: Path) -> dict:
     }
 
 
+def reference_model(cfg: Config, policy: Path, reference: Path):
+    """DPO's reference, loaded as the steps load a policy to sample from (`policy.dtype`: bf16 on a
+    GPU), not as trl would build it (in the trained dtype, fp32): it is frozen, so half the memory, and
+    its forward needs none of autocast's casts. None under LoRA when it is the policy itself: trl's
+    reference is then the policy with its adapters off, the iteration's start, as the paper's."""
+    if reference == policy and cfg.e_step.train.lora is not None:
+        return None
+    return AutoModelForCausalLM.from_pretrained(reference, dtype=dtype_of(cfg.policy.dtype, device_of(cfg)))
+
+
 def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset, tmp: Path) -> dict:
     cfg = step.cfg
     tok = load_tokenizer(policy)
     rows = preference_dataset(tok, pairs, cfg.e_step.train, for_rm=False)
     args = trainer_args(DPOConfig, cfg.e_step.train, cfg, tmp / "checkpoints", beta=cfg.e_step.beta)
-    # The reference is frozen, so it is loaded as the steps load a policy to sample from (bf16 on a
-    # GPU), not as trl would build it (in the trained dtype, fp32): half the memory, and its forward
-    # needs none of autocast's casts. With LoRA and no other reference, trl's reference is the policy
-    # with its adapters off: the policy at the iteration's start, as the paper's.
-    ref_model = None
-    if reference != policy or cfg.e_step.train.lora is None:
-        ref_model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype_of(cfg.policy.dtype, device_of(cfg)))
-    trainer = DPOTrainer(model=str(policy), ref_model=ref_model, args=args, train_dataset=rows, processing_class=tok,
+    trainer = DPOTrainer(model=str(policy), ref_model=reference_model(cfg, policy, reference), args=args, train_dataset=rows, processing_class=tok,
                          peft_config=lora_config(cfg.e_step.train, policy, "CAUSAL_LM"))
     candidates = BackgroundCheckpoints(trainer, tmp / "checkpoints", cfg.e_step.save_steps)
     trainer.train()

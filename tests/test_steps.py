@@ -31,6 +31,7 @@ from coevolve.core.rollout import sample, sample_each, score
 from coevolve.core.training import preference_dataset, trainer_args
 from coevolve.data.store import Store
 from coevolve.data.tasks import load_task
+from coevolve.policy.e_step import reference_model
 from coevolve.policy.pairs import length_controlled
 from conftest import FAST, TINY
 from tiny_run import tiny_run  # noqa: F401  (the fixture)
@@ -372,6 +373,22 @@ def test_background_checkpoints_hold_the_weights_of_their_step(prepared_run, tmp
     assert not torch.equal(weights[2][name], weights[4][name])
     # The phase counts each candidate once, not the writes made on the writer's thread.
     assert io["saves"] == 3 and io["save_s"] > 0
+
+
+def test_dpo_reference_is_loaded_frozen_in_the_policy_dtype(prepared_run):
+    policy = prepared_run / "iter_0/init/policy"
+    other = rundir.latest_output(prepared_run, "policy")  # sft-warmup's
+    assert other != policy
+    cfg = load_config(prepared_run / "config.yaml", ["policy.dtype=bfloat16"])
+    ref = reference_model(cfg, policy, policy)
+    # Not trl's fp32 copy: the dtype the steps sample in; and the very weights of the reference.
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    saved = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in ref.state_dict().items())
+    lora = load_config(prepared_run / "config.yaml", ["e_step.train.lora.r=4"])
+    # Under LoRA the policy with its adapters off is the reference; another reference is still loaded.
+    assert reference_model(lora, policy, policy) is None
+    assert reference_model(lora, policy, other) is not None
 
 
 def test_a_failed_background_write_fails_the_training_and_names_its_folder(prepared_run, tmp_path):
