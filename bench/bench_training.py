@@ -9,7 +9,7 @@ Nothing in trl is patched. What differs from trl's defaults:
   - DPO: reference log-probs computed once before training (`precompute_ref_log_probs`, at 4x the
     batch), so a training step runs no reference forward; its time is added back in the end-to-end
     rate, which is the headline; `*-inline-ref` configs keep trl's reference forward in each step,
-    with the reference loaded in bf16 as policy/e_step.py passes it (trl's own would be fp32);
+    with the reference loaded as policy/e_step.py loads it (bf16 on a GPU; trl's own would be fp32);
   - length-grouped batches (`train_sampling_strategy: group_by_length` with a `length` column, which
     needs `remove_unused_columns: false`), so less of each batch is padding;
   - SDPA attention named explicitly (`model_init_kwargs`), bf16 autocast over fp32 master weights
@@ -48,7 +48,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,7 +73,7 @@ def build_tokenizer(vocab: int):
 def save_model(name: str, tok, folder: Path, model_type: str = "qwen2") -> int:
     """A random-weight causal LM of the named shape and architecture, saved in bf16 with its tokenizer;
     returns params."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **MODELS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
@@ -262,10 +261,10 @@ def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: 
     extra.update(tuning or {})
     fields = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_length=MAX_LEN, gradient_checkpointing=False, extra=extra)
     try:
-        from coevolve.core.config import DPOTrainConfig, RMTrainConfig, build_config
+        from coevolve.core.config import DPOTrainConfig, RMTrainConfig
         from coevolve.core.training import trainer_args
 
-        cfg = build_config({"policy": {"name_or_path": str(folder)}, "rm": {"name_or_path": str(folder)}, "data": {"task": "toy"}}, "bench")
+        cfg = our_config(folder)
         train = (DPOTrainConfig if kind == "dpo" else RMTrainConfig)(**fields)
         step_fields = {"beta": cfg.e_step.beta} if kind == "dpo" else {}
         return trainer_args(DPOConfig if kind == "dpo" else RewardConfig, train, cfg, out, **step_fields), "coevolve.core.training.trainer_args"
@@ -281,6 +280,20 @@ def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: 
         if kind == "dpo":
             args["beta"] = 0.01
         return cls(**args), f"by hand ({err})"
+
+
+def our_config(folder: Path):
+    """A coevolve config whose policy and RM are the model in `folder`."""
+    from coevolve.core.config import build_config
+
+    return build_config({"policy": {"name_or_path": str(folder)}, "rm": {"name_or_path": str(folder)}, "data": {"task": "toy"}}, "bench")
+
+
+def our_reference(folder: Path):
+    """DPO's reference as the e-step loads it (policy/e_step.py: frozen, in the policy's dtype)."""
+    from coevolve.policy.e_step import reference_model
+
+    return reference_model(our_config(folder), folder, folder)
 
 
 def trl_args(kind: str, out: Path, batch: int, steps: int):
@@ -488,8 +501,7 @@ def main():
             trainer_cfg, via = our_args(kind, folder, out, batch, n_steps, liger, precompute, tuning)
         else:
             trainer_cfg, via = trl_args(kind, out, batch, n_steps), "trl defaults"
-        # Ours' inline reference as policy/e_step.py passes it: loaded in bf16, frozen.
-        ref = (lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)) if kind == "dpo" and ours and not precompute else (lambda: None)
+        ref = (lambda: our_reference(folder)) if kind == "dpo" and ours and not precompute else (lambda: None)
         r = section(name, lambda: run(kind, name, trainer_cfg, folder, tok, rows[: n_steps * batch], args.warmup, args.steps, name in profiled, ref()))
         if r is not None:
             r["config_via"] = via
