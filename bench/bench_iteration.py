@@ -6,8 +6,9 @@ hyper-parameters (issue 9, bench 3).
 Reported: both wall times and their ratio; ours broken down by phase kind (generation, scoring,
 training, selection, data, measurement) from the steps' DONE.json, less the phases' model and tokenizer
 loads and saves (DONE.json's `io`), which are a part of their own; the rest of the wall time is outside
-the phases, split into the time until the first step starts (the process, and the step server's
-imports when no server is up) and the rest (step starts, orchestration). `overhead_frac` is loads and
+the phases, split by the steps' start and end times into the time until the first step starts (the
+process, and the step server's imports when no server is up), the time inside the steps (their setup,
+store appends, DONE.json) and the rest (step starts and exits, orchestration). `overhead_frac` is loads and
 saves + outside phases, over ours' wall time. The naive one by script; one save and one load of the
 policy checkpoint (safetensors), timed on their own.
 Ours is timed on its second run of the iteration: the first fills the machine's compile caches, which
@@ -55,8 +56,9 @@ PHASE_KINDS = {"generate": "generation", "score": "scoring", "train": "training"
 # imports if none is up), and the rest (each step's start, orchestration).
 LOADS_SAVES = "loads and saves inside phases"
 ONE_OFF = "outside phases: until the first step starts (process, step server)"
-OUTSIDE = "outside phases: the rest (step starts, orchestration)"
-OVERHEAD = (LOADS_SAVES, ONE_OFF, OUTSIDE)
+IN_STEPS = "outside phases: inside the steps (their setup, stores, DONE.json)"
+OUTSIDE = "outside phases: between and after the steps (step starts and exits, orchestration)"
+OVERHEAD = (LOADS_SAVES, ONE_OFF, IN_STEPS, OUTSIDE)
 NAIVE_STAGES = ("generate", "score", "dpo", "select", "pseudo", "rm")
 
 
@@ -156,10 +158,11 @@ def run_ours(a, work: Path, backend: str, launch: dict | None = None, warmup: bo
             kinds[kind] = kinds.get(kind, 0.0) + seconds - moved
             kinds[LOADS_SAVES] += moved
     outside = wall - sum(kinds.values())
-    # Steps record their start to the second: the split below is good to about 1 s.
-    first_step = datetime.datetime.fromisoformat(done["e-step"]["started"]).timestamp()
-    kinds[ONE_OFF] = min(max(first_step - start, 0.0), outside)
-    kinds[OUTSIDE] = outside - kinds[ONE_OFF]
+    # DONE.json's start and end of each step (to the millisecond) split the time outside the phases.
+    when = lambda step, key: datetime.datetime.fromisoformat(done[step][key]).timestamp()  # noqa: E731
+    kinds[ONE_OFF] = min(max(when("e-step", "started") - start, 0.0), outside)
+    kinds[IN_STEPS] = sum(when(s, "finished") - when(s, "started") - sum(d["timings"].values()) for s, d in done.items())
+    kinds[OUTSIDE] = outside - kinds[ONE_OFF] - kinds[IN_STEPS]
     return wall, {k: round(v, 2) for k, v in kinds.items()}, first_s
 
 
