@@ -16,14 +16,13 @@ import datetime
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import MODELS, append_result, log, record_args  # noqa: E402
+from common import MODELS, append_result, folders, log, record_args  # noqa: E402
 
 
 def timed(fn, repeat: int) -> dict:
@@ -61,7 +60,7 @@ def cases(work: Path, device: str) -> dict:
     return {
         "tokenizer load": lambda: AutoTokenizer.from_pretrained(policy),
         "tokenizer save": lambda: tok.save_pretrained(fresh("tok")),
-        # load_policy/load_rm today: read on the CPU, then moved
+        # a policy or RM read on the CPU, then moved (load_policy/load_rm did so until they took device_map)
         "bf16 load, then .to(device)": lambda: AutoModelForCausalLM.from_pretrained(policy, dtype=torch.bfloat16).to(device),
         "bf16 load, device_map": lambda: AutoModelForCausalLM.from_pretrained(policy, dtype=torch.bfloat16, device_map=device),
         # selection reading a candidate checkpoint (saved fp32 by the trainer) for sampling
@@ -103,9 +102,7 @@ def main() -> None:
     import torch
     from bench_training import build_tokenizer, save_model
 
-    work = a.work or Path(tempfile.mkdtemp(prefix="bench-io-"))
-    out = a.out or work
-    out.mkdir(parents=True, exist_ok=True)
+    work, out = folders(a, "io")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = save_model(a.model, build_tokenizer(MODELS[a.model]["vocab_size"]), work / "policy", model_type="llama")
     result = {"bench": "io", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

@@ -37,7 +37,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_training import build_tokenizer, save_model  # noqa: E402
-from common import MODELS, append_result, log, record_args  # noqa: E402
+from common import MODELS, append_result, folders, log, record_args  # noqa: E402
 
 # Phase names of the e-step and m-step (policy/e_step.py, reward/m_step.py) by what they spend time on.
 PHASE_KINDS = {"generate": "generation", "score": "scoring", "train": "training", "select": "selection",
@@ -252,12 +251,9 @@ def main() -> None:
         return
     import torch
 
-    work = a.work or Path(tempfile.mkdtemp(prefix="bench-iteration-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work, out = folders(a, "iteration")
     cuda = torch.cuda.is_available()
     backend = a.backend or ("static" if cuda else "hf")
-    out = a.out or work
-    out.mkdir(parents=True, exist_ok=True)
     params, io = make_models(a.model, work)
     write_prompts(a.prompts, MODELS[a.model]["vocab_size"], work / "prompts.jsonl")
     if a.profile:

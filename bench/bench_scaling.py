@@ -17,14 +17,13 @@ import argparse
 import datetime
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_iteration import make_models, run_ours, workload, workload_args, write_prompts  # noqa: E402
-from common import MODELS, append_result, log, record_args  # noqa: E402
+from common import MODELS, append_result, folders, log, record_args  # noqa: E402
 
 
 def launch_section(gpus: int, zero: int) -> dict:
@@ -67,10 +66,7 @@ def main() -> None:
         ap.error(f"--gpus: {max(counts)} asked for, {torch.cuda.device_count()} here")
     if any(a.dpo_batch % n or a.rm_batch % n for n in counts):
         ap.error("--dpo-batch and --rm-batch must divide by every GPU count (the global batch stays the same)")
-    work = a.work or Path(tempfile.mkdtemp(prefix="bench-scaling-"))
-    work.mkdir(parents=True, exist_ok=True)
-    out = a.out or work
-    out.mkdir(parents=True, exist_ok=True)
+    work, out = folders(a, "scaling")
     backend = a.backend or ("static" if cuda else "hf")
     params, _ = make_models(a.model, work)
     write_prompts(a.prompts, MODELS[a.model]["vocab_size"], work / "prompts.jsonl")

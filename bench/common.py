@@ -22,6 +22,19 @@ def record_args(ap, saved: str, script: str) -> None:
     ap.add_argument("--command", default=f"python3 bench/{script} --out OUT", help="the command that made it, for the record")
 
 
+def folders(a, bench: str):
+    """The bench's work folder (`--work`, else a new temporary one) and output folder (`--out`, else the
+    work folder), both made."""
+    import tempfile
+    from pathlib import Path
+
+    work = a.work or Path(tempfile.mkdtemp(prefix=f"bench-{bench}-"))
+    out = a.out or work
+    for folder in (work, out):
+        folder.mkdir(parents=True, exist_ok=True)
+    return work, out
+
+
 def log(*a):
     print(*a, flush=True)
 
