@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+from dataclasses import replace
 import json
 import statistics
 import sys
@@ -109,7 +110,7 @@ def hf_generate(model, prompts, new, params: SamplingParams, static: bool, devic
 def greedy_check(model, prompts, max_new: int, attention: str):
     """Greedy tokens of ours vs HF generate (one prompt per call, no padding)."""
     be = StaticGraphBackend(model, None, batch_size=len(prompts), attention=attention)
-    ours, _ = be.generate_ids(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new), ignore_eos=True)
+    ours, _, _ = be.generate_ids(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new), ignore_eos=True)
     device = model.device
     prefixes = []
     for p, o in zip(prompts, ours):
@@ -121,6 +122,41 @@ def greedy_check(model, prompts, max_new: int, attention: str):
         "attention": attention, "identical": sum(p == max_new for p in prefixes), "matching_prefix": prefixes,
         "prefix_match_rate": round(sum(prefixes) / (len(prompts) * max_new), 4),
     }
+
+
+def logprob_check(model, prompts, max_new: int, attention: str, fp32_model=None):
+    """Sampled tokens' log-probs (T 0.8, top-p 0.95) against a forward pass over the same tokens, the
+    way DPO's reference computes them (log_softmax of the untempered logits): per token and summed per
+    completion. With `fp32_model`, the bf16 forward against the fp32 one too, the noise a bf16
+    reference already carries."""
+    be = StaticGraphBackend(model, None, batch_size=len(prompts) * 2, attention=attention)
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.95, max_new_tokens=max_new, seed=1, logprobs=True)
+    tokens, logps, _ = be.generate_ids(prompts, params, ignore_eos=True)
+
+    def forward(m, p, ids):
+        x = torch.tensor([p + ids], device=m.device)
+        with torch.no_grad():
+            logits = m(x).logits[0, len(p) - 1 : -1].float()
+        return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids, device=m.device)[:, None]).squeeze(1).double().cpu()
+
+    per_token, per_seq, ref_token, ref_seq = [], [], [], []
+    for p, rows, lps in zip(prompts, tokens, logps):
+        for ids, lp in zip(rows, lps):
+            want = forward(model, p, ids)
+            diff = torch.tensor(lp, dtype=torch.float64) - want
+            per_token.append(diff.abs())
+            per_seq.append(abs(float(diff.sum())))
+            if fp32_model is not None:
+                exact = forward(fp32_model, p, ids)
+                ref_token.append((want - exact).abs())
+                ref_seq.append(abs(float((want - exact).sum())))
+    out = {"completions": len(per_seq), "tokens_each": max_new, "dtype": str(model.dtype).replace("torch.", ""),
+           "token_abs_diff_mean": round(float(torch.cat(per_token).mean()), 5), "token_abs_diff_max": round(float(torch.cat(per_token).max()), 4),
+           "sum_abs_diff_mean": round(statistics.mean(per_seq), 4), "sum_abs_diff_max": round(max(per_seq), 4)}
+    if ref_token:
+        out.update(bf16_vs_fp32_forward_token_abs_diff_mean=round(float(torch.cat(ref_token).mean()), 5),
+                   bf16_vs_fp32_forward_sum_abs_diff_mean=round(statistics.mean(ref_seq), 4))
+    return out
 
 
 def attention_check(model, device):
@@ -143,9 +179,11 @@ def attention_check(model, device):
     out = {k: float((f(q, kc, vc, pos, L, w.scale).double() - ref).norm() / ref.norm()) for k, f in fns.items()}
     if device == "cuda":  # the fused logits statistics of the sampler
         logits = torch.randn(512, w.padded_vocab, device=device, dtype=w.dtype) * 3
-        cmax, lse = row_stats(logits, 128)
+        temp = torch.tensor(0.8, device=device)
+        cmax, lse, lse_raw = row_stats(logits, 128, temp)
         out["row_stats_chunk_max_equal"] = bool(torch.equal(cmax, logits.view(512, -1, 128).amax(-1).float()))
         out["row_stats_lse_max_abs_err"] = float((lse.double() - torch.logsumexp(logits.double(), -1)).abs().max())
+        out["row_stats_untempered_lse_max_abs_err"] = float((lse_raw.double() - torch.logsumexp(logits.double() * 0.8, -1)).abs().max())
     return out
 
 
@@ -158,12 +196,12 @@ def time_ours(model, prompts, new, params, slots: int, attention: str, sync_ever
     for label in ("cold", "warm"):
         sync(model.device.type)
         t0 = time.perf_counter()
-        out, stats = be.generate_ids(prompts, params, max_new=new, ignore_eos=True)
+        out, _, stats = be.generate_ids(prompts, params, max_new=new, ignore_eos=True)
         sync(model.device.type)
         wall = time.perf_counter() - t0
         produced = sum(len(t) for row in out for t in row)
         assert produced == useful, (produced, useful)
-        runs.append({"call": label, "wall_s": round(wall, 3), "tok_s": round(useful / wall, 1), **stats})
+        runs.append({"call": label, "wall_s": round(wall, 3), "tok_s": round(useful / wall, 1), "logprobs": params.logprobs, **stats})
         outs.append(out)
         log(f"  ours[{attention}] {label}: {useful} tokens in {wall:.2f}s = {useful / wall:,.0f} tok/s  {stats}")
     return be, runs, outs[0] == outs[1]
@@ -249,6 +287,8 @@ def main():
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--slots", default="512", help="slot counts; the first is the headline, others are timed with the first attention")
     ap.add_argument("--sync-every", type=int, default=16)
+    ap.add_argument("--logprobs", action="store_true", help="also time the headline attention taking each sampled token's log-prob "
+                    "(what the e-step asks for when DPO's reference is the sampler)")
     ap.add_argument("--attention", default="triton,bmm,sdpa", help="variants to time; the first is the headline")
     ap.add_argument("--hf-prompts", type=int, default=64, help="prompts (x n rows) in HF's one padded batch")
     ap.add_argument("--hf-max-new", type=int, default=0, help="cap HF's response lengths (0: the workload's)")
@@ -302,12 +342,24 @@ def main():
                 torch.cuda.empty_cache()
 
         res["greedy_fp32"] = section("greedy vs HF fp32", fp32_check)
+    if args.logprobs and gp:
+        def logprobs_vs_forward():
+            m32 = build_model(args.model, device, torch.float32) if device == "cuda" else None
+            try:
+                return logprob_check(model, gp, args.greedy_new, variants[0], m32)
+            finally:
+                del m32
+                torch.cuda.empty_cache() if device == "cuda" else None
+
+        res["logprobs_vs_forward"] = section("sampled log-probs vs forward", logprobs_vs_forward)
 
     res["ours"] = {}
     best = None
-    for v, n_slots in [(v, slots[0]) for v in variants] + [(variants[0], s) for s in slots[1:]]:
-        label = v if n_slots == slots[0] else f"{v}, {n_slots} slots"
-        out = section(f"ours {label}", lambda v=v, n_slots=n_slots: time_ours(model, prompts, new, params, n_slots, v, args.sync_every))
+    plan = [(v, slots[0], False) for v in variants] + [(variants[0], s, False) for s in slots[1:]]
+    for v, n_slots, logprobs in plan + ([(variants[0], slots[0], True)] if args.logprobs else []):
+        label = (v if n_slots == slots[0] else f"{v}, {n_slots} slots") + (", logprobs" if logprobs else "")
+        p = replace(params, logprobs=logprobs)
+        out = section(f"ours {label}", lambda v=v, n_slots=n_slots, p=p: time_ours(model, prompts, new, p, n_slots, v, args.sync_every))
         if out is None:
             continue
         be, runs, deterministic = out
@@ -357,7 +409,8 @@ def table(res) -> str:
     rows = [("backend", "tokens/s", "notes")]
     for r in (res.get("ours") or {}).values():
         for run in r["runs"]:
-            rows.append((f"ours ({run['attention']} attention, {run['slots']} slots, {run['call']} call)", f"{run['tok_s']:,.0f}",
+            logprobs = ", log-probs taken" if run.get("logprobs") else ""
+            rows.append((f"ours ({run['attention']} attention, {run['slots']} slots{logprobs}, {run['call']} call)", f"{run['tok_s']:,.0f}",
                          f"{run['wall_s']}s, {run.get('decode_steps')} steps, {run.get('graphs')} graphs"))
     for key, label in (("hf_generate", "HF generate, padded"), ("hf_static", "HF generate, static cache, compiled")):
         h = res.get(key)
@@ -384,6 +437,8 @@ def record(res) -> None:
         f"Greedy vs HF generate: bf16 {json.dumps(res.get('greedy_bf16'))}; fp32 {json.dumps(res.get('greedy_fp32'))}.",
         f"Decode step profile: {json.dumps(p)}.",
     ]
+    if res.get("logprobs_vs_forward"):
+        md.append(f"Sampled log-probs vs a forward over the same tokens: {json.dumps(res['logprobs_vs_forward'])}.")
     append_result(bench, line, md, res.get("errors"))
 
 

@@ -10,6 +10,10 @@ Nothing in trl is patched. What differs from trl's defaults:
     batch), so a training step runs no reference forward; its time is added back in the end-to-end
     rate, which is the headline; `*-inline-ref` configs keep trl's reference forward in each step,
     with the reference loaded as policy/e_step.py loads it (bf16 on a GPU; trl's own would be fp32);
+    `*-sampled-ref` configs train as the e-step does when the sampler is the reference
+    (policy/sampled_reference.py): token rows that carry their reference log-probs, taken while
+    sampling (bench_generation.py --logprobs times that), so neither a pass nor a forward here; the
+    rows' values are a uniform model's log-probs, which change no work;
   - length-grouped batches (`train_sampling_strategy: group_by_length` with a `length` column, which
     needs `remove_unused_columns: false`), so less of each batch is padding;
   - SDPA attention named explicitly (`model_init_kwargs`), bf16 autocast over fp32 master weights
@@ -40,6 +44,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -240,7 +245,7 @@ def steady(marks, warmup: int) -> dict:
 
 
 # -- trainer configs ----------------------------------------------------------------------------------
-def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: bool, precompute: bool = True, tuning: dict | None = None):
+def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: bool, reference: str = "pass", tuning: dict | None = None):
     """The trl config our steps build (coevolve.core.training.trainer_args) for these TrainConfig values;
     `tuning` holds further fields of the trl config, set through `train.extra` as a user would."""
     from trl import DPOConfig, RewardConfig
@@ -256,8 +261,10 @@ def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: 
         # Liger's default also swaps the model's forward for its fused LM-head loss: that would break
         # the RM (a sequence classifier) and trl refuses it for DPO, which has its own fused head.
         extra.update(use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": False})
-    if kind == "dpo" and precompute:
+    if kind == "dpo" and reference == "pass":
         extra.update(precompute_ref_log_probs=True, precompute_ref_batch_size=4 * batch)
+    if kind == "dpo" and reference == "sampled":
+        extra.update(precompute_ref_log_probs=True)
     extra.update(tuning or {})
     fields = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_length=MAX_LEN, gradient_checkpointing=False, extra=extra)
     try:
@@ -305,8 +312,24 @@ def trl_args(kind: str, out: Path, batch: int, steps: int):
                disable_tqdm=True, use_cpu=not torch.cuda.is_available())
 
 
-def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup: int, steps: int, profiled: bool, ref_model=None) -> dict:
-    """One config's run; `ref_model` is DPO's reference, passed loaded (None: trl builds it)."""
+def sampled_dataset(rows: list[dict], eos: int, vocab: int):
+    """The e-step's token rows when the reference's log-probs come from sampling (sampled_rows' output
+    format): sampled completions end with their EOS."""
+    import datasets
+
+    uniform = -math.log(vocab)
+    return datasets.Dataset.from_list([
+        {"prompt_ids": r["prompt"], "chosen_ids": r["chosen"] + [eos], "rejected_ids": r["rejected"] + [eos],
+         "ref_chosen_logps": uniform * (len(r["chosen"]) + 1), "ref_rejected_logps": uniform * (len(r["rejected"]) + 1),
+         "length": len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) + 1}
+        for r in rows
+    ])
+
+
+def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup: int, steps: int, profiled: bool, ref_model=None,
+        sampled: bool = False) -> dict:
+    """One config's run; `ref_model` is DPO's reference, passed loaded (None: trl builds it); `sampled`:
+    DPO on rows carrying their reference log-probs, as the e-step trains when the sampler is the reference."""
     from trl import DPOTrainer, RewardTrainer
     import trl.trainer.dpo_trainer as dpo_mod
 
@@ -338,7 +361,12 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
     DPOTrainer._precompute_ref_logps, dpo_mod.hash_module = timed_pre, timed_hash
     t0 = time.perf_counter()
     try:
-        if kind == "dpo":
+        if sampled:
+            from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer
+
+            trainer = SampledReferenceDPOTrainer(model=str(folder), args=args, train_dataset=sampled_dataset(rows, tok.eos_token_id, len(tok)),
+                                                 processing_class=tok, callbacks=[clock])
+        elif kind == "dpo":
             trainer = DPOTrainer(model=str(folder), ref_model=ref_model, args=args, train_dataset=dpo_dataset(rows), processing_class=tok, callbacks=[clock])
         else:
             trainer = RewardTrainer(model=str(folder), args=args, train_dataset=rm_dataset(rows, tok.eos_token_id), processing_class=tok, callbacks=[clock])
@@ -373,11 +401,11 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
     if clock.kernels:
         res["profile"] = clock.kernels
     if kind == "dpo":
-        res["reference"] = "precomputed" if args.precompute_ref_log_probs else "inline forward"
+        res["reference"] = "sampled" if sampled else "precomputed" if args.precompute_ref_log_probs else "inline forward"
         # `is None`, not `or`: a compiled module has no truth value.
         reference = model if trainer.ref_model is None else trainer.ref_model
         res["reference_dtype"] = str(next(reference.parameters()).dtype).replace("torch.", "")
-        if args.precompute_ref_log_probs and "precompute_s" in fixed:
+        if not sampled and args.precompute_ref_log_probs and "precompute_s" in fixed:
             # One epoch: every trained pair had its reference pass once, before training.
             ref_tokens = sum(seq_tokens(r) for r in rows)
             res["precompute_tokens"] = ref_tokens
@@ -404,24 +432,27 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
 PAD64 = {"pad_to_multiple_of": 64}
 COMPILE = {"torch_compile": True, **PAD64}
 CONFIGS = {
-    # name: (kind, ours?, liger?, precompute?, further trl config fields)
-    "trl-dpo": ("dpo", False, False, False, {}),
-    "ours-dpo": ("dpo", True, False, True, {}),
-    "trl-rm": ("rm", False, False, False, {}),
-    "ours-rm": ("rm", True, False, False, {}),
+    # name: (kind, ours?, liger?, DPO's reference log-probs: "pass" before training (trl's precompute),
+    # "inline" forward in every step, "sampled" with the rows; further trl config fields)
+    "trl-dpo": ("dpo", False, False, "inline", {}),
+    "ours-dpo": ("dpo", True, False, "pass", {}),
+    "trl-rm": ("rm", False, False, "", {}),
+    "ours-rm": ("rm", True, False, "", {}),
     # what precomputing the reference buys: ours with the reference forward in every step
-    "ours-dpo-inline-ref": ("dpo", True, False, False, {}),
+    "ours-dpo-inline-ref": ("dpo", True, False, "inline", {}),
     # torch.compile fuses the fp32-residual casts, norms and activations liger does not
-    "ours-rm-compile": ("rm", True, False, False, COMPILE),
-    "ours-dpo-compile-inline-ref": ("dpo", True, False, False, COMPILE),
+    "ours-rm-compile": ("rm", True, False, "", COMPILE),
+    "ours-dpo-compile-inline-ref": ("dpo", True, False, "inline", COMPILE),
+    # the e-step's default when the sampling policy is the reference
+    "ours-dpo-compile-sampled-ref": ("dpo", True, False, "sampled", COMPILE),
     # liger replaces transformers' Qwen2 RoPE, RMSNorm and MLP module-wide, so its runs come last
-    "ours-dpo-liger": ("dpo", True, True, True, {}),
-    "ours-dpo-liger-inline-ref": ("dpo", True, True, False, {}),
-    "ours-dpo-liger-inline-ref-pad64": ("dpo", True, True, False, PAD64),
+    "ours-dpo-liger": ("dpo", True, True, "pass", {}),
+    "ours-dpo-liger-inline-ref": ("dpo", True, True, "inline", {}),
+    "ours-dpo-liger-inline-ref-pad64": ("dpo", True, True, "inline", PAD64),
     # liger's fused LM-head DPO loss never holds the 152K-vocab logits; compile fuses the rest
-    "ours-dpo-compile-liger-inline-ref": ("dpo", True, True, False, COMPILE),
-    "ours-rm-liger": ("rm", True, True, False, {}),
-    "ours-rm-liger-pad64": ("rm", True, True, False, PAD64),
+    "ours-dpo-compile-liger-inline-ref": ("dpo", True, True, "inline", COMPILE),
+    "ours-rm-liger": ("rm", True, True, "", {}),
+    "ours-rm-liger-pad64": ("rm", True, True, "", PAD64),
 }
 DEFAULT_CONFIGS = "trl-dpo,ours-dpo,trl-rm,ours-rm,ours-dpo-liger,ours-dpo-liger-inline-ref,ours-rm-liger"
 
@@ -487,7 +518,7 @@ def main():
 
     batch_of = {("dpo", False): args.trl_dpo_batch, ("rm", False): args.trl_rm_batch, ("dpo", True): args.dpo_batch, ("rm", True): args.rm_batch}
     for name in args.configs.split(","):
-        kind, ours, liger, precompute, tuning = CONFIGS[name]
+        kind, ours, liger, reference, tuning = CONFIGS[name]
         if time.perf_counter() - t_start > args.deadline_s:
             res["errors"][name] = f"skipped: the bench had run {time.perf_counter() - t_start:.0f}s (--deadline-s)"
             continue
@@ -498,11 +529,12 @@ def main():
         out = work / name
         n_steps = total + (PROFILE_STEPS if name in profiled else 0)
         if ours:
-            trainer_cfg, via = our_args(kind, folder, out, batch, n_steps, liger, precompute, tuning)
+            trainer_cfg, via = our_args(kind, folder, out, batch, n_steps, liger, reference, tuning)
         else:
             trainer_cfg, via = trl_args(kind, out, batch, n_steps), "trl defaults"
-        ref = (lambda: our_reference(folder)) if kind == "dpo" and ours and not precompute else (lambda: None)
-        r = section(name, lambda: run(kind, name, trainer_cfg, folder, tok, rows[: n_steps * batch], args.warmup, args.steps, name in profiled, ref()))
+        ref = (lambda: our_reference(folder)) if kind == "dpo" and ours and reference == "inline" else (lambda: None)
+        r = section(name, lambda: run(kind, name, trainer_cfg, folder, tok, rows[: n_steps * batch], args.warmup, args.steps, name in profiled, ref(),
+                                      sampled=reference == "sampled"))
         if r is not None:
             r["config_via"] = via
             r["tuning"] = tuning
@@ -527,7 +559,7 @@ def summarize(res):
     runs = res["runs"]
     for r in runs.values():
         r["mfu"] = mfu(res, r["end_to_end_tok_s"])
-        if r["kind"] == "dpo":
+        if r["kind"] == "dpo" and r["reference"] != "sampled":  # a sampled reference has no forward here to count
             r["mfu_with_ref"] = mfu(res, r["end_to_end_tok_s"], 8)
             r["loop_mfu"] = mfu(res, r["tok_s"])
     for kind in ("dpo", "rm"):
@@ -540,7 +572,7 @@ def summarize(res):
         res[f"{kind}_mfu"] = best and best["mfu"]
         res[f"trl_{kind}_mfu"] = base and base["mfu"]
         if kind == "dpo":
-            res["dpo_mfu_with_ref"] = best and best["mfu_with_ref"]
+            res["dpo_mfu_with_ref"] = best and best.get("mfu_with_ref")
             res["dpo_loop_tok_s"] = best and best["tok_s"]
         if best and base:
             res[f"{kind}_speedup"] = round(best["end_to_end_tok_s"] / base["end_to_end_tok_s"], 2)
@@ -564,7 +596,7 @@ def table(res) -> str:
             note += f"; ref pass {r['precompute_s']}s ({r['precompute_tok_s']:,.0f} tok/s), model hash {r.get('model_hash_s')}s"
         rows.append((
             r["label"], str(r["batch_pairs"]), "on" if r["gradient_checkpointing"] else "off",
-            {"precomputed": "pre", "inline forward": "inline"}.get(r.get("reference"), "-") + (" bf16" if r.get("reference_dtype") == "bfloat16" else ""),
+            {"precomputed": "pre", "inline forward": "inline", "sampled": "sampled"}.get(r.get("reference"), "-") + (" bf16" if r.get("reference_dtype") == "bfloat16" else ""),
             "grouped" if r.get("sampler") == "group_by_length" else "random", "yes" if r["liger"] else "no",
             f"{r['tok_s']:,.0f}", f"{r['end_to_end_tok_s']:,.0f}",
             f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-",

@@ -4,6 +4,7 @@ generate  M samples per policy-update prompt from policy_{K-1}
 score     the current RM scores every sample, re-rendered with the RM's own template
 pairs     chosen/rejected per prompt by the configured rule (policy/pairs.py); unpaired prompts kept with why
 train     DPO with trl from policy_{K-1}; reference = the iteration's start (paper) or the initial policy;
+          when it is the start, its log-probs are the ones taken while sampling (no reference forward);
           a checkpoint every `save_steps` and one at the end, written while training goes on
 select    on D_MS each checkpoint and policy_{K-1} answer every prompt; the RM judges; the checkpoint
           with the best win rate becomes policy_K, unless its win rate is under tau: then the loop stops
@@ -17,6 +18,7 @@ responses they revise (source "revision"), join this step's pairs for DPO.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from statistics import mean, pstdev
@@ -37,6 +39,9 @@ from coevolve.data.records import pair_records, response_records
 from coevolve.data.sampling import sample_prompts
 from coevolve.data.store import Store
 from coevolve.policy.pairs import RULES
+from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, sampled_rows, unusable_because
+
+log = logging.getLogger("coevolve")
 
 
 def iteration_prompts(prompts: datasets.Dataset, split: str, per_iteration: int | None, k: int) -> datasets.Dataset:
@@ -58,14 +63,20 @@ def policy_batch(cfg: Config, run: Path, prompts: datasets.Dataset, k: int) -> d
     return batch
 
 
-def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
+def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path, logprobs: bool) -> dict:
+    """M samples per prompt; with `logprobs` (where the backend gives them), each sample's token ids and
+    their log-probs too, for DPO's reference (policy/sampled_reference.py)."""
     m = step.cfg.e_step.num_samples
-    gens = sample(step.cfg, policy, list(prompts["prompt"]), m, seed=step.cfg.seed * 1000 + step.iteration)
+    gens = sample(step.cfg, policy, list(prompts["prompt"]), m, seed=step.cfg.seed * 1000 + step.iteration, logprobs=logprobs)
     rows = [
         {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "sample": j, "response": text, "num_tokens": n}
         for r, texts, counts in zip(prompts, gens.texts, gens.num_tokens)
         for j, (text, n) in enumerate(zip(texts, counts))
     ]
+    if gens.logprobs is not None:
+        sampled = [(p, ids, lp) for p, rows_ids, rows_lp in zip(gens.prompt_ids, gens.token_ids, gens.logprobs) for ids, lp in zip(rows_ids, rows_lp)]
+        for row, (p, ids, lp) in zip(rows, sampled, strict=True):
+            row.update(prompt_ids=p, response_ids=ids, response_logps=lp)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
     lengths = [r["num_tokens"] for r in rows]
     return {
@@ -95,11 +106,15 @@ def build_pairs(step: StepRun, scored: datasets.Dataset, tmp: Path) -> dict:
             unpaired.append({"prompt_id": pid, "prompt": rows[0]["prompt"], "reason": picked})
             continue
         c, r = rows[picked[0]], rows[picked[1]]
-        pairs.append({
+        pair = {
             "prompt_id": pid, "prompt": c["prompt"], "chosen": c["response"], "rejected": r["response"],
             "chosen_score": c["score"], "rejected_score": r["score"],
             "chosen_tokens": c["num_tokens"], "rejected_tokens": r["num_tokens"], "source": "e-step",
-        })
+        }
+        if "response_logps" in c:
+            pair.update(prompt_ids=c["prompt_ids"], chosen_ids=c["response_ids"], rejected_ids=r["response_ids"],
+                        chosen_logps=c["response_logps"], rejected_logps=r["response_logps"])
+        pairs.append(pair)
     if not pairs:
         raise RuntimeError(f"iteration {step.iteration} e-step: no prompt gave a pair ({len(unpaired)} unpaired); the RM scores every sample alike")
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp / "pairs"))
@@ -128,17 +143,28 @@ def reference_model(cfg: Config, policy: Path, reference: Path):
 
 
 def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset, tmp: Path) -> dict:
+    """DPO on `pairs`; the reference's log-probs are the sampled ones where they stand for it
+    (policy/sampled_reference.py), else trl runs the reference forward in every step."""
     cfg = step.cfg
     tok = load_tokenizer(policy)
-    rows = preference_dataset(tok, pairs, cfg.e_step.train, for_rm=False)
     args = trainer_args(DPOConfig, cfg.e_step.train, cfg, tmp / "checkpoints", beta=cfg.e_step.beta)
-    trainer = DPOTrainer(model=str(policy), ref_model=reference_model(cfg, policy, reference), args=args, train_dataset=rows, processing_class=tok,
-                         peft_config=lora_config(cfg.e_step.train, policy, "CAUSAL_LM"))
+    peft = lora_config(cfg.e_step.train, policy, "CAUSAL_LM")
+    why_not = unusable_because(cfg, reference == policy, pairs, args)
+    if why_not is None:
+        args.precompute_ref_log_probs = True
+        rows = sampled_rows(pairs, args.max_length, cfg.e_step.train.group_by_length)
+        trainer = SampledReferenceDPOTrainer(model=str(policy), args=args, train_dataset=rows, processing_class=tok, peft_config=peft)
+    else:
+        log.info(f"dpo: the reference's log-probs come from its forward in every step: {why_not}")
+        rows = preference_dataset(tok, pairs, cfg.e_step.train, for_rm=False)
+        trainer = DPOTrainer(model=str(policy), ref_model=reference_model(cfg, policy, reference), args=args, train_dataset=rows,
+                             processing_class=tok, peft_config=peft)
     candidates = BackgroundCheckpoints(trainer, tmp / "checkpoints", cfg.e_step.save_steps)
     trainer.train()
     candidates.finish()
     merge_candidates(tmp)
-    return {"dpo/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "dpo")}
+    return {"dpo/pairs": len(rows), "dpo/reference_logps": "sampling" if why_not is None else "forward",
+            **keep_log(trainer, tmp / "train_log.jsonl", "dpo")}
 
 
 def train_seft(step: StepRun, policy: Path, rows: datasets.Dataset, tmp: Path) -> dict:
@@ -224,7 +250,8 @@ def main(step: StepRun) -> dict:
         initial = rundir.latest_output(run, "policy", iteration_max=0)
         reference = step.inputs["reference"] = policy if cfg.e_step.reference == "iteration_start" else initial
         batch = policy_batch(cfg, run, prompts, k)
-        samples = step.phase("generate", lambda tmp: generate(step, policy, batch, tmp))
+        logprobs = cfg.e_step.reference_logps == "sampling" and reference == policy
+        samples = step.phase("generate", lambda tmp: generate(step, policy, batch, tmp, logprobs))
         scored = step.phase("score", lambda tmp: score_samples(step, rm, datasets.load_from_disk(str(samples)), tmp))
         built = step.phase("pairs", lambda tmp: build_pairs(step, datasets.load_from_disk(str(scored)), tmp))
         train_pairs = "pairs/pairs"

@@ -3,6 +3,8 @@ token for token; seeded sampling is reproducible and independent of batching; th
 the top-p distribution; EOS, stop strings and n per prompt behave as in the HF backend."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -67,7 +69,7 @@ def test_greedy_matches_hf_generate_token_for_token(tok, kind, extra, monkeypatc
     lengths = [[3, 3] for _ in PROMPTS]
     lengths[3][0] = lengths[5][1] = 24
     lengths[0][1] = 9
-    out, stats = be.generate_ids(ids, params, max_new=lengths)
+    out, _, stats = be.generate_ids(ids, params, max_new=lengths)
     for prompt, samples, m in zip(PROMPTS, out, lengths):
         ref = hf_greedy(model, tok, prompt, 24)
         assert samples == [ref[: m[0]], ref[: m[1]]], prompt
@@ -133,6 +135,27 @@ def test_weights_are_reread_each_call(tok):
     assert after == make_backend("hf", model, tok).generate(PROMPTS[:2], params).texts
 
 
+@pytest.mark.parametrize("temperature, top_p", [(0.8, 0.9), (1.3, 1.0), (0.0, 1.0)])
+def test_sampled_logprobs_are_the_untempered_logprobs_of_a_forward_pass(tok, temperature, top_p, monkeypatch):
+    # What DPO's reference would compute over the same tokens: log_softmax of the plain logits (no
+    # temperature, no top-p), here with slots refilled and rows compacted along the way.
+    monkeypatch.setattr(backend, "MIN_ROWS", 1)
+    model = tiny("qwen2", tok)
+    be = StaticGraphBackend(model, tok, batch_size=5, sync_every=4)
+    params = SamplingParams(n=2, temperature=temperature, top_p=top_p, max_new_tokens=20, seed=3, logprobs=True)
+    gens = be.generate(PROMPTS, params)
+    assert gens.prompt_ids == [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    for prompt_ids, samples, logps, counts in zip(gens.prompt_ids, gens.token_ids, gens.logprobs, gens.num_tokens):
+        for ids, lp, n in zip(samples, logps, counts):
+            assert len(ids) == len(lp) == n
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+            want = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(ids)[:, None]).squeeze(1)
+            assert torch.allclose(torch.tensor(lp, dtype=torch.float64), want, atol=1e-4), (ids, lp, want)
+    # Asking for them changes no sample.
+    assert be.generate(PROMPTS, replace(params, logprobs=False)).texts == gens.texts
+
+
 def test_top_candidates_equal_topk():
     torch.manual_seed(1)
     logits = torch.stack([torch.randperm(40 * CHUNK) for _ in range(5)]).float()  # no ties
@@ -154,7 +177,7 @@ def test_sampler_draws_from_the_nucleus_distribution(top_p, top_k):
     row = torch.randn(V) * 3
     sampler = Sampler(torch.device("cpu"), candidates=64)
     sampler.configure(temperature=0.7, top_p=top_p, top_k=top_k, eos_ids=[])
-    draws, truncated = sampler(row.expand(n, V) * sampler.inv_temp, _State(n), n)
+    draws, truncated, _ = sampler(row.expand(n, V) * sampler.inv_temp, _State(n), n)
     # the exact distribution, as HF's temperature -> top-k -> top-p warpers define it
     logits = row / 0.7
     if top_k:

@@ -33,6 +33,7 @@ from coevolve.data.store import Store
 from coevolve.data.tasks import load_task
 from coevolve.policy.e_step import reference_model
 from coevolve.policy.pairs import length_controlled
+from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, sampled_rows, unusable_because
 from conftest import FAST, TINY
 from tiny_run import tiny_run  # noqa: F401  (the fixture)
 
@@ -121,6 +122,8 @@ def test_e_step_builds_paper_pairs_and_dpo_raises_their_margin(iterated_run):
     assert implicit_margin(trained, reference, tok, sample, cfg.e_step.beta) > 0.01
     assert result["metrics"]["dpo/loss_last"] < result["metrics"]["dpo/loss_first"]
     assert Store(run).load("pairs", [1])["chosen"] == pairs["chosen"]
+    # The hf backend returns no log-probs: trl ran the reference forward.
+    assert result["metrics"]["dpo/reference_logps"] == "forward"
 
     # Loads and saves, phase by phase: each checkpoint saved once; selection loads every candidate.
     # (This process may hold the policy's tokenizer from an earlier test: models count, not it.)
@@ -389,6 +392,67 @@ def test_dpo_reference_is_loaded_frozen_in_the_policy_dtype(prepared_run):
     # Under LoRA the policy with its adapters off is the reference; another reference is still loaded.
     assert reference_model(lora, policy, policy) is None
     assert reference_model(lora, policy, other) is not None
+
+
+class _TokenRowsDPOTrainer(DPOTrainer):
+    """trl's DPOTrainer, reference forward included, on rows already tokenized."""
+
+    def _prepare_dataset(self, dataset, *args):
+        return dataset
+
+
+def test_dpo_on_sampled_logprobs_trains_as_dpo_with_the_reference_forward(prepared_run, tmp_path):
+    """The static backend's log-probs stand in for the reference forward: on the same sampled tokens,
+    trl's DPO logs the same loss and rewards step by step either way (the reference is the policy that
+    sampled, as in the E-step)."""
+    cfg = load_config(prepared_run / "config.yaml", ["generation.backend=static"])
+    policy = prepared_run / "iter_0/sft-warmup/train/policy"
+    prompts = list(datasets.load_from_disk(str(prepared_run / "iter_0/init/data/prompts"))["prompt"][:32])
+    gens = sample(cfg, policy, prompts, 2, seed=5, logprobs=True)
+    pairs = datasets.Dataset.from_list([
+        {"prompt_ids": p, "chosen_ids": ids[0], "rejected_ids": ids[1], "chosen_logps": lp[0], "rejected_logps": lp[1]}
+        for p, ids, lp in zip(gens.prompt_ids, gens.token_ids, gens.logprobs)
+    ])
+    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=5e-3, max_length=20, logging_steps=1, num_train_epochs=3)
+    # max_length cuts some completions: the sums must stop where trl's collator cuts.
+    assert max(len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs) > 20
+    rows = sampled_rows(pairs, train.max_length, group_by_length=False)
+    tok = load_tokenizer(policy)
+    logs = {}
+    for name in ("sampling", "forward"):
+        args = trainer_args(DPOConfig, train, cfg, tmp_path / name, beta=0.1, precompute_ref_log_probs=name == "sampling")
+        if name == "sampling":
+            trainer = SampledReferenceDPOTrainer(model=str(policy), args=args, train_dataset=rows, processing_class=tok)
+            assert trainer.ref_model is None
+        else:
+            trainer = _TokenRowsDPOTrainer(model=str(policy), ref_model=AutoModelForCausalLM.from_pretrained(policy), args=args,
+                                           train_dataset=rows.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]), processing_class=tok)
+        trainer.train()
+        logs[name] = [(h["loss"], h["rewards/chosen"], h["rewards/rejected"]) for h in trainer.state.log_history if "loss" in h]
+    losses = [h[0] for h in logs["sampling"]]
+    assert len(losses) == 12 and mean(losses[-4:]) < mean(losses[:4]) - 0.01, losses
+    for a, b in zip(logs["sampling"], logs["forward"], strict=True):
+        assert a == pytest.approx(b, abs=2e-4), logs
+
+
+def test_e_step_with_the_static_backend_trains_dpo_on_the_sampled_tokens_and_logprobs(fresh_run):
+    cfg = load_config(None, ["generation.backend=static", "e_step.select=false"], fresh_run)
+    run_step("e-step", fresh_run, 1, cfg)
+    result = done(fresh_run, 1, "e-step")
+    assert result["metrics"]["dpo/reference_logps"] == "sampling"
+    assert result["metrics"]["dpo/loss_last"] < result["metrics"]["dpo/loss_first"]
+    pairs = datasets.load_from_disk(str(fresh_run / "iter_1/e-step/pairs/pairs"))
+    tok = load_tokenizer(fresh_run / result["inputs"]["policy"])
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            assert tok.decode(p[f"{side}_ids"], skip_special_tokens=True).strip() == p[side]
+            assert len(p[f"{side}_logps"]) == len(p[f"{side}_ids"]) == p[f"{side}_tokens"]
+            assert all(lp <= 0 for lp in p[f"{side}_logps"])
+    # Where the sampler is not the reference, they cannot stand for it.
+    initial = load_config(None, ["generation.backend=static", "e_step.reference=initial"], fresh_run)
+    args = trainer_args(DPOConfig, initial.e_step.train, initial, fresh_run / "unused")
+    assert "e_step.reference: initial" in unusable_because(initial, False, pairs, args)
+    assert unusable_because(cfg, True, pairs, args) is None
 
 
 def test_a_failed_background_write_fails_the_training_and_names_its_folder(prepared_run, tmp_path):

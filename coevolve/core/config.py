@@ -173,6 +173,11 @@ class EStepConfig(Strict):
     prompts_per_iteration: int | None = None
     # Paper: the iteration's starting policy; RLHFlow's recipe: the initial policy.
     reference: Literal["iteration_start", "initial"] = "iteration_start"
+    # DPO's reference log-probs. "sampling": taken in the pass that sampled the pairs, when that policy
+    # is the reference (iteration_start) and the generation backend gives them (static); DPO then trains
+    # on the sampled tokens and runs no reference forward (a quarter of a step's FLOPs). Otherwise, and
+    # with "forward": trl's reference forward in every step.
+    reference_logps: Literal["sampling", "forward"] = "sampling"
     beta: float = 0.01
     train: DPOTrainConfig = DPOTrainConfig()
     # Mode seft: SFT of the policy on the revise step's kept revisions and untouched good responses.

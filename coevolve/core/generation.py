@@ -27,6 +27,10 @@ class SamplingParams:
     # Index of the first prompt in the whole list that these prompts are a share of (several processes):
     # `static` keys each sample by its prompt's index there, so a share samples what the whole list would.
     first_prompt: int = 0
+    # Also return each completion's token ids and their log-probs under the untempered model (no top-p,
+    # no top-k): a DPO reference equal to the sampling policy need not run again. Backends that cannot
+    # leave them None.
+    logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -35,12 +39,17 @@ class SamplingParams:
 
 @dataclass
 class Generations:
-    """`texts[i]` holds the n completions of prompt i; token counts are of the completions."""
+    """`texts[i]` holds the n completions of prompt i; token counts are of the completions. With
+    SamplingParams.logprobs (where the backend supports it): the prompts' token ids, the completions'
+    token ids as sampled (EOS included when produced) and each token's log-prob, in the same layout."""
 
     texts: list[list[str]]
     num_tokens: list[list[int]]
     seconds: float = 0.0
     stats: dict = field(default_factory=dict)
+    prompt_ids: list[list[int]] | None = None
+    token_ids: list[list[list[int]]] | None = None
+    logprobs: list[list[list[float]]] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -59,7 +68,7 @@ def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
 
 class HFBackend:
     """Reference backend: left-padded batches through `model.generate`, prompts sorted by length so a
-    batch wastes little padding."""
+    batch wastes little padding. It returns no log-probs (SamplingParams.logprobs is ignored)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: Callable[[int, int], None] | None = None):
         self.model = model

@@ -18,20 +18,21 @@ from coevolve.core.scoring import RewardScorer
 from coevolve.core.step import Progress
 
 
-def sampling_params(cfg: Config, n: int, seed: int) -> SamplingParams:
+def sampling_params(cfg: Config, n: int, seed: int, logprobs: bool = False) -> SamplingParams:
     s = cfg.sampling
-    return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, seed=seed)
+    return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, seed=seed, logprobs=logprobs)
 
 
-def sample(cfg: Config, policy: Path, prompts: list[str], n: int, seed: int, label: str = "generate") -> Generations:
-    return sample_each(cfg, [(policy, seed, label)], prompts, n)[0]
+def sample(cfg: Config, policy: Path, prompts: list[str], n: int, seed: int, label: str = "generate", logprobs: bool = False) -> Generations:
+    return sample_each(cfg, [(policy, seed, label)], prompts, n, logprobs)[0]
 
 
-def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: list[str], n: int) -> list[Generations]:
+def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: list[str], n: int, logprobs: bool = False) -> list[Generations]:
     """`n` samples per prompt from each (policy, seed, progress label). The policies must share one
     architecture (checkpoints of one model): the first is loaded, and each next one's weights are
     copied into it in place, so one backend, with its captured CUDA graphs, serves them all. Under
-    several processes each samples its share of the prompts, and each gets back all the samples."""
+    several processes each samples its share of the prompts, and each gets back all the samples.
+    `logprobs`: also the sampled token ids and their log-probs, where the backend gives them."""
     model, tok = load_policy(policies[0][0], cfg)
     backend = make_backend(cfg.generation.backend, model, tok, batch_size=cfg.generation.batch_size)
     mine = distributed.share(len(prompts))
@@ -42,14 +43,22 @@ def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: lis
             _copy_weights(model, policy)
         backend.progress = Progress(label, len(texts))
         # A process whose share is empty (fewer prompts than processes) still joins the gather.
-        params = replace(sampling_params(cfg, n, seed), first_prompt=mine.start)
+        params = replace(sampling_params(cfg, n, seed, logprobs), first_prompt=mine.start)
         gens = backend.generate(texts, params) if texts else Generations([], [], 0.0, {})
-        # Throughput over the slowest process's time: the processes sample side by side.
-        out.append(Generations(distributed.gather(gens.texts), distributed.gather(gens.num_tokens),
-                               max(distributed.gather([gens.seconds])), gens.stats))
+        out.append(_gathered(gens))
     del model, backend
     _release_gpu_memory()
     return out
+
+
+def _gathered(gens: Generations) -> Generations:
+    """Every process's share of `gens`, whole, on each; the optional lists where the backend gave them."""
+    # A process with an empty share has no way to know whether the others' backend gave them.
+    given = distributed.from_main(gens.logprobs is not None)
+    optional = {name: distributed.gather(getattr(gens, name) or []) for name in ("prompt_ids", "token_ids", "logprobs")} if given else {}
+    # Throughput over the slowest process's time: the processes sample side by side.
+    return Generations(distributed.gather(gens.texts), distributed.gather(gens.num_tokens),
+                       max(distributed.gather([gens.seconds])), gens.stats, **optional)
 
 
 def _copy_weights(model, policy: Path) -> None:

@@ -37,6 +37,7 @@ class _Seq:
     sample: int
     max_new: int
     tokens: list[int] | None = None
+    logprobs: list[float] | None = None
 
 
 class StaticGraphBackend:
@@ -87,10 +88,11 @@ class StaticGraphBackend:
         tok = self.tokenizer
         start = time.perf_counter()
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        tokens, stats = self.generate_ids(ids, params)
+        tokens, logprobs, stats = self.generate_ids(ids, params)
         texts = [[truncate_at_stop(t.strip(), params.stop) for t in tok.batch_decode(rows, skip_special_tokens=True)] for rows in tokens]
         counts = [[len(t) for t in rows] for rows in tokens]
-        return Generations(texts, counts, time.perf_counter() - start, stats)
+        sampled = dict(prompt_ids=ids, token_ids=tokens, logprobs=logprobs) if params.logprobs else {}
+        return Generations(texts, counts, time.perf_counter() - start, stats, **sampled)
 
     @torch.no_grad()
     def generate_ids(
@@ -99,8 +101,9 @@ class StaticGraphBackend:
         params: SamplingParams,
         max_new: list[list[int]] | None = None,
         ignore_eos: bool = False,
-    ) -> tuple[list[list[list[int]]], dict]:
-        """Completions as token ids: out[i][j] is sample j of prompt i (EOS included when produced).
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]] | None, dict]:
+        """Completions as token ids: out[i][j] is sample j of prompt i (EOS included when produced); with
+        params.logprobs, each token's untempered log-prob in the same layout (else None); stats.
 
         max_new[i][j] overrides params.max_new_tokens for one sample (benchmarks impose lengths this way);
         ignore_eos keeps sampling past EOS."""
@@ -116,11 +119,12 @@ class StaticGraphBackend:
         need = max(len(p) - 1 + max(m) for p, m in zip(prompts, lengths)) + 1
         self._ensure_cache(max(need, self.min_len), max(max(m) for m in lengths))
         eos = [] if ignore_eos else _eos_ids(self.model, self.tokenizer)
-        self.sampler.configure(params.temperature, params.top_p, params.top_k, eos)
+        self.sampler.configure(params.temperature, params.top_p, params.top_k, eos, params.logprobs)
         run = _Run(self, prompts, lengths, params, stats)
         run.loop()
         stats.update(max_len=self.cache.max_len, kv_cache_gib=round(self.cache.nbytes / 2**30, 3), graphs=len(self._graphs))
-        return run.outputs(), stats
+        logprobs = [[s.logprobs for s in row] for row in run.seqs] if params.logprobs else None
+        return run.outputs(), logprobs, stats
 
     # -- cache, graphs ---------------------------------------------------------------------------------
     def _ensure_cache(self, need_len: int, max_new: int) -> None:
@@ -299,10 +303,14 @@ class _Run:
         if not finished:
             return
         width = max(step[i] for i in finished)
-        out = st.out[torch.tensor(finished, device=be.w.device), :width].cpu().tolist()
-        for slot, toks in zip(finished, out):
+        rows_out = torch.tensor(finished, device=be.w.device)
+        out = st.out[rows_out, :width].cpu().tolist()
+        logps = st.logp[rows_out, :width].cpu().tolist() if self.params.logprobs else [None] * len(finished)
+        for slot, toks, lp in zip(finished, out, logps):
             seq = self.slot_seq[slot]
-            seq.tokens = toks[: self.cut_at.pop(slot, step[slot])]
+            keep = self.cut_at.pop(slot, step[slot])
+            seq.tokens = toks[:keep]
+            seq.logprobs = lp[:keep] if lp is not None else None
             self.stats["truncated_steps"] += trunc[slot]
             self.slot_seq[slot] = None
             self.left_per_prompt[seq.prompt] -= 1

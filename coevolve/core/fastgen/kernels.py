@@ -6,7 +6,8 @@ reference and the CPU path).
   softmax). It reads each valid key/value once and nothing past the row's position, where the
   matrix-product version reads the whole attended length L of every row.
 - Row statistics of the logits for sampling: chunk maxima and log-sum-exp in one read, instead of a
-  reduction plus an fp32 softmax that writes the whole [rows, vocab] tensor."""
+  reduction plus an fp32 softmax that writes the whole [rows, vocab] tensor; in the same read, when
+  asked, the log-sum-exp of the untempered logits, which normalises the sampled tokens' log-probs."""
 from __future__ import annotations
 
 import torch
@@ -68,12 +69,17 @@ attend_triton.needs_mask = False
 
 
 @triton.jit
-def _row_stats(X, LSE, CMAX, n_chunks, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One pass over a row of logits: the max of each CHUNK-wide chunk, and the row's log-sum-exp."""
+def _row_stats(X, LSE, CMAX, TEMP, LSE_RAW, n_chunks, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, RAW: tl.constexpr):
+    """One pass over a row of logits: the max of each CHUNK-wide chunk and the row's log-sum-exp; with
+    RAW, also the log-sum-exp of the logits times TEMP (the untempered ones)."""
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, CHUNK)
     m = tl.full([1], float("-inf"), tl.float32)
     s = tl.zeros([1], tl.float32)
+    s_raw = tl.zeros([1], tl.float32)
+    t = 1.0
+    if RAW:
+        t = tl.load(TEMP).to(tl.float32)
     for c0 in range(0, n_chunks, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         live = c < n_chunks
@@ -82,15 +88,21 @@ def _row_stats(X, LSE, CMAX, n_chunks, CHUNK: tl.constexpr, BLOCK_C: tl.constexp
         tl.store(CMAX + row * n_chunks + c, cmax, mask=live)
         m_new = tl.maximum(m, tl.max(cmax, 0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.sum(tl.exp(x - m_new[:, None]), 1), 0)
+        if RAW:  # t > 0, so t * m_new is the max of the scaled row too
+            s_raw = s_raw * tl.exp(t * (m - m_new)) + tl.sum(tl.sum(tl.exp(t * (x - m_new[:, None])), 1), 0)
         m = m_new
     tl.store(LSE + row + tl.arange(0, 1), m + tl.log(s))
+    if RAW:
+        tl.store(LSE_RAW + row + tl.arange(0, 1), t * m + tl.log(s_raw))
 
 
-def row_stats(logits: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chunk maxima [S, V/chunk] fp32, log-sum-exp [S] fp32) of contiguous logits [S, V], in one read."""
+def row_stats(logits: torch.Tensor, chunk: int, temp: torch.Tensor | None = None):
+    """(chunk maxima [S, V/chunk] fp32, log-sum-exp [S] fp32, log-sum-exp of logits * temp [S] fp32 or
+    None without temp) of contiguous logits [S, V], in one read."""
     S, V = logits.shape
     n_chunks = V // chunk
     cmax = torch.empty(S, n_chunks, device=logits.device, dtype=torch.float32)
     lse = torch.empty(S, device=logits.device, dtype=torch.float32)
-    _row_stats[(S,)](logits, lse, cmax, n_chunks, CHUNK=chunk, BLOCK_C=8, num_warps=8)
-    return cmax, lse
+    lse_raw = torch.empty(S, device=logits.device, dtype=torch.float32) if temp is not None else lse
+    _row_stats[(S,)](logits, lse, cmax, temp if temp is not None else lse, lse_raw, n_chunks, CHUNK=chunk, BLOCK_C=8, RAW=temp is not None, num_warps=8)
+    return cmax, lse, lse_raw if temp is not None else None

@@ -212,6 +212,7 @@ class DecodeState:
         self.done = torch.ones(slots, device=device, dtype=torch.bool)
         self.truncated = z(slots)  # steps whose nucleus did not fit in the candidates
         self.out = z(slots, max_new + 1)  # produced tokens; column `step` of a finished row is scratch
+        self.logp = z(slots, max_new + 1, dtype=torch.float32)  # their log-probs, when the sampler takes them
         self.slot_ids = torch.arange(slots, device=device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -267,9 +268,11 @@ def decode_step(w: Weights, cache: KVCache, st: DecodeState, S: int, L: int, cos
         add_linear_(x, attend(qk[:, :nq], kc, vc, pos, L, w.scale, mask), w.o_w[i], w.o_b[i])
         add_linear_(x, mlp(rms_norm(x, w.ln2[i], w.eps), w, i), w.down_w[i], w.down_b[i])
     logits = F.linear(rms_norm(x, w.norm * sampler.inv_temp, w.eps), w.lm_w, w.lm_b)
-    nxt, truncated = sampler(logits, st, S)
+    nxt, truncated, logp = sampler(logits, st, S)
     live = ~st.done[:S]
     st.out[:S].scatter_(1, st.step[:S, None], nxt[:, None])
+    if logp is not None:
+        st.logp[:S].scatter_(1, st.step[:S, None], logp[:, None])
     st.tokens[:S].copy_(torch.where(live, nxt, tok))
     st.truncated[:S].add_(truncated & live)
     finished = sampler.is_eos(nxt) | (st.step[:S] + 1 >= st.max_new[:S])

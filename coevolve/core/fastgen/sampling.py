@@ -12,6 +12,11 @@ nucleus is exact whenever it fits in the K candidates; when it does not (flat di
 random-weight model), the draw is from the K candidates and the step is counted in `truncated`.
 With top_p = 1 and no top_k the draw is exact over the whole vocabulary (two-level inverse CDF).
 
+Log-probs (when asked): each drawn token's log-probability under the untempered model, without top-p
+or top-k: what a forward pass of the same model over the completion gives, so a DPO step whose
+reference is the sampling policy can take them instead of running the reference. Computed from the
+tempered logits (times T) with one more log-sum-exp in the same read of the logits.
+
 Randomness: one uniform per row and step, a hash of (the sequence's key, the step's index in the
 completion). The key is derived on the host from (seed, prompt index, sample index), so a sample does
 not depend on which slot or batch it ran in.
@@ -67,18 +72,20 @@ def top_candidates(logits: torch.Tensor, k: int, chunk_max: torch.Tensor) -> tup
     return vals, chunks.gather(1, j // CHUNK) * CHUNK + j % CHUNK
 
 
-def row_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max of each CHUNK-wide chunk [S, V / CHUNK], log-sum-exp in fp32 [S]) of logits [S, V]. On CUDA
-    one Triton kernel reads the logits once; elsewhere, torch ops."""
+def row_stats(logits: torch.Tensor, temp: torch.Tensor | None = None):
+    """(max of each CHUNK-wide chunk [S, V / CHUNK], log-sum-exp in fp32 [S], and with `temp` the
+    log-sum-exp of logits * temp [S], else None) of logits [S, V]. On CUDA one Triton kernel reads the
+    logits once; elsewhere, torch ops."""
     if logits.is_cuda:
         try:
             from .kernels import row_stats as fused
         except ImportError:
             pass
         else:
-            return fused(logits, CHUNK)
+            return fused(logits, CHUNK, temp)
     S, V = logits.shape
-    return logits.view(S, V // CHUNK, CHUNK).amax(-1), torch.logsumexp(logits.float(), -1)
+    raw = torch.logsumexp(logits.float() * temp, -1) if temp is not None else None
+    return logits.view(S, V // CHUNK, CHUNK).amax(-1), torch.logsumexp(logits.float(), -1), raw
 
 
 def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -95,11 +102,12 @@ class Sampler:
     def __init__(self, device, candidates: int = 64):
         self.candidates = candidates
         self.inv_temp = torch.ones((), device=device)
+        self.temp = torch.ones((), device=device)
         self.top_p = torch.ones((), device=device)
         self.eos = torch.full((MAX_EOS,), -1, device=device, dtype=torch.long)
-        self.mode, self.top_k = "greedy", 0
+        self.mode, self.top_k, self.logprobs = "greedy", 0, False
 
-    def configure(self, temperature: float, top_p: float, top_k: int, eos_ids: list[int]) -> None:
+    def configure(self, temperature: float, top_p: float, top_k: int, eos_ids: list[int], logprobs: bool = False) -> None:
         if len(eos_ids) > MAX_EOS:
             raise ValueError(f"at most {MAX_EOS} EOS ids, got {len(eos_ids)}")
         self.eos.fill_(-1)
@@ -107,8 +115,10 @@ class Sampler:
             self.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
         greedy = temperature == 0.0
         self.inv_temp.fill_(1.0 if greedy else 1.0 / temperature)
+        self.temp.fill_(1.0 if greedy else temperature)
         self.top_p.fill_(min(max(top_p, 0.0), 1.0))
         self.top_k = top_k if top_k and not greedy else 0
+        self.logprobs = logprobs
         if greedy:
             self.mode = "greedy"
         elif self.top_k:
@@ -120,20 +130,29 @@ class Sampler:
 
     @property
     def key(self) -> tuple:
-        return (self.mode, self.top_k, self.candidates)
+        return (self.mode, self.top_k, self.candidates, self.logprobs)
 
     def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, None] == self.eos[None, :]).any(-1)
 
-    def __call__(self, logits: torch.Tensor, st, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next token [S] and whether the nucleus was cut by the candidate limit [S]."""
+    def __call__(self, logits: torch.Tensor, st, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Next token [S], whether the nucleus was cut by the candidate limit [S], and with `logprobs`
+        the token's untempered log-prob [S] fp32 (else None). `logits` are the tempered ones."""
+        stats = row_stats(logits, self.temp if self.logprobs else None) if self.logprobs or self.mode in ("top_p", "top_k") else None
+        nxt, truncated = self._draw(logits, st, S, stats)
+        if not self.logprobs:
+            return nxt, truncated, None
+        picked = logits.gather(1, nxt[:, None]).squeeze(1).float()
+        return nxt, truncated, picked * self.temp - stats[2]
+
+    def _draw(self, logits: torch.Tensor, st, S: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "greedy":
             return logits.argmax(-1), torch.zeros(S, device=logits.device, dtype=torch.bool)
         u = uniform(st.key[:S], st.step[:S])
         if self.mode == "full":
             return _sample_full(torch.softmax(logits, -1, dtype=torch.float32), u), torch.zeros(S, device=logits.device, dtype=torch.bool)
         k = min(self.top_k, self.candidates) if self.mode == "top_k" else self.candidates
-        chunk_max, lse = row_stats(logits)
+        chunk_max, lse, _ = stats
         vals, ids = top_candidates(logits, k, chunk_max)
         if self.mode == "top_k":
             probs = torch.softmax(vals.float(), -1)
