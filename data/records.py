@@ -6,8 +6,17 @@ import math
 from .ids import record_id
 
 
+def _only(rows, columns):
+    """A dataset's rows with only those of `columns` it has: any others (token lists, say) would be
+    read for nothing; lists of dicts are taken as they are."""
+    if hasattr(rows, "select_columns"):
+        return rows.select_columns([c for c in columns if c in rows.column_names])
+    return rows
+
+
 def response_records(rows, iteration: int, step: str, policy: str, rm: str) -> list[dict]:
     """Rows with prompt_id, response, num_tokens and (optionally) score."""
+    rows = _only(rows, ("prompt_id", "response", "score", "num_tokens"))
     return [
         {
             "response_id": record_id(r["prompt_id"], iteration, step, policy, r["response"], i),
@@ -21,6 +30,7 @@ def response_records(rows, iteration: int, step: str, policy: str, rm: str) -> l
 
 def pair_records(rows, iteration: int, step: str, source: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """Rows with prompt_id, prompt, chosen, rejected, chosen_score, rejected_score (+ `extra` columns)."""
+    rows = _only(rows, ("prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", *extra))
     return [
         {
             "pair_id": record_id(r["prompt_id"], iteration, step, r["chosen"], r["rejected"]),

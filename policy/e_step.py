@@ -96,25 +96,30 @@ def score_samples(step: StepRun, rm: Path, samples: datasets.Dataset, tmp: Path)
 
 def build_pairs(step: StepRun, scored: datasets.Dataset, tmp: Path) -> dict:
     rule = RULES[step.cfg.e_step.pair_rule]
-    by_prompt: dict[str, list[dict]] = {}
-    for row in scored:
-        by_prompt.setdefault(row["prompt_id"], []).append(row)
-    pairs, unpaired = [], []
+    by_prompt: dict[str, list[tuple[int, dict]]] = {}
+    # generate's token lists (where the backend gave log-probs) are read for the paired rows only:
+    # converting every sample's costs seconds at the paper's scale.
+    for i, row in enumerate(scored.select_columns(["prompt_id", "prompt", "response", "score", "num_tokens"])):
+        by_prompt.setdefault(row["prompt_id"], []).append((i, row))
+    pairs, unpaired, picked_rows = [], [], []
     for pid, rows in by_prompt.items():
-        picked = rule([r["response"] for r in rows], [r["score"] for r in rows], [r["num_tokens"] for r in rows])
+        picked = rule([r["response"] for _, r in rows], [r["score"] for _, r in rows], [r["num_tokens"] for _, r in rows])
         if isinstance(picked, str):
-            unpaired.append({"prompt_id": pid, "prompt": rows[0]["prompt"], "reason": picked})
+            unpaired.append({"prompt_id": pid, "prompt": rows[0][1]["prompt"], "reason": picked})
             continue
-        c, r = rows[picked[0]], rows[picked[1]]
-        pair = {
+        (ci, c), (ri, r) = rows[picked[0]], rows[picked[1]]
+        pairs.append({
             "prompt_id": pid, "prompt": c["prompt"], "chosen": c["response"], "rejected": r["response"],
             "chosen_score": c["score"], "rejected_score": r["score"],
             "chosen_tokens": c["num_tokens"], "rejected_tokens": r["num_tokens"], "source": "e-step",
-        }
-        if "response_logps" in c:
+        })
+        picked_rows.append((ci, ri))
+    if "response_logps" in scored.column_names and pairs:
+        tokens = scored.select_columns(["prompt_ids", "response_ids", "response_logps"])
+        chosen, rejected = (tokens.select([at[side] for at in picked_rows]) for side in (0, 1))
+        for pair, c, r in zip(pairs, chosen, rejected, strict=True):
             pair.update(prompt_ids=c["prompt_ids"], chosen_ids=c["response_ids"], rejected_ids=r["response_ids"],
                         chosen_logps=c["response_logps"], rejected_logps=r["response_logps"])
-        pairs.append(pair)
     if not pairs:
         raise RuntimeError(f"iteration {step.iteration} e-step: no prompt gave a pair ({len(unpaired)} unpaired); the RM scores every sample alike")
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp / "pairs"))
