@@ -27,7 +27,8 @@ def changed(before: dict, after: dict) -> set[str]:
 
 def test_lora_trains_only_the_top_layer_and_saves_merged_models(tmp_path):
     run = tmp_path / "run"
-    cfg = prepare_run(str(TINY), [*FAST, *LORA, "policy.tiny.num_layers=2", "rm.tiny.num_layers=2"], run)
+    # The static backend: the E-step's DPO then takes its reference (the policy with adapters off) from sampling.
+    cfg = prepare_run(str(TINY), [*FAST, *LORA, "policy.tiny.num_layers=2", "rm.tiny.num_layers=2", "generation.backend=static"], run)
     for name in ("init", "sft-warmup", "rm-init"):
         run_step(name, run, 0, cfg)
     for name in ("e-step", "m-step"):
@@ -44,6 +45,8 @@ def test_lora_trains_only_the_top_layer_and_saves_merged_models(tmp_path):
         # Attention and MLP projections of layer 1 only (the RM's score head too, trained in full).
         assert moved and all(n.startswith("model.layers.1.") and "proj" in n or n == "score.weight" for n in moved), sorted(moved)
         assert any(n.startswith("model.layers.1.") for n in moved)
+    e_step = rundir.read_done(run, 1, "e-step")["metrics"]
+    assert e_step["dpo/reference_logps"] == "sampling" and e_step["dpo/loss_last"] < e_step["dpo/loss_first"]
     assert "score.weight" in changed(weights(output(0, "init", "rm")), weights(output(0, "rm-init", "rm")))
     # Every model-selection candidate was merged too: any of them can become the next policy.
     for ckpt in (run / "iter_1" / "e-step" / "train" / "checkpoints").glob("checkpoint-*"):
