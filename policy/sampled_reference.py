@@ -28,7 +28,9 @@ def unusable_because(cfg: Config, same_as_policy: bool, pairs: datasets.Dataset,
     if not same_as_policy:
         return "the reference is the initial policy, not the policy that sampled (e_step.reference: initial)"
     if any(c not in pairs.column_names for c in SAMPLED_COLUMNS):
-        return f"the pairs carry no sampled log-probs (generation.backend {cfg.generation.backend!r} gives none, or revision pairs are mixed in)"
+        if cfg.e_step.mode == "dpo+seft":
+            return "the revision pairs mixed in (e_step.mode dpo+seft) were not sampled by the policy"
+        return f"generation.backend {cfg.generation.backend!r} returns no log-probs (static does)"
     if args.ld_alpha is not None or args.truncation_mode != "keep_start":
         return "ld_alpha or truncation_mode keep_end weigh or cut the completions differently from a plain sum"
     return None
