@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import append_result, log  # noqa: E402
+from common import append_result, log, record_args  # noqa: E402
 
 ARMS = "frozen-rm,mutual-taught,mutual-taught+seft,oracle"
 # The bench JSON line keeps the fields; the table shows these too.
@@ -78,8 +78,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=12)
     ap.add_argument("--deadline-s", type=float, help="stop runs still going after this many seconds (a device call lasts 600 s at most)")
-    ap.add_argument("--record", type=Path, help="an experiment.json to append to bench/RESULTS.md and results.jsonl")
-    ap.add_argument("--command", default="python3 bench/bench_sandbox.py --out OUT", help="the command that made --record's file")
+    record_args(ap, "experiment.json", "bench_sandbox.py")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.record:
