@@ -39,7 +39,7 @@ from coevolve.data.records import pair_records, response_records
 from coevolve.data.sampling import sample_prompts
 from coevolve.data.store import Store
 from coevolve.policy.pairs import RULES
-from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, sampled_rows, unusable_because
+from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, not_sampled_because, sampled_rows, unusable_because
 
 log = logging.getLogger("coevolve")
 
@@ -255,7 +255,7 @@ def main(step: StepRun) -> dict:
         initial = rundir.latest_output(run, "policy", iteration_max=0)
         reference = step.inputs["reference"] = policy if cfg.e_step.reference == "iteration_start" else initial
         batch = policy_batch(cfg, run, prompts, k)
-        logprobs = cfg.e_step.reference_logps == "sampling" and reference == policy
+        logprobs = not_sampled_because(cfg, reference == policy) is None
         samples = step.phase("generate", lambda tmp: generate(step, policy, batch, tmp, logprobs))
         scored = step.phase("score", lambda tmp: score_samples(step, rm, datasets.load_from_disk(str(samples)), tmp))
         built = step.phase("pairs", lambda tmp: build_pairs(step, datasets.load_from_disk(str(scored)), tmp))

@@ -21,12 +21,19 @@ from coevolve.core.config import Config
 SAMPLED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_logps", "rejected_logps")
 
 
-def unusable_because(cfg: Config, same_as_policy: bool, pairs: datasets.Dataset, args) -> str | None:
-    """Why the sampled log-probs cannot stand for the reference's in this training, or None if they can."""
+def not_sampled_because(cfg: Config, same_as_policy: bool) -> str | None:
+    """Why the sampling pass cannot give the reference's log-probs, or None: then the e-step asks for them."""
     if cfg.e_step.reference_logps == "forward":
         return "e_step.reference_logps is forward"
     if not same_as_policy:
         return "the reference is the initial policy, not the policy that sampled (e_step.reference: initial)"
+    return None
+
+
+def unusable_because(cfg: Config, same_as_policy: bool, pairs: datasets.Dataset, args) -> str | None:
+    """Why the sampled log-probs cannot stand for the reference's in this training, or None if they can."""
+    if (why := not_sampled_because(cfg, same_as_policy)) is not None:
+        return why
     if any(c not in pairs.column_names for c in SAMPLED_COLUMNS):
         if cfg.e_step.mode == "dpo+seft":
             return "the revision pairs mixed in (e_step.mode dpo+seft) were not sampled by the policy"
