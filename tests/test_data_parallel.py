@@ -36,6 +36,20 @@ def test_shares_cover_every_item_once_in_order(monkeypatch, n, size):
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+def test_only_the_main_process_saves_the_config(monkeypatch, prepared_run, tmp_path):
+    # Every process of a launched step resolves the config; two writing it raced on config.tmp.
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    before = (run / "config.yaml").read_text()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert prepare_run(None, ["e_step.beta=0.3"], run).e_step.beta == 0.3
+    assert (run / "config.yaml").read_text() == before and not (run / "config.tmp").exists()
+    monkeypatch.setenv("RANK", "0")
+    prepare_run(None, ["e_step.beta=0.3"], run)
+    assert "beta: 0.3" in (run / "config.yaml").read_text()
+
+
 @pytest.fixture(scope="module")
 def one_and_two(prepared_run, tmp_path_factory):
     """Iteration 1 (e-step, m-step) of the prepared run, once in 1 process and once in 2."""

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from coevolve.core import distributed
 
 class ConfigError(ValueError):
     """A config problem, always naming the file and the field."""
@@ -431,6 +432,8 @@ def prepare_run(config: str | None, overrides: list[str], run_dir: Path) -> Conf
     cfg = load_config(config, overrides, run_dir)
     if saved.exists() and config is not None and load_config(config, overrides).hash() != cfg.hash():
         raise ConfigError(f"{run_dir} already has a config.yaml that differs from {config}: use a new --run-dir, or change fields with key=value")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    # Under a multi-process launcher every process resolves the same config; one writes it.
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
     return cfg
