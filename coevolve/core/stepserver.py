@@ -217,8 +217,13 @@ def stop_servers(folder: Path) -> None:
 
 def serve(path: Path, idle_s: float) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
+    # Bound under another name and renamed once listening: a client that sees the socket can connect
+    # (between bind and listen, a connect is refused).
+    binding = path.with_suffix(f".{os.getpid()}.binding")
+    binding.unlink(missing_ok=True)
+    listener.bind(str(binding))
     listener.listen(64)
+    binding.replace(path)
     pid_file = path.with_suffix(".pid")
     pid_file.write_text(str(os.getpid()))
     steps: dict[int, socket.socket] = {}
