@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from coevolve.core.config import LaunchConfig, load_config
 from coevolve.core.launch import StepFailed, retries, run_process, step_command
-from coevolve.core.stepserver import runtime_dir, server_key
+from coevolve.core.stepserver import ForkedStep, list_servers, runtime_dir, server_key, stop_servers
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 RUN = Path("/runs/r")
@@ -87,6 +88,29 @@ def test_a_preloaded_step_is_forked_with_its_output_and_exit_code(tmp_path, step
     again = run_process(cmd, lambda line: None, launch=LaunchConfig())
     assert again == forked
     assert {f: f.read_text() for f in step_servers.glob("*.pid")} == servers != {}
+
+
+def test_a_server_gone_before_it_forked_the_step_is_replaced(tmp_path):
+    # As a server ending on idle does: the client's connection waits in the backlog, then the socket
+    # is unlinked and the listener closed, and the step never started.
+    env = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(tmp_path / "servers")}
+    path = runtime_dir(env) / f"{server_key(env)}.sock"
+    ending = socket.socket(socket.AF_UNIX)
+    ending.bind(str(path))
+    ending.listen(1)
+
+    def end_once_the_client_waits():
+        time.sleep(1)
+        path.unlink()
+        ending.close()
+
+    threading.Thread(target=end_once_the_client_waits).start()
+    step = ForkedStep(["step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"], env, 60)
+    try:
+        assert "no config: give --config FILE" in step.stdout.read() and step.wait(60) == 2
+        assert len(list_servers(tmp_path / "servers")) == 1
+    finally:
+        stop_servers(tmp_path / "servers")
 
 
 def test_servers_are_listed_and_stopped_from_the_cli(tmp_path):

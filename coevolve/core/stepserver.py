@@ -86,6 +86,10 @@ def _source_files() -> set[Path]:
 # --- client -----------------------------------------------------------------------------------------
 
 
+class ServerGone(RuntimeError):
+    pass
+
+
 class ForkedStep:
     """`coevolve ARGV` forked from the step server for `env` (started if none is up), with the part of
     `subprocess.Popen`'s interface that `launch.run_process` uses: `stdout` (text, stderr merged), pid,
@@ -94,16 +98,30 @@ class ForkedStep:
     def __init__(self, argv: list[str], env: dict[str, str], idle_s: float):
         path = runtime_dir(env) / f"{server_key(env)}.sock"
         self._log = path.with_suffix(".log")
-        self._conn = _connect(path, env, idle_s)
-        read, write = os.pipe()
-        body = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd()}).encode()
-        socket.send_fds(self._conn, [HEADER.pack(len(body))], [write])
-        self._conn.sendall(body)
-        os.close(write)  # the step holds the only write end, so its exit ends the stream
-        self.stdout = os.fdopen(read, "r", errors="replace")
-        self._buffer = b""
         self._code: int | None = None
-        self.pid = self._reply(None)["pid"]
+        try:
+            self.pid = self._request(path, argv, env, idle_s)
+        except ServerGone:
+            # A server that ends on idle as we connect closes our connection before it forks the step,
+            # and its socket is gone by then: the step never started, and a fresh server is asked.
+            self._conn.close()
+            self.stdout.close()
+            self.pid = self._request(path, argv, env, idle_s)
+
+    def _request(self, path: Path, argv: list[str], env: dict[str, str], idle_s: float) -> int:
+        self._conn = _connect(path, env, idle_s)
+        self._buffer = b""
+        read, write = os.pipe()
+        self.stdout = os.fdopen(read, "r", errors="replace")
+        body = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd()}).encode()
+        try:
+            socket.send_fds(self._conn, [HEADER.pack(len(body))], [write])
+            self._conn.sendall(body)
+        except OSError:
+            pass  # the server went away: the reply says so
+        finally:
+            os.close(write)  # the step holds the only write end, so its exit ends the stream
+        return self._reply(None)["pid"]
 
     def _reply(self, timeout: float | None) -> dict | None:
         while b"\n" not in self._buffer:
@@ -115,7 +133,7 @@ class ForkedStep:
             except ConnectionResetError:
                 chunk = b""
             if not chunk:
-                raise RuntimeError(f"the step server went away; its log: {self._log}")
+                raise ServerGone(f"the step server went away; its log: {self._log}")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
