@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from coevolve.core import distributed
 
+
 class ConfigError(ValueError):
     """A config problem, always naming the file and the field."""
 
