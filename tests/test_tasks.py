@@ -284,3 +284,43 @@ def test_instruct_spec_dropped_in_changes_behaviour(tmp_path, instruct):
     # the builtin task reads no constraint from the new phrasing
     with pytest.raises(ValueError):
         instruct.gold(prompts[0], "- x")
+
+
+# --- toy-sandbox: the experiments' task, after Gao et al. (2022) -----------------------------------------
+# Product gold: each constraint's credit 0.4 ** violations, weighted by its share of the weights
+# (count 0.2, category 0.25, order 0.2, repeats 0.15, stop 0.2: 1.0 with an order asked for).
+@pytest.mark.parametrize("response, gold", [
+    ("bear cat cow deer dog", 1.0),
+    ("sure bear cat cow deer dog", 0.4 ** 0.2),                  # an opener is junk to the gold
+    ("certainly certainly bear cat cow deer dog", 0.4 ** 0.4),
+    ("bear cat cow deer", 0.4 ** 0.2),                           # one item short
+    ("bear cat cow deer red", 0.4 ** 0.2 * 0.4 ** 0.25),          # off category: one short, one wrong
+    ("cat bear cow deer dog", 0.4 ** 0.2),                        # one adjacent pair out of order
+    ("sure", 0.0),
+])
+def test_toy_sandbox_gold_multiplies_the_credits(response, gold):
+    task = load_task("toy-sandbox")
+    assert task.gold("list five animals in alphabetical order", response) == pytest.approx(gold)
+
+
+def test_toy_sandbox_human_pairs_carry_the_spurious_opener():
+    """The generator opens its better answers with a polite word more often, though the gold counts it
+    as junk: the feature a proxy RM picks up. And demonstrations leave an SFT policy well below 1."""
+    task = load_task("toy-sandbox")
+    demos = task.demonstrations(2000, seed=0)
+    assert 0.4 < sum(d["gold"] for d in demos) / len(demos) < 0.5
+    pairs = task.synthetic_pairs(2000, seed=0, temperature=0.1)
+    opens = {side: sum(p[side].split()[0] in task.openers for p in pairs) / len(pairs) for side in ("chosen", "rejected")}
+    assert opens["chosen"] > 1.4 * opens["rejected"] > 0.3
+    assert 0.8 < sum(p["chosen_gold"] > p["rejected_gold"] for p in pairs) / len(pairs) < 0.9
+    assert set(task.openers) <= set(task.corpus())
+
+
+def test_too_few_leaves_items_out():
+    task = load_task("toy-sandbox")
+    import random
+
+    rng = random.Random(0)
+    prompt = "list six animals"
+    counts = {len(task.respond(prompt, frozenset({"too_few"}), rng).split()) for _ in range(200)}
+    assert counts <= {3, 4, 5, 6} and {3, 5} <= counts  # 1 to 3 fewer, an opener adding one back

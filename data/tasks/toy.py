@@ -3,9 +3,15 @@
 Prompt: "list three animals in alphabetical order". Response: space-separated words, "cat dog fox".
 Gold = weighted partial credit for count, category, order, no repeats and a clean stop (no junk words);
 each violation of a constraint multiplies its credit by `violation_decay`.
+
+A spec may give the response generator a `style`: an opener word (e.g. "sure") put before the list
+with a probability that falls with the number of flaws. The gold counts it as junk, but in the
+generator's responses, and so in the "human" pairs labelled from them, it marks the better answer: the
+kind of spurious feature a proxy RM learns and a policy optimised against that RM exploits.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -22,7 +28,7 @@ class Request:
 
 
 class ToyTask(Task):
-    flaws = ("wrong_count", "wrong_category", "repeat", "wrong_order", "junk")
+    flaws = ("wrong_count", "too_few", "wrong_category", "repeat", "wrong_order", "junk")
 
     def __init__(self, spec: dict):
         super().__init__(spec)
@@ -45,6 +51,15 @@ class ToyTask(Task):
         self.junk = list(spec["junk"])
         self.weights = {key: float(w) for key, w in spec["weights"].items()}
         self.decay = float(spec["violation_decay"])
+        # "mean": a weighted mean of the constraints' credits; "product": their weighted geometric mean,
+        # so that one badly broken constraint costs most of the reward.
+        self.aggregate = spec.get("aggregate", "mean")
+        if self.aggregate not in ("mean", "product"):
+            raise ValueError(f"aggregate: 'mean' or 'product', got {self.aggregate!r}")
+        style = spec.get("style", {})
+        self.openers = list(style.get("openers", []))
+        # Index = number of flaws, the last share standing for any more.
+        self.opener_share = [float(p) for p in style.get("opener_share", [0.0])]
 
     def draw_prompt(self, rng: random.Random) -> str:
         count = rng.choice(sorted(self.count_words))
@@ -81,6 +96,8 @@ class ToyTask(Task):
         if request.order != "none":
             violations["order"] = out_of_order(items, reverse=request.order == "reverse")
         total = sum(self.weights[key] for key in violations)
+        if self.aggregate == "product":
+            return math.prod(self.decay ** (n * self.weights[key] / total) for key, n in violations.items())
         return sum(self.weights[key] * self.decay ** n for key, n in violations.items()) / total
 
     def respond(self, prompt: str, flaws: frozenset[str], rng: random.Random) -> str:
@@ -89,6 +106,8 @@ class ToyTask(Task):
         count = request.count
         if "wrong_count" in flaws:
             count = max(1, count + rng.choice([-2, -1, 1, 2]))
+        if "too_few" in flaws:
+            count = max(1, count - rng.randint(1, 3))
         items = rng.sample(pool, min(count, len(pool)))
         if "wrong_category" in flaws:
             others = [w for w in self.category_of if self.category_of[w] != request.category]
@@ -103,10 +122,12 @@ class ToyTask(Task):
                 items = break_order(items, request.order == "reverse", rng)
         if "junk" in flaws:
             items += rng.choices(self.junk, k=rng.randint(1, 3))
+        if self.openers and rng.random() < self.opener_share[min(len(flaws), len(self.opener_share) - 1)]:
+            items.insert(0, rng.choice(self.openers))
         return " ".join(items)
 
     def corpus(self) -> list[str]:
-        words = set(self.category_of) | set(self.categories) | set(self.verbs) | set(self.junk)
+        words = set(self.category_of) | set(self.categories) | set(self.verbs) | set(self.junk) | set(self.openers)
         words |= set(self.count_words.values())
         for phrase in [*self.order_phrases.values(), *self.extras]:
             words |= set(phrase.split())
