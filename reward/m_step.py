@@ -7,7 +7,8 @@ score     rm_{K-1} scores both
 pseudo    pseudo pair per prompt: policy_K's response preferred. delta = r(new) - r(old); epsilon = the
           std of the old policy's scores on these prompts; pairs with delta <= -epsilon (confidently
           worse) are dropped, and so are identical responses; slightly negative ones are kept (they act
-          as regularisation, per the paper). Dropped pairs are kept with the reason. On a sandbox task,
+          as regularisation, per the paper; `m_step.epsilon_filter: false` drops none of them). Dropped
+          pairs are kept with the reason. On a sandbox task,
           the share of pseudo labels the gold reward agrees with is measured too (it trains nothing).
 mix       the training set: kept pseudo pairs + the E-step's RM-ranked pairs (+ original pairs, if set)
 train     Bradley-Terry with trl's RewardTrainer, restarting from the base RM (paper) or rm_{K-1}
@@ -53,7 +54,8 @@ def score_both(step: StepRun, rm: Path, responses: datasets.Dataset, tmp: Path) 
     return {"score/new_mean": mean(new), "score/old_mean": mean(old)}
 
 
-def pseudo_pairs(scored: datasets.Dataset, tmp: Path, gold: Callable[[str, str], float] | None = None) -> dict:
+def pseudo_pairs(scored: datasets.Dataset, tmp: Path, gold: Callable[[str, str], float] | None = None,
+                 filtered: bool = True) -> dict:
     epsilon = pstdev(scored["old_score"])
     kept, dropped = [], []
     for r in scored:
@@ -62,7 +64,7 @@ def pseudo_pairs(scored: datasets.Dataset, tmp: Path, gold: Callable[[str, str],
                "chosen_score": r["new_score"], "rejected_score": r["old_score"], "delta": delta, "epsilon": epsilon}
         if r["new"] == r["old"]:
             dropped.append({**row, "kept": False, "reason": "identical responses"})
-        elif delta <= -epsilon:
+        elif filtered and delta <= -epsilon:
             dropped.append({**row, "kept": False, "reason": "delta <= -epsilon (confidently worse)"})
         else:
             kept.append({**row, "kept": True, "reason": "kept"})
@@ -151,7 +153,7 @@ def main(step: StepRun) -> dict:
     responses = step.phase("generate", lambda tmp: generate(step, new, old, batch, tmp))
     scored = step.phase("score", lambda tmp: score_both(step, rm, datasets.load_from_disk(str(responses)), tmp))
     gold = load_task(cfg.data.task).gold if cfg.data.task else None
-    pseudo = step.phase("pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp, gold))
+    pseudo = step.phase("pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp, gold, cfg.m_step.epsilon_filter))
     kept = datasets.load_from_disk(str(pseudo / "kept"))
     train_mix = step.phase("mix", lambda tmp: mix(step, kept, e_pairs, original, tmp))
     mixed = datasets.load_from_disk(str(train_mix))

@@ -66,6 +66,17 @@ def test_pseudo_pairs_drop_only_confidently_worse(tmp_path):
     assert "pseudo/gold_label_acc" not in metrics  # no gold reward given
 
 
+def test_pseudo_pairs_without_the_epsilon_filter_keep_the_confidently_worse(tmp_path):
+    # The paper's "without data filtering" ablation: only identical responses are dropped.
+    rows = datasets.Dataset.from_dict({
+        "prompt_id": list("abc"), "prompt": ["p"] * 3, "new": ["n0", "n1", "same"], "old": ["o0", "o1", "same"],
+        "new_score": [5.0, -9.0, 0.0], "old_score": [0.0, 0.0, 1.0],
+    })
+    metrics = pseudo_pairs(rows, tmp_path, filtered=False)
+    assert datasets.load_from_disk(str(tmp_path / "kept"))["prompt_id"] == ["a", "b"]
+    assert metrics["pseudo/dropped_by_reason"] == {"identical responses": 1}
+
+
 def test_pseudo_pairs_gold_agreement(tmp_path):
     # Gold = the response's length: a pseudo label is right when the new response is longer.
     rows = datasets.Dataset.from_dict({

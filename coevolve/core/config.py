@@ -196,6 +196,9 @@ class MStepConfig(Strict):
     restart_from: Literal["base", "previous"] = "base"
     prompts_per_iteration: int | None = None
     include_e_step_pairs: bool = True
+    # Paper: pseudo pairs whose new response the old RM scores confidently worse (delta <= -epsilon)
+    # are dropped; false keeps every pseudo pair (the paper's "without data filtering" ablation).
+    epsilon_filter: bool = True
     # Original preference pairs mixed in, as a multiple of the pseudo-pair count (0 = paper's mix).
     original_pairs_ratio: float = 0.0
     train: RMTrainConfig = RMTrainConfig()
