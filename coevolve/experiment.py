@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import signal
@@ -35,9 +36,18 @@ ARMS = {
     # pairs from the policy either (the generator's pairs only serve its RM-accuracy column, 1.0 anyway).
     "oracle": ["rm.gold=true", "rm.name_or_path=null", "rm.gguf_file=null", "rm.tiny=null", "rm.from_policy=false", "steps.rm_init=false", "steps.m_step=false",
                "data.pair_source=generator"],
+    # The paper's ablations of Mutual-Taught: the last DPO checkpoint, with no model selection and no tau
+    # stop; every pseudo pair kept, with no epsilon filter.
+    "mt-no-selection": ["steps.m_step=true", "e_step.select=false"],
+    "mt-no-filter": ["steps.m_step=true", "m_step.epsilon_filter=false"],
+    # As many original "human" pairs as pseudo pairs mixed into every M-step's training set.
+    "mt-original-pairs": ["steps.m_step=true", "m_step.original_pairs_ratio=1.0"],
 }
 # Evaluate-step metrics in the table, in order; the referee's reward (gold or judge) comes first.
 METRICS = ("rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "kl_to_initial", "length_mean", "rm_score_mean")
+# The M-step's own measurements, by the name the table gives them: how often its pseudo labels ("the
+# new policy's response is better") agree with the referee, and how many pairs the epsilon filter kept.
+M_STEP_METRICS = {"pseudo_label_acc": "pseudo/gold_label_acc", "pseudo_kept": "pseudo/kept", "pseudo_dropped": "pseudo/dropped"}
 
 
 # What only the steps of iterations 1+ read (and the run's name).
@@ -158,13 +168,15 @@ def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
     policy and RM on, so its last measurement stands for the iterations it did not run."""
     series, stopped, last = [], False, None
     for k in range(iterations + 1):
-        if rundir.is_done(run, k, "evaluate"):
+        stopped = stopped or (k > 0 and rundir.is_done(run, k, "e-step") and rundir.read_done(run, k, "e-step")["stop"])
+        if rundir.is_done(run, k, "evaluate") and not stopped:
             last = {key.removeprefix("eval/"): v for key, v in rundir.read_done(run, k, "evaluate")["metrics"].items() if key.startswith("eval/")}
+            if rundir.is_done(run, k, "m-step"):
+                m = rundir.read_done(run, k, "m-step")["metrics"]
+                last.update({name: m[key] for name, key in M_STEP_METRICS.items() if key in m})
         elif not stopped:
             last = None
         series.append(last)
-        if k and rundir.is_done(run, k, "e-step") and rundir.read_done(run, k, "e-step")["stop"]:
-            stopped = True
     return series, stopped
 
 
@@ -175,7 +187,7 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
     for arm in arms:
         runs = [run_series(out / arm / f"seed_{s}", iterations) for s in seeds]
         row = {"stopped_runs": sum(stopped for _, stopped in runs)}
-        for metric in (f"{referee}_mean", *METRICS):
+        for metric in (f"{referee}_mean", *METRICS, *M_STEP_METRICS):
             name = referee if metric == f"{referee}_mean" else metric
             means, stds = [], []
             for k in range(iterations + 1):
@@ -184,13 +196,17 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
                 means.append(round(mean(values), 4) if values else None)
                 stds.append(round(pstdev(values), 4) if values else None)
             row[name], row[f"{name}_std"] = means, stds
+        if not any(v is not None for m in M_STEP_METRICS for v in row[m]):  # no M-step in this arm
+            for m in M_STEP_METRICS:
+                del row[m], row[f"{m}_std"]
         summary["arms"][arm] = row
     return summary
 
 
 def metric_names(summary: dict) -> list[str]:
-    """The measured metrics of a summary's arms, the referee's reward first."""
-    return [m for m in next(iter(summary["arms"].values())) if not m.endswith("_std") and m != "stopped_runs"]
+    """The measured metrics of the summary's arms (the union, in order), the referee's reward first."""
+    names = dict.fromkeys(m for row in summary["arms"].values() for m in row if not m.endswith("_std") and m != "stopped_runs")
+    return list(names)
 
 
 def table(summary: dict, metrics: list[str] | tuple[str, ...] | None = None) -> str:
@@ -203,8 +219,9 @@ def table(summary: dict, metrics: list[str] | tuple[str, ...] | None = None) -> 
     for metric in metrics:
         lines += [f"**{metric}** (mean ± std over {summary['seeds']} seed(s))", "", head, rule]
         for arm, row in arms.items():
-            cells = ["–" if m is None else f"{m:.3f} ± {s:.3f}" for m, s in zip(row[metric], row[f"{metric}_std"])]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+            if metric in row:
+                cells = ["–" if m is None else f"{m:.3f} ± {s:.3f}" for m, s in zip(row[metric], row[f"{metric}_std"])]
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
     stopped = {arm: row["stopped_runs"] for arm, row in arms.items() if row["stopped_runs"]}
     if stopped:
@@ -237,9 +254,57 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_gold_vs_kl(summary: dict, path: Path) -> bool:
+    """Gao et al.'s picture, one panel per arm: the referee's reward (solid) and the RM's own score of the
+    policy (dashed, right axis: the proxy being optimised) against sqrt(KL(policy_K || policy_0)), one
+    point per iteration (mean ± std over seeds). Over-optimisation shows as the proxy still rising while
+    the reward turns over. False when no arm measured KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    referee = metric_names(summary)[0]
+    arms = {arm: row for arm, row in summary["arms"].items() if "kl_to_initial" in row and any(v is not None for v in row["kl_to_initial"])}
+    if not arms:
+        return False
+    cols = min(4, len(arms))
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, sharex=True, sharey=True)
+    top = max((m + s) for row in arms.values() for m, s in zip(row[referee], row[f"{referee}_std"]) if m is not None)
+    for ax, (arm, row) in zip(axes.flat, arms.items()):
+        pts = [(math.sqrt(max(kl, 0.0)), g, gs, r)
+               for kl, g, gs, r in zip(row["kl_to_initial"], row[referee], row[f"{referee}_std"], row.get("rm_score_mean", [None] * len(row[referee])))
+               if kl is not None and g is not None]
+        if not pts:
+            continue
+        xs, gold, gold_std, proxy = zip(*pts)
+        ax.errorbar(xs, gold, yerr=gold_std, marker="o", capsize=3, color="C0", label=referee)
+        for k, (x, g) in enumerate(zip(xs, gold)):
+            ax.annotate(str(k), (x, g), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        ax.set_ylim(0, max(1.0, top))
+        ax.set_title(arm, fontsize=9)
+        ax.set_xlabel("sqrt(KL to policy_0)")
+        if all(p is not None for p in proxy) and not arm.startswith("oracle"):
+            twin = ax.twinx()
+            twin.plot(xs, proxy, "--s", color="C3", markersize=3, label="RM score (proxy)")
+            twin.tick_params(axis="y", labelcolor="C3", labelsize=7)
+    for ax in axes.flat[len(arms):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(f"{referee} (mean ± std)")
+    fig.suptitle(f"{referee} and the RM's score vs sqrt(KL), per iteration (numbers), {summary['seeds']} seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_outputs(out: Path, summary: dict) -> None:
     (out / "experiment.json").write_text(json.dumps(summary, indent=2))
     text = table(summary)
     (out / "table.md").write_text(text + "\n")
     plot(summary, out / "experiment.png")
-    print(f"\n{text}\nWrote {out / 'table.md'}, {out / 'experiment.json'}, {out / 'experiment.png'}")
+    wrote = [out / "table.md", out / "experiment.json", out / "experiment.png"]
+    if plot_gold_vs_kl(summary, out / "gold_vs_kl.png"):
+        wrote.append(out / "gold_vs_kl.png")
+    print(f"\n{text}\nWrote " + ", ".join(str(p) for p in wrote))

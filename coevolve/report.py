@@ -1,6 +1,7 @@
 """`coevolve report RUN_DIR`: one HTML page with PNG plots, per iteration, read from the run directory
 alone (DONE.json files, the trainers' logs, the E-step's scored samples), for users who are not on W&B.
-Written to RUN/report/index.html."""
+Written to RUN/report/index.html. On a `coevolve experiment` folder (it holds experiment.json), the page
+compares the arms instead: the referee's reward against sqrt(KL) per arm first, then every metric's table."""
 from __future__ import annotations
 
 import html
@@ -50,6 +51,8 @@ EVAL_LINES = [
 
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
+    if (run_dir / "experiment.json").is_file():
+        return write_experiment_report(run_dir)
     steps = rundir.finished_steps(run_dir)
     if not steps:
         raise FileNotFoundError(f"{run_dir}: no finished step (no iter_*/<step>/DONE.json) to report on")
@@ -73,6 +76,45 @@ def write_report(run_dir: Path) -> Path:
             plots.append(name)
     page = out / "index.html"
     page.write_text(render(run_dir, steps, done, iterations, plots))
+    return page
+
+
+def write_experiment_report(out_dir: Path) -> Path:
+    from coevolve.experiment import metric_names, plot, plot_gold_vs_kl
+
+    summary = json.loads((out_dir / "experiment.json").read_text())
+    out = out_dir / "report"
+    out.mkdir(exist_ok=True)
+    figures = []
+    if plot_gold_vs_kl(summary, out / "gold_vs_kl.png"):
+        figures.append(("gold_vs_kl.png", "Per arm: the referee's reward (solid, left axis) and the RM's own score of the policy "
+                        "(dashed, right axis) against sqrt(KL to policy_0); the numbers are iterations. A proxy that keeps "
+                        "rising while the reward falls is over-optimisation."))
+    plot(summary, out / "metrics.png")
+    figures.append(("metrics.png", "The first four metrics per iteration, mean ± std over seeds."))
+    images = "".join(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+                     for name, caption in figures)
+    iters = range(summary["iterations"] + 1)
+    tables = []
+    for name in metric_names(summary):
+        rows = "".join(
+            f"<tr><td>{html.escape(arm)}</td>" + "".join(
+                "<td>–</td>" if m is None else f"<td>{m:.3f} ± {sd:.3f}</td>" for m, sd in zip(row[name], row[f"{name}_std"])) + "</tr>"
+            for arm, row in summary["arms"].items() if name in row)
+        head = "".join(f"<th>iteration {k}</th>" for k in iters)
+        tables.append(f"<h3>{html.escape(name)}</h3><table><tr><th>arm</th>{head}</tr>{rows}</table>")
+    failed = f"<p>Runs that did not finish: {html.escape(', '.join(summary['failed']))}</p>" if summary.get("failed") else ""
+    page = out / "index.html"
+    page.write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>coevolve experiment: {html.escape(out_dir.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} img{{max-width:100%}}</style></head>
+<body><h1>coevolve experiment {html.escape(str(out_dir.resolve()))}</h1>
+<p>{summary['seeds']} seed(s) per arm, {summary['iterations']} iteration(s), task {html.escape(str(summary.get('task')))},
+{html.escape(summary['device'])}, {summary['date']}; mean ± std over seeds.</p>{failed}
+{images}{''.join(tables)}
+</body></html>
+""")
     return page
 
 

@@ -7,16 +7,18 @@ import subprocess
 import sys
 
 import datasets
+import numpy as np
 import pytest
+from matplotlib.image import imread
 
-from coevolve.cli import run_step
+from coevolve.cli import main, run_step
 from coevolve.core import rundir
 from coevolve.core.config import ConfigError, load_config, prepare_run
 from coevolve.core.models import load_rm
 from coevolve.core.rollout import score
 from coevolve.core.scoring import RewardScorer, pairwise_accuracy
 from coevolve.data.tasks import load_task
-from coevolve.experiment import collect
+from coevolve.experiment import ARMS, arm_overrides, collect, write_outputs
 from conftest import FAST, ROOT, TINY
 
 
@@ -155,3 +157,51 @@ def test_experiment_table_leaves_out_what_could_not_be_measured(tmp_path):
     row = collect(tmp_path, ["frozen-rm"], [0, 1], 0, "toy")["arms"]["frozen-rm"]
     assert row["gold"] == [0.6] and row["gold_std"] == [0.1]
     assert row["rm_acc_current"] == [0.6] and row["rm_acc_current_std"] == [0.0]
+
+
+def _fake_run(root, arm, seed, evals, stop_at=None, m_steps=()):
+    """DONE.json files of a run: an evaluate per iteration in `evals`, an e-step per later one (the one at
+    `stop_at` stopped), m-step pseudo-label metrics at `m_steps`."""
+    run = root / arm / f"seed_{seed}"
+    for k in range(len(evals) + (stop_at is not None)):
+        steps = {}
+        if k < len(evals):
+            gold, kl, rm = evals[k]
+            steps["evaluate"] = {"eval/gold_mean": gold, "eval/kl_to_initial": kl, "eval/rm_score_mean": rm}
+        if k:
+            steps["e-step"] = {}
+        if k in m_steps:
+            steps["m-step"] = {"pseudo/gold_label_acc": m_steps[k], "pseudo/kept": 10, "pseudo/dropped": 2}
+        for name, metrics in steps.items():
+            (run / f"iter_{k}" / name).mkdir(parents=True)
+            (run / f"iter_{k}" / name / "DONE.json").write_text(json.dumps({"metrics": metrics, "stop": k == stop_at}))
+
+
+def test_experiment_carries_a_stopped_run_and_reports_the_m_step_and_gold_vs_kl(tmp_path, capsys):
+    _fake_run(tmp_path, "frozen-rm", 0, [(0.5, 0.0, 0.1), (0.6, 1.0, 0.9), (0.4, 4.0, 1.5)])
+    # Stopped at iteration 2: its iteration-1 measurement stands for iterations 2 (and would for later ones).
+    _fake_run(tmp_path, "mutual-taught", 0, [(0.5, 0.0, 0.1), (0.7, 1.0, 2.0)], stop_at=2, m_steps={1: 0.75})
+    summary = collect(tmp_path, ["frozen-rm", "mutual-taught"], [0], 2, "toy")
+    mt, frozen = summary["arms"]["mutual-taught"], summary["arms"]["frozen-rm"]
+    assert mt["gold"] == [0.5, 0.7, 0.7] and mt["stopped_runs"] == 1
+    assert mt["pseudo_label_acc"] == [None, 0.75, 0.75] and mt["pseudo_kept"][1] == 10
+    assert "pseudo_label_acc" not in frozen  # no M-step in that arm
+    write_outputs(tmp_path, summary)
+    table = (tmp_path / "table.md").read_text()
+    assert "**pseudo_label_acc**" in table and "| mutual-taught | – | 0.750 ± 0.000 | 0.750 ± 0.000 |" in table
+    assert "| frozen-rm | 0.500 ± 0.000 | 0.600 ± 0.000 | 0.400 ± 0.000 |" in table
+    image = imread(tmp_path / "gold_vs_kl.png")
+    assert image.shape[1] > 500 and len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 10
+    # `coevolve report` on the experiment folder: the gold-vs-KL figure first, then a table per metric.
+    main(["report", str(tmp_path)])
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.index("gold_vs_kl.png") < page.index("metrics.png") < page.index("<h3>gold</h3>")
+    assert "<td>0.750 ± 0.000</td>" in page and (tmp_path / "report" / "gold_vs_kl.png").exists()
+
+
+def test_the_ablation_arms_are_the_papers():
+    assert "e_step.select=false" in ARMS["mt-no-selection"] and "m_step.epsilon_filter=false" in ARMS["mt-no-filter"]
+    assert "m_step.original_pairs_ratio=1.0" in ARMS["mt-original-pairs"]
+    for arm in ("mt-no-selection", "mt-no-filter", "mt-original-pairs"):
+        cfg = load_config(ROOT / "configs" / "sandbox-gpu.yaml", arm_overrides(arm, 0, "x"))
+        assert cfg.steps.m_step and cfg.steps.evaluate
