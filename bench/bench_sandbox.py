@@ -1,5 +1,5 @@
-"""The sandbox experiment at GPU scale (issue 6): every arm x 3 seeds x 3 iterations of
-configs/sandbox-gpu.yaml, run by `coevolve experiment` with the runs sharing one GPU, then recorded.
+"""The sandbox experiment at GPU scale: every arm x 5 seeds x 5 iterations of configs/sandbox-gpu.yaml,
+run by `coevolve experiment` with the runs sharing one GPU, then recorded.
 
 On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -20,17 +20,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import append_result, log, record_args  # noqa: E402
 
-ARMS = "frozen-rm,mutual-taught,mutual-taught+seft,oracle"
-# The bench JSON line keeps the issue's fields; the table shows these too.
-LINE_METRICS = ("gold", "rm_acc_current")
-MD_METRICS = ("gold", "rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "kl_to_initial")
+ARMS = "frozen-rm,mutual-taught,mutual-taught+seft,oracle,mt-no-selection,mt-no-filter,mt-original-pairs"
+# The bench JSON line's per-arm lists (mean and std over seeds per iteration), by the names it gives them.
+LINE_METRICS = {"gold": "gold", "rm_score": "rm_score_mean", "rm_acc_current": "rm_acc_current", "rm_acc_original": "rm_acc_original",
+                "kl": "kl_to_initial", "win_rate": "win_rate_vs_initial", "pseudo_label_acc": "pseudo_label_acc"}
+MD_METRICS = ("gold", "rm_score_mean", "kl_to_initial", "rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "pseudo_label_acc")
 
 
 def record(summary_path: Path, command: str) -> None:
     from coevolve.experiment import table
 
     s = json.loads(summary_path.read_text())
-    arms = {arm: {k: row[k] for m in LINE_METRICS for k in (m, f"{m}_std")} for arm, row in s["arms"].items()}
+    arms = {arm: {k + tail: row[m + tail] for k, m in LINE_METRICS.items() if m in row for tail in ("", "_std")}
+            for arm, row in s["arms"].items()}
     line = {"bench": "sandbox", "task": s["task"], "device": s["device"], "date": s["date"], "seeds": s["seeds"],
             "iterations": s["iterations"], "wall_s": s["wall_s"], "arms": arms}
     md = [f"\n## sandbox: {s['date']}, {s['device']}", f"`{command}`",
@@ -57,7 +59,7 @@ def export(runs: Path, out: Path, seconds: dict) -> None:
     import shutil
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    for name in ("experiment.json", "table.md", "experiment.png"):
+    for name in ("experiment.json", "table.md", "experiment.png", "gold_vs_kl.png"):
         if (runs / name).exists():
             shutil.copy(runs / name, out / name)
     for run in runs.glob("*/seed_*"):
@@ -75,8 +77,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--runs", type=Path, help="where the runs' folders go (default OUT/sandbox); OUT/sandbox gets the summary and logs")
     ap.add_argument("--arms", default=ARMS)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--parallel", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--parallel", type=int, default=20)
     ap.add_argument("--deadline-s", type=float, help="stop runs still going after this many seconds (a device call lasts 600 s at most)")
     record_args(ap, "experiment.json", "bench_sandbox.py")
     ap.add_argument("overrides", nargs="*")
