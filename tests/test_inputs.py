@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -112,3 +114,56 @@ def test_conversational_columns_take_the_last_turn(tmp_path):
     data.write_text(json.dumps({"prompt": "hi", "chosen": turns("hello"), "rejected": turns("go away")}) + "\n")
     row = select_columns(load_source(str(data)), "uf", {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})[0]
     assert row == {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
+
+
+@pytest.mark.parametrize("override, field", [
+    ("iterations=-2", "iterations"),
+    ("e_step.num_samples=-1", "e_step.num_samples"),
+    ("e_step.num_samples=1", "e_step.num_samples"),
+    ("data.rm_fraction=1.5", "data.rm_fraction"),
+    ("data.select_size=-5", "data.select_size"),
+    ("e_step.beta=-1", "e_step.beta"),
+    ("e_step.beta=0", "e_step.beta"),
+    ("sampling.top_p=0", "sampling.top_p"),
+    ("sampling.top_p=1.2", "sampling.top_p"),
+    ("sampling.temperature=-0.5", "sampling.temperature"),
+    ("e_step.train.learning_rate=0", "e_step.train.learning_rate"),
+    ("m_step.train.per_device_train_batch_size=0", "m_step.train.per_device_train_batch_size"),
+    ("data.num_prompts=0", "data.num_prompts"),
+    ("e_step.tau=1.5", "e_step.tau"),
+])
+def test_out_of_range_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=r"tiny.yaml.*" + re.escape(field) + ": "):
+        load_config(str(TINY), [override])
+
+
+def test_splits_must_fit_the_generated_prompts():
+    with pytest.raises(ConfigError, match=r"data.select_size \+ data.eval_size.*data.num_prompts=100"):
+        load_config(str(TINY), ["data.num_prompts=100", "data.select_size=60", "data.eval_size=40"])
+
+
+def test_greedy_sampling_is_refused_where_several_samples_per_prompt_are_drawn():
+    # Temperature 0 is greedy decoding: one response per prompt, fine for looking at a model, but the
+    # E-step draws num_samples of them to pair up (transformers refuses several greedy sequences).
+    with pytest.raises(ConfigError, match=r"sampling.temperature: 0 is greedy decoding.*e_step.num_samples"):
+        load_config(str(TINY), ["sampling.temperature=0"])
+    assert load_config(str(TINY), ["sampling.temperature=0", "iterations=0"]).sampling.temperature == 0
+
+
+@pytest.mark.parametrize("override", ["data.prompts={path: x.jsonl", "e_step.beta.x=1", "data.task.x=1", "=3"])
+def test_malformed_overrides_are_one_line_errors(tmp_path, override):
+    with pytest.raises(ConfigError, match=re.escape(repr(override))):
+        load_config(str(TINY), [override])
+
+
+def test_cli_refuses_a_bad_value_at_once_and_leaves_the_run_dir_alone(tmp_path):
+    run = tmp_path / "r"
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "coevolve", "run", "--run-dir", str(run), "--config", str(TINY), "iterations=-2"],
+        capture_output=True, text=True,
+    )
+    assert time.monotonic() - start < 5
+    assert proc.returncode == 2 and not run.exists()
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "iterations: " in proc.stderr and "Traceback" not in proc.stderr
