@@ -12,6 +12,7 @@ from coevolve.core import rundir
 from coevolve.core.config import Config, ConfigError, prepare_run
 from coevolve.core.plan import step_plan
 from coevolve.core.step import StepRun, setup_logging
+from coevolve.data.fingerprint import init_is_stale
 
 log = logging.getLogger("coevolve")
 
@@ -34,12 +35,18 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
         raise ConfigError(f"unknown step {name!r}; steps: {sorted(STEPS)}")
     if name not in ANY_ITERATION and (name in ITERATION_ZERO) != (iteration == 0):
         raise ConfigError(f"step {name!r} runs at iteration {'0' if name in ITERATION_ZERO else '1 or later'}, not {iteration}")
+    if name == "init":
+        force = force or init_is_stale(run_dir, cfg)
     step = StepRun(run_dir, iteration, name, cfg, force)
     if step.already_done:
         log.info(f"iteration {iteration} {name}: already done ({rundir.step_dir(run_dir, iteration, name)}), skipped; --force to redo")
         return rundir.read_done(run_dir, iteration, name)
+    module = importlib.import_module(STEPS[name])
+    # Bad input is found before the step writes anything: the run directory stays as it was.
+    if hasattr(module, "check"):
+        module.check(step)
     with step:
-        return importlib.import_module(STEPS[name]).main(step)
+        return module.main(step)
 
 
 def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:

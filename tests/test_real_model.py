@@ -24,6 +24,6 @@ def test_smollm2_loads_from_gguf_and_answers_with_its_chat_template(tmp_path):
     answer = sample(cfg, tmp_path / "policy", ["What is the capital of France? Answer in one word."], n=1, seed=0).texts[0][0]
     assert "paris" in answer.lower()
     # The same weights with a fresh scalar head make an RM base.
-    materialize(SMOLLM2, "rm", tmp_path / "rm", corpus=[])
+    materialize(SMOLLM2.model_copy(update={"new_head": True}), "rm", tmp_path / "rm", corpus=[])
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert rm.config.num_labels == 1

@@ -57,6 +57,9 @@ class ModelSource(Strict):
     # RM only: start from the policy as rm-init finds it (after sft-warmup) with a new score head, so
     # the RM shares the SFT model's features (InstructGPT's recipe; the paper's RM is an LLM too).
     from_policy: bool = False
+    # RM only: accept a model without a sequence-classification head (a causal LM) and give it a new,
+    # random one; refused otherwise, as an RM that scores at random would be trained on silently.
+    new_head: bool = False
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -103,6 +106,11 @@ class DataConfig(Strict):
     eval_size: int = Field(0, ge=0)
     heldout_pairs: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
+    # Longest prompt, in the policy's tokens as it reads it (chat-rendered); None: what its context
+    # leaves after sampling.max_new_tokens. Prompts of pairs and demos count too. Longer ones are dropped,
+    # cut to their first tokens, or an error (init reports how many).
+    max_prompt_tokens: Count | None = None
+    long_prompts: Literal["drop", "truncate", "error"] = "drop"
 
     @model_validator(mode="after")
     def _has_prompts(self):
@@ -339,8 +347,8 @@ class Config(Strict):
     @model_validator(mode="after")
     def _consistent(self):
         for role, source in (("policy", self.policy), ("evaluate.judge", self.evaluate.judge)):
-            if source is not None and (source.gold or source.from_policy):
-                raise ValueError(f"{role}: gold and from_policy are RM-only sources")
+            if source is not None and (source.gold or source.from_policy or source.new_head):
+                raise ValueError(f"{role}: gold, from_policy and new_head are for the RM only")
         if self.rm.from_policy and not self.steps.rm_init:
             raise ValueError("rm.from_policy: the RM is made from the policy by rm-init; set steps.rm_init=true")
         if self.rm.gold and not self.data.task:

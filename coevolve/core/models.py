@@ -6,13 +6,17 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
+from huggingface_hub import constants as hf_constants, try_to_load_from_cache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
-from coevolve.core.config import Config, ModelSource
+from coevolve.core.config import Config, ConfigError, ModelSource
 from coevolve.core.tiny import build_tiny_policy, build_tiny_rm, build_tokenizer
 
 log = logging.getLogger("coevolve")
@@ -41,20 +45,53 @@ def resolve_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def locate(source: ModelSource, role: str) -> tuple[str, dict]:
+    """Where `source.name_or_path` loads from, and the keyword arguments to load it with; errors at once,
+    naming the field, where loading would otherwise try the hub (a missing local folder reads as a hub
+    id, and an unreachable hub costs ~50 s of retries before it fails)."""
+    name = source.name_or_path
+    path = resolve_path(name)
+    kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if Path(path).exists():
+        return path, kwargs
+    # A hub id is `name` or `owner/name`; anything else, or a path into an existing folder, is a path.
+    if path.startswith((".", "~", os.sep)) or path.count("/") > 1 or Path(path).parent.is_dir() and "/" in path:
+        raise FileNotFoundError(f"{role}.name_or_path: {name!r}: no such folder (a hub id is 'owner/name', without a path)")
+    if _hub_reachable():
+        return path, kwargs
+    if try_to_load_from_cache(path, "config.json", revision=source.revision) is None:
+        raise FileNotFoundError(f"{role}.name_or_path: {name!r} is not in the local Hugging Face cache and the hub is "
+                                "offline or unreachable; give the path of a local folder with the model")
+    return path, {**kwargs, "local_files_only": True}
+
+
+def _hub_reachable() -> bool:
+    if hf_constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(hf_constants.ENDPOINT)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
 def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) -> dict:
     """Build or load the starting `role` model ("policy" or "rm") and save it with its tokenizer."""
     if source.tiny is not None:
         tok = build_tokenizer(source.tiny.tokenizer, corpus)
         model = build_tiny_policy(source.tiny, tok) if role == "policy" else build_tiny_rm(source.tiny, tok)
     else:
-        path = resolve_path(source.name_or_path)
-        kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+        path, kwargs = locate(source, role)
         model_kwargs = {}
         if source.gguf_file:
-            kwargs["gguf_file"] = source.gguf_file
             # Unpacked into plain dense weights: training needs them, and only they save as safetensors.
             model_kwargs["quantization_config"] = GgufConfig(gguf_file=source.gguf_file, dequantize=True)
         try:
+            if role == "rm":
+                _check_rm_head(AutoConfig.from_pretrained(path, **kwargs), source)
             tok = AutoTokenizer.from_pretrained(path, **kwargs)
             if role == "policy":
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs)
@@ -63,9 +100,9 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
                     path, num_labels=1, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs
                 )
         except (OSError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
             raise FileNotFoundError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
-        if role == "rm" and model.config.num_labels != 1:
-            raise ValueError(f"rm.name_or_path: {source.name_or_path!r} has {model.config.num_labels} outputs; an RM needs exactly 1")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
@@ -74,6 +111,34 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return {f"{role}/parameters": sum(p.numel() for p in model.parameters()), f"{role}/vocab_size": len(tok)}
+
+
+def check_rm(source: ModelSource) -> None:
+    """An RM source that names a model: found, and with one output, checked from its config alone."""
+    path, kwargs = locate(source, "rm")
+    _check_rm_head(AutoConfig.from_pretrained(path, **kwargs), source)
+
+
+def _check_rm_head(config, source: ModelSource) -> None:
+    """Decided from the config, before the weights load: transformers fails on a head of another size
+    with a shape-mismatch traceback, and gives a causal LM a random head with only a warning."""
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if classifier and config.num_labels != 1:
+        raise ConfigError(f"rm.name_or_path: {source.name_or_path!r} has {config.num_labels} outputs; an RM needs exactly 1")
+    if not classifier and not source.new_head:
+        raise ConfigError(f"rm.name_or_path: {source.name_or_path!r} is not a sequence classifier "
+                          f"({', '.join(config.architectures or ['no architecture named'])}); set rm.new_head: true to give it a new, "
+                          "untrained score head (then train it: steps.rm_init=true)")
+
+
+def policy_reader(source: ModelSource, corpus: list[str]) -> tuple[object, int | None]:
+    """The starting policy's tokenizer and context length (None where its config names none), read
+    without its weights: init measures the prompts before it loads any model."""
+    if source.tiny is not None:
+        return build_tokenizer(source.tiny.tokenizer, corpus), source.tiny.max_position_embeddings
+    path, kwargs = locate(source, "policy")
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    return AutoTokenizer.from_pretrained(path, **kwargs), getattr(config, "max_position_embeddings", None)
 
 
 @contextmanager

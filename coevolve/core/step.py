@@ -61,6 +61,8 @@ class StepRun:
         # Per phase: models and tokenizers loaded and saved, and the seconds it took (core/io_timing.py).
         self.io: dict = {}
         self.inputs: dict = {}
+        # What the step module's `check` read before the step began, for its phases to reuse.
+        self.checked: dict = {}
         self.started = _now()
         self._handler: logging.Handler | None = None
 
