@@ -54,7 +54,7 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
     from coevolve.core.launch import run_process, step_command
 
     for k, name in step_plan(cfg):
-        if rundir.is_done(run_dir, k, name) and not force:
+        if rundir.is_done(run_dir, k, name) and not force and not (name == "init" and init_is_stale(run_dir, cfg)):
             log.info(f"iteration {k} {name}: already done, skipped")
         else:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
