@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from coevolve.core import rundir
-from coevolve.core.config import Config, ConfigError, prepare_run
+from coevolve.core.config import Config, ConfigError, InputError, prepare_run
 from coevolve.core.plan import step_plan
-from coevolve.core.step import StepRun, setup_logging
+from coevolve.core.step import StepCrashed, StepRun, setup_logging
 from coevolve.data.fingerprint import init_is_stale
 
 log = logging.getLogger("coevolve")
@@ -181,10 +181,14 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 out = args.out or args.run_dir / "exports" / f"{args.kind}.{args.format}"
                 print(export(args.run_dir, args.kind, args.format, out))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (InputError, FileNotFoundError) as err:
         # One clear line for the user's mistakes; tracebacks are for our bugs.
         print(f"coevolve: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StepCrashed as err:
+        # The traceback is in the step's log, which the line names.
+        print(f"coevolve: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import datasets
 
+from coevolve.core.config import InputError
+
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     pass
 
 

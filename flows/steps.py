@@ -45,7 +45,7 @@ def run_step(
     with gpu_slots(gpu_limit, cfg.launch.gpus):
         code, tail = run_process(cmd, logger.info, launch=cfg.launch)
     if code != 0:
-        raise StepFailed(step, iteration, code, tail)
+        raise StepFailed(step, iteration, code, tail, rundir.partial_dir(run, iteration, step) / "log.txt")
 
 
 def as_job(deployment: str, run_dir: str, iteration: int, step: str) -> None:

@@ -83,7 +83,7 @@ def test_bad_pairs_name_row(tmp_path, row, message):
 
 
 def test_unknown_model_path_fails_at_init(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"policy.name_or_path: '/nowhere/model': no such folder"):
+    with pytest.raises(ConfigError, match=r"policy.name_or_path: '/nowhere/model': no such folder"):
         _init(tmp_path, ['policy={"name_or_path": "/nowhere/model"}'])
 
 
@@ -230,7 +230,7 @@ def test_a_missing_model_fails_at_once(tmp_path, monkeypatch, name, message):
     (tmp_path / "models").mkdir()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     start = time.monotonic()
-    with pytest.raises(FileNotFoundError, match=message):
+    with pytest.raises(ConfigError, match=message):
         _init(tmp_path, [f"policy={json.dumps({'name_or_path': name})}"])
     assert time.monotonic() - start < 5
     assert only_config(tmp_path / "run")

@@ -14,7 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from coevolve.core import distributed
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """The user's input is wrong (a config, a data file, a model source): shown as one line naming
+    the file, row or field, where any other error is a bug and keeps its traceback."""
+
+
+class ConfigError(InputError):
     """A config problem, always naming the file and the field."""
 
 

@@ -40,7 +40,7 @@ def resolve_path(name_or_path: str) -> str:
         package = name_or_path[len("pkg://") :]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"{name_or_path}: Python package {package!r} is not installed")
+            raise ConfigError(f"{name_or_path}: Python package {package!r} is not installed")
         return str(Path(spec.origin).parent)
     return name_or_path
 
@@ -58,11 +58,11 @@ def locate(source: ModelSource, role: str) -> tuple[str, dict]:
         return path, kwargs
     # A hub id is `name` or `owner/name`; anything else, or a path into an existing folder, is a path.
     if path.startswith((".", "~", os.sep)) or path.count("/") > 1 or Path(path).parent.is_dir() and "/" in path:
-        raise FileNotFoundError(f"{role}.name_or_path: {name!r}: no such folder (a hub id is 'owner/name', without a path)")
+        raise ConfigError(f"{role}.name_or_path: {name!r}: no such folder (a hub id is 'owner/name', without a path)")
     if _hub_reachable():
         return path, kwargs
     if try_to_load_from_cache(path, "config.json", revision=source.revision) is None:
-        raise FileNotFoundError(f"{role}.name_or_path: {name!r} is not in the local Hugging Face cache and the hub is "
+        raise ConfigError(f"{role}.name_or_path: {name!r} is not in the local Hugging Face cache and the hub is "
                                 "offline or unreachable; give the path of a local folder with the model")
     return path, {**kwargs, "local_files_only": True}
 
@@ -102,7 +102,7 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
         except (OSError, ValueError) as err:
             if isinstance(err, ConfigError):
                 raise
-            raise FileNotFoundError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
+            raise ConfigError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
