@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     p_serve.add_argument("overrides", nargs="*", help="key.sub=value")
 
     p_servers = sub.add_parser("servers", help="the step servers in this user's runtime folder (coevolve/core/stepserver.py)")
-    p_servers.add_argument("--stop", action="store_true", help="stop them (they also stop after launch.server_idle_s idle)")
+    p_servers.add_argument("--stop", action="store_true", help="stop this checkout's (they also stop after launch.server_idle_s idle)")
+    p_servers.add_argument("--all", action="store_true", help="with --stop: every checkout's, and their running steps")
 
     p_report = sub.add_parser("report", help="an HTML page with plots of a run, read from its run directory")
     p_report.add_argument("run_dir", type=Path)
@@ -162,13 +163,13 @@ def main(argv: list[str] | None = None) -> None:
 
             serve(args.config, args.overrides, args.run_dir, args.name, args.cron, args.interval, args.gpu_limit)
         elif args.command == "servers":
-            from coevolve.core.stepserver import list_servers, runtime_dir, stop_servers
+            from coevolve.core.stepserver import code_location, list_servers, runtime_dir, stop_servers
 
             folder = runtime_dir(dict(os.environ))
-            for pid, log_path in list_servers(folder):
-                print(f"step server {pid}  log: {log_path}")
+            for pid, log_path, code in list_servers(folder):
+                print(f"step server {pid}  log: {log_path}  code: {code or 'unknown'}")
             if args.stop:
-                stop_servers(folder)
+                stop_servers(folder, None if args.all else code_location())
         elif args.command == "report":
             from coevolve.report import write_report
 
