@@ -81,9 +81,11 @@ def check(step: StepRun) -> None:
             source = getattr(data, name).path if getattr(data, name) else f"data.task {data.task} ({name})"
             inputs[name], fitted[name] = fit_prompts(ds, source, tok, limit, data.long_prompts)
     unique = len(set(inputs["prompts"]["prompt"]))
-    if data.select_size + data.eval_size >= unique:
-        raise DataError(f"{data.prompts.path if data.prompts else 'data.task'}: {unique} unique prompts; data.select_size={data.select_size} "
-                        f"+ data.eval_size={data.eval_size} leave none to train on")
+    train = unique - data.select_size - data.eval_size
+    n_rm = round(train * data.rm_fraction)
+    if min(n_rm, train - n_rm) < 1:
+        raise DataError(f"{data.prompts.path if data.prompts else f'data.task {data.task}'}: {unique} unique prompts; data.select_size={data.select_size} "
+                        f"and data.eval_size={data.eval_size} leave {max(train, 0)}, too few for a policy and an RM share at data.rm_fraction={data.rm_fraction:.3g}")
     step.checked = {"inputs": inputs, "fitted": fitted, "limit": limit, "data_files": data_files(cfg)}
 
 

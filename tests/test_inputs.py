@@ -284,3 +284,12 @@ def test_a_data_file_fixed_after_init_is_picked_up(tmp_path):
     with pytest.raises(ConfigError, match=r"prompts.jsonl: changed since init read it, and iter_0/sft-warmup was made from the old content"):
         run_step("init", run, 0, cfg)
     assert sorted(str(p) for p in run.rglob("*")) == before
+
+
+def test_splits_that_do_not_fit_the_file_fail_before_any_model_loads(tmp_path):
+    data = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:10])
+    with pytest.raises(DataError, match=r"prompts.jsonl: 10 unique prompts; data.select_size=8 and data.eval_size=1 leave 1, too few"):
+        _init(tmp_path, data + ["data.select_size=8", "data.eval_size=1"])
+    assert only_config(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data.select_size: e_step.select picks"):
+        load_config(str(TINY), ["data.select_size=0"])

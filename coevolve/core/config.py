@@ -362,6 +362,8 @@ class Config(Strict):
             raise ValueError("rm.gold: the gold reward cannot be trained; set steps.rm_init=false and steps.m_step=false")
         if self.data.pair_source == "policy" and not (self.data.task and self.data.pairs is None and self.steps.rm_init):
             raise ValueError("data.pair_source: 'policy' needs a sandbox task (data.task), no data.pairs, and steps.rm_init=true (rm-init samples them)")
+        if self.e_step.select and self.data.select_size < 1:
+            raise ValueError("data.select_size: e_step.select picks the E-step's checkpoint on these prompts; give at least 1, or set e_step.select=false")
         if self.steps.evaluate and self.data.eval_size < 1:
             raise ValueError("steps.evaluate: needs held-out prompts; set data.eval_size (e.g. 100)")
         several = ["e_step.num_samples"] * (self.iterations > 0) + ["evaluate.samples_per_prompt"] * self.steps.evaluate
