@@ -352,8 +352,10 @@ class Config(Strict):
     @model_validator(mode="after")
     def _consistent(self):
         for role, source in (("policy", self.policy), ("evaluate.judge", self.evaluate.judge)):
-            if source is not None and (source.gold or source.from_policy or source.new_head):
-                raise ValueError(f"{role}: gold, from_policy and new_head are for the RM only")
+            if source is not None and (source.gold or source.from_policy):
+                raise ValueError(f"{role}: gold and from_policy are RM-only sources")
+            if source is not None and source.new_head:
+                raise ValueError(f"{role}.new_head: only the RM may be given a new score head")
         if self.rm.from_policy and not self.steps.rm_init:
             raise ValueError("rm.from_policy: the RM is made from the policy by rm-init; set steps.rm_init=true")
         if self.rm.gold and not self.data.task:
