@@ -16,12 +16,16 @@ log = logging.getLogger("coevolve")
 
 
 def data_files(cfg: Config) -> dict[str, dict[str, str]]:
-    """{role: {path, sha256}} for each of data.prompts/pairs/demos that is a local file or folder."""
+    """{role: {path, sha256}} for each of data.prompts/pairs/demos that is a local file or folder, and
+    data.task when it is a spec file."""
     found = {}
     for role in ("prompts", "pairs", "demos"):
         source = getattr(cfg.data, role)
         if source is not None and Path(source.path).exists():
             found[role] = {"path": source.path, "sha256": _digest(Path(source.path))}
+    # A task named by its spec file generates the data from it (a builtin name is part of the code).
+    if cfg.data.task and Path(cfg.data.task).is_file():
+        found["task"] = {"path": cfg.data.task, "sha256": _digest(Path(cfg.data.task))}
     return found
 
 

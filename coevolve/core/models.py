@@ -89,7 +89,7 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
         if source.gguf_file:
             # Unpacked into plain dense weights: training needs them, and only they save as safetensors.
             model_kwargs["quantization_config"] = GgufConfig(gguf_file=source.gguf_file, dequantize=True)
-        try:
+        with _named(role, source):
             if role == "rm":
                 _check_rm_head(AutoConfig.from_pretrained(path, **kwargs), source)
             tok = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -99,10 +99,6 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
                 model = AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=1, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs
                 )
-        except (OSError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
@@ -116,7 +112,21 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
 def check_rm(source: ModelSource) -> None:
     """An RM source that names a model: found, and with one output, checked from its config alone."""
     path, kwargs = locate(source, "rm")
-    _check_rm_head(AutoConfig.from_pretrained(path, **kwargs), source)
+    with _named("rm", source):
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    _check_rm_head(config, source)
+
+
+@contextmanager
+def _named(role: str, source: ModelSource):
+    """A source that transformers cannot read (no config, an unknown model type, a hub id that is not
+    there) as the config field's error."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
 
 
 def _check_rm_head(config, source: ModelSource) -> None:
@@ -137,8 +147,9 @@ def policy_reader(source: ModelSource, corpus: list[str]) -> tuple[object, int |
     if source.tiny is not None:
         return build_tokenizer(source.tiny.tokenizer, corpus), source.tiny.max_position_embeddings
     path, kwargs = locate(source, "policy")
-    config = AutoConfig.from_pretrained(path, **kwargs)
-    return AutoTokenizer.from_pretrained(path, **kwargs), getattr(config, "max_position_embeddings", None)
+    with _named("policy", source):
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        return AutoTokenizer.from_pretrained(path, **kwargs), getattr(config, "max_position_embeddings", None)
 
 
 @contextmanager
