@@ -60,7 +60,10 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
             code, tail = run_process(cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True), launch=cfg.launch)
             if code != 0:
-                raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {rundir.partial_dir(run_dir, k, name) / 'log.txt'}")
+                step_log = rundir.partial_dir(run_dir, k, name) / "log.txt"
+                if code == 2 and not step_log.exists():
+                    raise SystemExit(2)  # bad input, refused before the step began: its one line is above
+                raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {step_log}")
         if name == "e-step" and rundir.read_done(run_dir, k, name)["stop"]:
             log.info(f"iteration {k}: the best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy")
             break

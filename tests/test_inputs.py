@@ -293,3 +293,17 @@ def test_splits_that_do_not_fit_the_file_fail_before_any_model_loads(tmp_path):
     assert only_config(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"data.select_size: e_step.select picks"):
         load_config(str(TINY), ["data.select_size=0"])
+
+
+def test_run_stops_at_bad_data_with_the_steps_one_line(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xff"}\n')
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "coevolve", "run", "--config", str(TINY), "--run-dir", str(run), "launch.preload=false",
+         f"data.prompts={json.dumps({'path': str(bad)})}"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"coevolve: error: {bad}: line 2, column 16: not UTF-8 text (byte 0xff)"
+    assert only_config(run)
