@@ -66,12 +66,14 @@ def check(step: StepRun) -> None:
     cfg = step.cfg
     data = cfg.data
     inputs, task = _read_inputs(step)
-    text = [v for ds in inputs.values() for col in ds.column_names for v in ds[col]] + (task.corpus() if task else [])
+    text = []
+    if cfg.policy.tiny:  # its tokenizer is made from all the text, as materialize makes it
+        text = [v for ds in inputs.values() for col in ds.column_names for v in ds[col]] + (task.corpus() if task else [])
     tok, context = policy_reader(cfg.policy, text)
     judge = cfg.evaluate.judge if cfg.steps.evaluate else None
-    for rm in (cfg.rm, judge):
+    for role, rm in (("rm", cfg.rm), ("evaluate.judge", judge)):
         if rm is not None and rm.name_or_path is not None:
-            check_rm(rm)
+            check_rm(rm, role)
     limit = data.max_prompt_tokens or (context - cfg.sampling.max_new_tokens if context else None)
     fitted = {}
     if limit is not None:

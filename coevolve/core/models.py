@@ -63,7 +63,7 @@ def locate(source: ModelSource, role: str) -> tuple[str, dict]:
         return path, kwargs
     if try_to_load_from_cache(path, "config.json", revision=source.revision) is None:
         raise ConfigError(f"{role}.name_or_path: {name!r} is not in the local Hugging Face cache and the hub is "
-                                "offline or unreachable; give the path of a local folder with the model")
+                          "offline or unreachable; give the path of a local folder with the model")
     return path, {**kwargs, "local_files_only": True}
 
 
@@ -91,7 +91,7 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
             model_kwargs["quantization_config"] = GgufConfig(gguf_file=source.gguf_file, dequantize=True)
         with _named(role, source):
             if role == "rm":
-                _check_rm_head(AutoConfig.from_pretrained(path, **kwargs), source)
+                _check_rm_head(AutoConfig.from_pretrained(path, **kwargs), source, role)
             tok = AutoTokenizer.from_pretrained(path, **kwargs)
             if role == "policy":
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs)
@@ -109,12 +109,13 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
     return {f"{role}/parameters": sum(p.numel() for p in model.parameters()), f"{role}/vocab_size": len(tok)}
 
 
-def check_rm(source: ModelSource) -> None:
-    """An RM source that names a model: found, and with one output, checked from its config alone."""
-    path, kwargs = locate(source, "rm")
-    with _named("rm", source):
+def check_rm(source: ModelSource, role: str = "rm") -> None:
+    """An RM source that names a model (the RM, or the evaluate step's judge): found, and with one
+    output, checked from its config alone."""
+    path, kwargs = locate(source, role)
+    with _named(role, source):
         config = AutoConfig.from_pretrained(path, **kwargs)
-    _check_rm_head(config, source)
+    _check_rm_head(config, source, role)
 
 
 @contextmanager
@@ -129,16 +130,16 @@ def _named(role: str, source: ModelSource):
         raise ConfigError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
 
 
-def _check_rm_head(config, source: ModelSource) -> None:
+def _check_rm_head(config, source: ModelSource, role: str) -> None:
     """Decided from the config, before the weights load: transformers fails on a head of another size
     with a shape-mismatch traceback, and gives a causal LM a random head with only a warning."""
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     if classifier and config.num_labels != 1:
-        raise ConfigError(f"rm.name_or_path: {source.name_or_path!r} has {config.num_labels} outputs; an RM needs exactly 1")
+        raise ConfigError(f"{role}.name_or_path: {source.name_or_path!r} has {config.num_labels} outputs; an RM needs exactly 1")
     if not classifier and not source.new_head:
-        raise ConfigError(f"rm.name_or_path: {source.name_or_path!r} is not a sequence classifier "
-                          f"({', '.join(config.architectures or ['no architecture named'])}); set rm.new_head: true to give it a new, "
-                          "untrained score head (then train it: steps.rm_init=true)")
+        hint = "; set rm.new_head: true to give it a new, untrained score head (then train it: steps.rm_init=true)" if role == "rm" else ""
+        raise ConfigError(f"{role}.name_or_path: {source.name_or_path!r} is not a sequence classifier "
+                          f"({', '.join(config.architectures or ['no architecture named'])}){hint}")
 
 
 def policy_reader(source: ModelSource, corpus: list[str]) -> tuple[object, int | None]:

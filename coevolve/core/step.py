@@ -108,15 +108,19 @@ class StepRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         tracking.end(failed=exc_type is not None)
-        failed = f"iteration {self.iteration} {self.name} failed: {exc_type.__name__}: {exc}" if exc_type else ""
+        failed = None
+        if exc_type is not None:
+            # The error's first line; the whole of it and its traceback go to the step's log only.
+            first_line = str(exc).split("\n", 1)[0]
+            failed = f"iteration {self.iteration} {self.name} failed: {exc_type.__name__}: {first_line}"
         if self._handler is not None:
-            if exc_type is not None:
-                # The traceback goes to the step's log only; the console gets one line that points there.
+            if failed:
                 self._handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, failed, None, (exc_type, exc, tb)))
             log.removeHandler(self._handler)
             self._handler.close()
         distributed.finish()
-        if self._handler is not None and exc_type is not None and issubclass(exc_type, Exception) and not issubclass(exc_type, InputError):
+        # Bad input says itself in one line (cli); anything else is a bug, told as one line naming the log.
+        if failed and self._handler is not None and issubclass(exc_type, Exception) and not issubclass(exc_type, InputError):
             raise StepCrashed(f"{failed}; its log: {self.dir / 'log.txt'}") from exc
 
     def path(self, name: str) -> Path:
