@@ -302,12 +302,19 @@ class StepsConfig(Strict):
 
 class LaunchConfig(Strict):
     launcher: Literal["python", "accelerate", "deepspeed"] = "python"
-    gpus: Count = 1
+    # 0: a step that holds no GPU slot (flows/steps.py gpu_slots), as on a CPU host.
+    gpus: int = Field(1, ge=0)
     deepspeed_config: str | None = None
     # Python-launched steps fork from a server that imported the libraries once (core/stepserver.py),
     # which stays up this long without steps to serve later runs too.
     preload: bool = True
     server_idle_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _processes(self):
+        if self.launcher != "python" and self.gpus < 1:
+            raise ValueError(f"launch.gpus: {self.launcher} starts one process per GPU; give at least 1")
+        return self
 
 
 class RetriesConfig(Strict):
