@@ -221,7 +221,9 @@ def test_a_causal_lm_as_rm_is_taken_when_asked_for(tmp_path, saved_models):
 @pytest.mark.parametrize("name, message", [
     ("models/mypolicy", r"policy.name_or_path: 'models/mypolicy': no such folder"),
     ("./mypolicy", r"policy.name_or_path: './mypolicy': no such folder"),
-    ("someone/no-such-model", r"policy.name_or_path: 'someone/no-such-model' is not in the local Hugging Face cache and the hub is offline"),
+    ("someone/no-such-model", r"policy.name_or_path: 'someone/no-such-model': no such local folder, and no such model in the local "
+                              r"Hugging Face cache, with the hub offline"),
+    ("gpt2", r"policy.name_or_path: 'gpt2': no such model in the local Hugging Face cache, with the hub offline"),
 ])
 def test_a_missing_model_fails_at_once(tmp_path, monkeypatch, name, message):
     from huggingface_hub import constants

@@ -62,7 +62,9 @@ def locate(source: ModelSource, role: str) -> tuple[str, dict]:
     if _hub_reachable():
         return path, kwargs
     if try_to_load_from_cache(path, "config.json", revision=source.revision) is None:
-        raise ConfigError(f"{role}.name_or_path: {name!r} is not in the local Hugging Face cache and the hub is "
+        # `owner/name` may have been meant as a path as well as a hub id: neither is there.
+        folder = "no such local folder, and " if "/" in path else ""
+        raise ConfigError(f"{role}.name_or_path: {name!r}: {folder}no such model in the local Hugging Face cache, with the hub "
                           "offline or unreachable; give the path of a local folder with the model")
     return path, {**kwargs, "local_files_only": True}
 
