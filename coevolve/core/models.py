@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -69,15 +70,24 @@ def locate(source: ModelSource, role: str) -> tuple[str, dict]:
     return path, {**kwargs, "local_files_only": True}
 
 
-def _hub_reachable() -> bool:
+def _hub_reachable(timeout: float = 3.0) -> bool:
     if hf_constants.HF_HUB_OFFLINE:
         return False
     host = urlparse(hf_constants.ENDPOINT)
-    try:
-        socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
+    reached = []
+
+    def probe():
+        try:
+            socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    # In a thread: a name lookup that hangs is not bounded by the socket's timeout.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached)
 
 
 def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) -> dict:
