@@ -309,3 +309,15 @@ def test_run_stops_at_bad_data_with_the_steps_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"coevolve: error: {bad}: line 2, column 16: not UTF-8 text (byte 0xff)"
     assert only_config(run)
+
+
+def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"'gpt2': no such model in the local Hugging Face cache, with the hub offline or unreachable"):
+        _init(tmp_path, ['policy={"name_or_path": "gpt2"}'])
+    assert time.monotonic() - start < 5
+    assert only_config(tmp_path / "run")
