@@ -223,7 +223,7 @@ def test_a_causal_lm_as_rm_is_taken_when_asked_for(tmp_path, saved_models):
     ("./mypolicy", r"policy.name_or_path: './mypolicy': no such folder"),
     ("someone/no-such-model", r"policy.name_or_path: 'someone/no-such-model': no such local folder, and no such model in the local "
                               r"Hugging Face cache, with the hub offline"),
-    ("gpt2", r"policy.name_or_path: 'gpt2': no such model in the local Hugging Face cache, with the hub offline"),
+    ("no-such-model-xyz", r"policy.name_or_path: 'no-such-model-xyz': no such model in the local Hugging Face cache, with the hub offline"),
 ])
 def test_a_missing_model_fails_at_once(tmp_path, monkeypatch, name, message):
     from huggingface_hub import constants
@@ -317,7 +317,7 @@ def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     start = time.monotonic()
-    with pytest.raises(ConfigError, match=r"'gpt2': no such model in the local Hugging Face cache, with the hub offline or unreachable"):
-        _init(tmp_path, ['policy={"name_or_path": "gpt2"}'])
+    with pytest.raises(ConfigError, match=r"'no-such-model-xyz': no such model in the local Hugging Face cache, with the hub offline or unreachable"):
+        _init(tmp_path, ['policy={"name_or_path": "no-such-model-xyz"}'])
     assert time.monotonic() - start < 5
     assert only_config(tmp_path / "run")
