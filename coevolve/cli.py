@@ -12,7 +12,7 @@ from coevolve.core import rundir
 from coevolve.core.config import Config, ConfigError, InputError, prepare_run
 from coevolve.core.plan import step_plan
 from coevolve.core.step import StepCrashed, StepRun, setup_logging
-from coevolve.data.fingerprint import init_is_stale
+from coevolve.data.fingerprint import changed_since_init, init_is_stale
 
 log = logging.getLogger("coevolve")
 
@@ -54,7 +54,7 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
     from coevolve.core.launch import run_process, step_command
 
     for k, name in step_plan(cfg):
-        if rundir.is_done(run_dir, k, name) and not force and not (name == "init" and init_is_stale(run_dir, cfg)):
+        if rundir.is_done(run_dir, k, name) and not force and not (name == "init" and changed_since_init(run_dir, cfg)):
             log.info(f"iteration {k} {name}: already done, skipped")
         else:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])

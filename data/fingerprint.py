@@ -40,22 +40,27 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def init_is_stale(run: Path, cfg: Config) -> bool:
-    """Whether the finished init read data files that have changed since. When so and no later step has
-    finished, the later steps' unfinished folders (built on the old data) are removed and True returned:
-    init is to be redone. When a later step has finished, a ConfigError names the file."""
+def changed_since_init(run: Path, cfg: Config) -> list[str]:
+    """The data files that changed since the finished init read them. A ConfigError names the first
+    when a later step has finished: its outputs were made from the old content."""
     if not rundir.is_done(run, 0, "init"):
-        return False
+        return []
     recorded = rundir.read_done(run, 0, "init").get("data_files", {})
     now = data_files(cfg)
     changed = [now[role]["path"] for role in now if role in recorded and recorded[role] != now[role]]
-    if not changed:
-        return False
     later = [f"iter_{k}/{step}" for k, step, _ in rundir.finished_steps(run) if (k, step) != (0, "init")]
-    if later:
+    if changed and later:
         raise ConfigError(f"{changed[0]}: changed since init read it, and {later[0]} was made from the old content; "
                           f"restore the file, or start a new --run-dir")
-    for partial in sorted(Path(run).glob("iter_*/.*.partial")):
-        shutil.rmtree(partial)
-    log.info(f"{', '.join(changed)}: changed since init read it; init is redone")
-    return True
+    return changed
+
+
+def init_is_stale(run: Path, cfg: Config) -> bool:
+    """Whether init must be redone for changed data files; if so, the later steps' unfinished folders,
+    built on the old data, are removed."""
+    changed = changed_since_init(run, cfg)
+    if changed:
+        for partial in sorted(Path(run).glob("iter_*/.*.partial")):
+            shutil.rmtree(partial)
+        log.info(f"{', '.join(changed)}: changed since init read it; init is redone")
+    return bool(changed)

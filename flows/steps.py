@@ -16,7 +16,7 @@ from prefect.states import Completed
 from coevolve.core import rundir
 from coevolve.core.config import Config, load_config
 from coevolve.core.launch import StepFailed, run_process, step_command
-from coevolve.data.fingerprint import init_is_stale
+from coevolve.data.fingerprint import changed_since_init
 
 
 def gpu_slots(limit: str | None, gpus: int):
@@ -34,7 +34,7 @@ def run_step(
     cfg: Config, run_dir: str, iteration: int, step: str, step_deployment: str | None = None, gpu_limit: str | None = None
 ):
     run = Path(run_dir)
-    if rundir.is_done(run, iteration, step) and not (step == "init" and init_is_stale(run, cfg)):
+    if rundir.is_done(run, iteration, step) and not (step == "init" and changed_since_init(run, cfg)):
         return Completed(name="Skipped", message=f"already done: {rundir.step_dir(run, iteration, step)}/DONE.json")
     if step_deployment is not None:
         as_job(step_deployment, run_dir, iteration, step)
