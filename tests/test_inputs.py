@@ -321,3 +321,17 @@ def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch)
         _init(tmp_path, ['policy={"name_or_path": "no-such-model-xyz"}'])
     assert time.monotonic() - start < 5
     assert only_config(tmp_path / "run")
+
+
+@pytest.mark.parametrize("spec, message", [
+    (None, r"data.task: no task spec '.*nowhere.yaml' \(builtins: .*toy"),
+    ("kind: nosuch\n", r"data.task: .*bad.yaml: unknown task kind 'nosuch'"),
+    ("kind: toy\ndemonstrations: {mix: {perfect: 1, typo: 1}}\n", r"data.task: .*bad.yaml: unknown flaw\(s\) \['typo'\]"),
+])
+def test_a_bad_task_spec_is_named(tmp_path, spec, message):
+    path = tmp_path / ("bad.yaml" if spec else "nowhere.yaml")
+    if spec:
+        path.write_text(spec)
+    with pytest.raises(ConfigError, match=message):
+        _init(tmp_path, [f"data.task={path}"])
+    assert only_config(tmp_path / "run")
