@@ -74,11 +74,13 @@ def check(step: StepRun) -> None:
     for role, rm in (("rm", cfg.rm), ("evaluate.judge", judge)):
         if rm is not None and rm.name_or_path is not None:
             check_rm(rm, role)
-    limit = data.max_prompt_tokens or (context - cfg.sampling.max_new_tokens if context else None)
+    room = context - cfg.sampling.max_new_tokens if context else None
+    if room is not None and room < (data.max_prompt_tokens or 1):
+        asked = f"data.max_prompt_tokens={data.max_prompt_tokens} + " if data.max_prompt_tokens else ""
+        raise ConfigError(f"{asked}sampling.max_new_tokens={cfg.sampling.max_new_tokens} exceed the policy's context ({context} tokens)")
+    limit = data.max_prompt_tokens or room
     fitted = {}
     if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} fills the policy's whole context ({context} tokens)")
         for name, ds in inputs.items():
             source = getattr(data, name).path if getattr(data, name) else f"data.task {data.task} ({name})"
             inputs[name], fitted[name] = fit_prompts(ds, source, tok, limit, data.long_prompts)

@@ -335,3 +335,13 @@ def test_a_bad_task_spec_is_named(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=message):
         _init(tmp_path, [f"data.task={path}"])
     assert only_config(tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.max_prompt_tokens=250"], r"data.max_prompt_tokens=250 \+ sampling.max_new_tokens=16 exceed the policy's context \(256 tokens\)"),
+    (["sampling.max_new_tokens=300"], r"^sampling.max_new_tokens=300 exceed the policy's context \(256 tokens\)"),
+])
+def test_prompt_and_response_lengths_must_fit_the_policys_context(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _init(tmp_path, overrides)
+    assert only_config(tmp_path / "run")

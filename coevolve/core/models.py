@@ -25,7 +25,7 @@ log = logging.getLogger("coevolve")
 
 def device_of(cfg: Config) -> str:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' asked for, but torch sees no GPU")
+        raise ConfigError("device: 'cuda' asked for, but torch sees no GPU")
     return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
