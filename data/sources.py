@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 
+from coevolve.core import hub
 from coevolve.core.config import InputError
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -31,7 +32,16 @@ def load_source(path: str, name: str | None = None, split: str = "train") -> dat
             if bad:
                 raise DataError(f"{path}: {bad}")
             return datasets.load_dataset(LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
-        return datasets.load_dataset(path, name, split=split)
+        if local.exists() or hub.reachable():
+            return datasets.load_dataset(path, name, split=split)
+        if hub.looks_like_path(path):
+            raise DataError(f"{path}: no such file or folder")
+        with hub.offline():
+            try:
+                return datasets.load_dataset(path, name, split=split)
+            except Exception:
+                raise DataError(f"{path}: not in the local datasets cache, with the hub offline or unreachable; "
+                                "give a local file or folder") from None
     except DataError:
         raise
     except Exception as err:  # datasets raises many kinds; the user needs the source named, not the kind

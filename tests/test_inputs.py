@@ -345,3 +345,20 @@ def test_prompt_and_response_lengths_must_fit_the_policys_context(tmp_path, over
     with pytest.raises(ConfigError, match=message):
         _init(tmp_path, overrides)
     assert only_config(tmp_path / "run")
+
+
+@pytest.mark.parametrize("path, message", [
+    ("./nowhere/prompts", r"\./nowhere/prompts: no such file or folder"),
+    ("someone/no-such-dataset", r"someone/no-such-dataset: not in the local datasets cache, with the hub offline or unreachable"),
+])
+def test_a_missing_dataset_fails_at_once(tmp_path, monkeypatch, path, message):
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(DataError, match=message):
+        _init(tmp_path, [f"data.prompts={json.dumps({'path': path})}"])
+    assert time.monotonic() - start < 5
+    assert only_config(tmp_path / "run")

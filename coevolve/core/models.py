@@ -6,17 +6,14 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import socket
-import threading
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
-from huggingface_hub import constants as hf_constants, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
+from coevolve.core import hub
 from coevolve.core.config import Config, ConfigError, ModelSource
 from coevolve.core.tiny import build_tiny_policy, build_tiny_rm, build_tokenizer
 
@@ -57,10 +54,9 @@ def locate(source: ModelSource, role: str) -> tuple[str, dict]:
         kwargs["gguf_file"] = source.gguf_file
     if Path(path).exists():
         return path, kwargs
-    # A hub id is `name` or `owner/name`; anything else, or a path into an existing folder, is a path.
-    if path.startswith((".", "~", os.sep)) or path.count("/") > 1 or Path(path).parent.is_dir() and "/" in path:
+    if hub.looks_like_path(path):
         raise ConfigError(f"{role}.name_or_path: {name!r}: no such folder (a hub id is 'owner/name', without a path)")
-    if _hub_reachable():
+    if hub.reachable():
         return path, kwargs
     if try_to_load_from_cache(path, "config.json", revision=source.revision) is None:
         # `owner/name` may have been meant as a path as well as a hub id: neither is there.
@@ -68,26 +64,6 @@ def locate(source: ModelSource, role: str) -> tuple[str, dict]:
         raise ConfigError(f"{role}.name_or_path: {name!r}: {folder}no such model in the local Hugging Face cache, with the hub "
                           "offline or unreachable; give the path of a local folder with the model")
     return path, {**kwargs, "local_files_only": True}
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if hf_constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(hf_constants.ENDPOINT)
-    reached = []
-
-    def probe():
-        try:
-            socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
-            reached.append(True)
-        except OSError:
-            pass
-
-    # In a thread: a name lookup that hangs is not bounded by the socket's timeout.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(reached)
 
 
 def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) -> dict:
