@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from coevolve.core import rundir
-from coevolve.core.config import Config, ConfigError, prepare_run
+from coevolve.core.config import Config, ConfigError, InputError, prepare_run
 from coevolve.core.plan import step_plan
-from coevolve.core.step import StepRun, setup_logging
+from coevolve.core.step import StepCrashed, StepRun, setup_logging
+from coevolve.data.fingerprint import changed_since_init, init_is_stale
 
 log = logging.getLogger("coevolve")
 
@@ -34,12 +35,18 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
         raise ConfigError(f"unknown step {name!r}; steps: {sorted(STEPS)}")
     if name not in ANY_ITERATION and (name in ITERATION_ZERO) != (iteration == 0):
         raise ConfigError(f"step {name!r} runs at iteration {'0' if name in ITERATION_ZERO else '1 or later'}, not {iteration}")
+    if name == "init":
+        force = force or init_is_stale(run_dir, cfg)
     step = StepRun(run_dir, iteration, name, cfg, force)
     if step.already_done:
         log.info(f"iteration {iteration} {name}: already done ({rundir.step_dir(run_dir, iteration, name)}), skipped; --force to redo")
         return rundir.read_done(run_dir, iteration, name)
+    module = importlib.import_module(STEPS[name])
+    # Bad input is found before the step writes anything: the run directory stays as it was.
+    if hasattr(module, "check"):
+        module.check(step)
     with step:
-        return importlib.import_module(STEPS[name]).main(step)
+        return module.main(step)
 
 
 def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
@@ -47,13 +54,16 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
     from coevolve.core.launch import run_process, step_command
 
     for k, name in step_plan(cfg):
-        if rundir.is_done(run_dir, k, name) and not force:
+        if rundir.is_done(run_dir, k, name) and not force and not (name == "init" and changed_since_init(run_dir, cfg)):
             log.info(f"iteration {k} {name}: already done, skipped")
         else:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
             code, tail = run_process(cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True), launch=cfg.launch)
             if code != 0:
-                raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {rundir.partial_dir(run_dir, k, name) / 'log.txt'}")
+                step_log = rundir.partial_dir(run_dir, k, name) / "log.txt"
+                if code == 2 and not step_log.exists():
+                    raise SystemExit(2)  # bad input, refused before the step began: its one line is above
+                raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {step_log}")
         if name == "e-step" and rundir.read_done(run_dir, k, name)["stop"]:
             log.info(f"iteration {k}: the best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy")
             break
@@ -120,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p_serve.add_argument("overrides", nargs="*", help="key.sub=value")
 
     p_servers = sub.add_parser("servers", help="the step servers in this user's runtime folder (coevolve/core/stepserver.py)")
-    p_servers.add_argument("--stop", action="store_true", help="stop them (they also stop after launch.server_idle_s idle)")
+    p_servers.add_argument("--stop", action="store_true", help="stop this checkout's (they also stop after launch.server_idle_s idle)")
+    p_servers.add_argument("--all", action="store_true", help="with --stop: every checkout's, and their running steps")
 
     p_report = sub.add_parser("report", help="an HTML page with plots of a run, read from its run directory")
     p_report.add_argument("run_dir", type=Path)
@@ -155,13 +166,13 @@ def main(argv: list[str] | None = None) -> None:
 
             serve(args.config, args.overrides, args.run_dir, args.name, args.cron, args.interval, args.gpu_limit)
         elif args.command == "servers":
-            from coevolve.core.stepserver import list_servers, runtime_dir, stop_servers
+            from coevolve.core.stepserver import code_location, list_servers, runtime_dir, stop_servers
 
             folder = runtime_dir(dict(os.environ))
-            for pid, log_path in list_servers(folder):
-                print(f"step server {pid}  log: {log_path}")
+            for pid, log_path, code in list_servers(folder):
+                print(f"step server {pid}  log: {log_path}  code: {code or 'unknown'}")
             if args.stop:
-                stop_servers(folder)
+                stop_servers(folder, None if args.all else code_location())
         elif args.command == "report":
             from coevolve.report import write_report
 
@@ -174,10 +185,14 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 out = args.out or args.run_dir / "exports" / f"{args.kind}.{args.format}"
                 print(export(args.run_dir, args.kind, args.format, out))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (InputError, FileNotFoundError) as err:
         # One clear line for the user's mistakes; tracebacks are for our bugs.
         print(f"coevolve: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StepCrashed as err:
+        # The traceback is in the step's log, which the line names.
+        print(f"coevolve: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

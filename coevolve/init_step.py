@@ -11,17 +11,22 @@ judge   the evaluate step's judge RM, when the config names one.
 """
 from __future__ import annotations
 
+import logging
 import random
 
 import datasets
 
-from coevolve.core.config import ModelSource
+from coevolve.core.config import ConfigError, ModelSource
 from coevolve.core.gold import write_gold_rm
-from coevolve.core.models import materialize
+from coevolve.core.models import check_rm, materialize, policy_reader
 from coevolve.core.step import StepRun
+from coevolve.data.fingerprint import data_files
+from coevolve.data.lengths import fit_prompts
 from coevolve.data.sources import DataError, load_source, select_columns
 from coevolve.data.records import pair_records, split_pairs
 from coevolve.data.store import Store, prompt_id
+
+log = logging.getLogger("coevolve")
 
 
 def _from_source(src, columns: dict[str, str]) -> datasets.Dataset:
@@ -54,13 +59,45 @@ def _read_inputs(step: StepRun) -> tuple[dict[str, datasets.Dataset], object]:
     return out, task
 
 
+def check(step: StepRun) -> None:
+    """Read and check the data before the step writes anything or loads a model: a bad row, a split
+    that does not fit, a prompt too long for the policy are errors here, with the run directory as it
+    was. What was read is kept for the data phase."""
+    cfg = step.cfg
+    data = cfg.data
+    inputs, task = _read_inputs(step)
+    text = []
+    if cfg.policy.tiny:  # its tokenizer is made from all the text, as materialize makes it
+        text = [v for ds in inputs.values() for col in ds.column_names for v in ds[col]] + (task.corpus() if task else [])
+    tok, context = policy_reader(cfg.policy, text)
+    judge = cfg.evaluate.judge if cfg.steps.evaluate else None
+    for role, rm in (("rm", cfg.rm), ("evaluate.judge", judge)):
+        if rm is not None and rm.name_or_path is not None:
+            check_rm(rm, role)
+    room = context - cfg.sampling.max_new_tokens if context else None
+    if room is not None and room < (data.max_prompt_tokens or 1):
+        asked = f"data.max_prompt_tokens={data.max_prompt_tokens} + " if data.max_prompt_tokens else ""
+        raise ConfigError(f"{asked}sampling.max_new_tokens={cfg.sampling.max_new_tokens} exceed the policy's context ({context} tokens)")
+    limit = data.max_prompt_tokens or room
+    fitted = {}
+    if limit is not None:
+        for name, ds in inputs.items():
+            source = getattr(data, name).path if getattr(data, name) else f"data.task {data.task} ({name})"
+            inputs[name], fitted[name] = fit_prompts(ds, source, tok, limit, data.long_prompts)
+    unique = len(set(inputs["prompts"]["prompt"]))
+    train = unique - data.select_size - data.eval_size
+    n_rm = round(train * data.rm_fraction)
+    if min(n_rm, train - n_rm) < 1:
+        raise DataError(f"{data.prompts.path if data.prompts else f'data.task {data.task}'}: {unique} unique prompts; data.select_size={data.select_size} "
+                        f"and data.eval_size={data.eval_size} leave {max(train, 0)}, too few for a policy and an RM share at data.rm_fraction={data.rm_fraction:.3g}")
+    step.checked = {"inputs": inputs, "fitted": fitted, "limit": limit, "data_files": data_files(cfg)}
+
+
 def build_data(step: StepRun, tmp) -> dict:
     data = step.cfg.data
-    inputs, _ = _read_inputs(step)
+    inputs = step.checked["inputs"]
     prompts = list(dict.fromkeys(inputs["prompts"]["prompt"]))  # exact duplicates would leak across splits
     held = data.select_size + data.eval_size
-    if held >= len(prompts):
-        raise DataError(f"data.select_size={data.select_size} + data.eval_size={data.eval_size} leave no prompts to train on ({len(prompts)} unique prompts)")
     rng = random.Random(data.seed)
     rng.shuffle(prompts)
     n_rm = round((len(prompts) - held) * data.rm_fraction)
@@ -77,6 +114,11 @@ def build_data(step: StepRun, tmp) -> dict:
     if "demos" in inputs:
         inputs["demos"].save_to_disk(str(tmp / "demos"))
         metrics["data/demos"] = len(inputs["demos"])
+    action = "truncated" if data.long_prompts == "truncate" else "dropped"
+    for name, count in step.checked["fitted"].items():
+        metrics[f"data/{name}_long_{action}"] = count
+        if count:
+            log.warning(f"{name}: {count} rows with a prompt over {step.checked['limit']} tokens {action} (data.long_prompts, data.max_prompt_tokens)")
     return metrics
 
 
@@ -104,7 +146,7 @@ def rm_source(step: StepRun) -> ModelSource:
     """The RM's source; when it names the policy's very weights (say one GGUF file), the policy's saved
     safetensors copy instead, which loads in seconds where a GGUF file is read and dequantized again."""
     cfg = step.cfg
-    if cfg.rm.name_or_path is not None and cfg.rm.model_dump(exclude={"dtype"}) == cfg.policy.model_dump(exclude={"dtype"}):
+    if cfg.rm.name_or_path is not None and cfg.rm.model_dump(exclude={"dtype", "new_head"}) == cfg.policy.model_dump(exclude={"dtype", "new_head"}):
         return cfg.rm.model_copy(update={"name_or_path": str(step.path("policy")), "gguf_file": None, "revision": None})
     return cfg.rm
 
@@ -127,4 +169,4 @@ def main(step: StepRun) -> dict:
     for name in ("pairs", "demos"):
         if (data / name).exists():
             outputs[name] = f"data/{name}"
-    return step.finish(outputs)
+    return step.finish(outputs, extra={"data_files": step.checked["data_files"]})

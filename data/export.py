@@ -23,6 +23,7 @@ from datasets import Dataset
 
 from .sampling import difficulty
 from .schema import FEATURES, KINDS
+from .sources import DataError
 from .store import Store
 
 FORMATS = ("jsonl", "parquet")
@@ -32,8 +33,12 @@ _TRL_FIRST = ["prompt", "chosen", "rejected"]
 def export(run_dir: str | Path, kind: str, fmt: str, out_path: str | Path) -> Path:
     """Write every stored row of `kind` to `out_path` as jsonl or parquet; returns the path."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    rows = Store(run_dir).load(kind)
+        raise DataError(f"--format {fmt!r}: formats are {', '.join(FORMATS)}")
+    if kind not in KINDS:
+        raise DataError(f"--kind {kind!r}: kinds are {', '.join(KINDS)}")
+    rows = _store(run_dir).load(kind)
+    if not len(rows):
+        raise DataError(f"{run_dir}: the {kind} store is empty; nothing exported")
     if "chosen" in FEATURES[kind]:
         rows = rows.select_columns(_TRL_FIRST + [c for c in rows.column_names if c not in _TRL_FIRST])
     out = Path(out_path)
@@ -51,7 +56,7 @@ def export(run_dir: str | Path, kind: str, fmt: str, out_path: str | Path) -> Pa
 def summary(run_dir: str | Path, bins: int = 10) -> str:
     """Rows per kind and iteration, mean response score and kept pseudo pairs per iteration, and a
     histogram of prompt difficulty."""
-    store = Store(run_dir)
+    store = _store(run_dir)
     lines = [f"stores: {store.root}", ""]
     for kind in KINDS:
         iterations = store.iterations(kind)
@@ -67,6 +72,16 @@ def summary(run_dir: str | Path, bins: int = 10) -> str:
         for count, lo, hi in zip(counts, edges, edges[1:]):
             lines.append(f"  {lo:.1f}-{hi:.1f} {'#' * round(count * width):<40} {count}")
     return "\n".join(lines)
+
+
+def _store(run_dir: str | Path) -> Store:
+    # Reading a folder that is no run would show nothing, or write an export into a folder made for it.
+    if not Path(run_dir).is_dir():
+        raise DataError(f"{run_dir}: no such run directory")
+    store = Store(run_dir)
+    if not store.root.is_dir():
+        raise DataError(f"{run_dir}: holds no stores (no step of a run has written there)")
+    return store
 
 
 def _detail(kind: str, rows: Dataset) -> str:

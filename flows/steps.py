@@ -16,6 +16,7 @@ from prefect.states import Completed
 from coevolve.core import rundir
 from coevolve.core.config import Config, load_config
 from coevolve.core.launch import StepFailed, run_process, step_command
+from coevolve.data.fingerprint import changed_since_init
 
 
 def gpu_slots(limit: str | None, gpus: int):
@@ -33,7 +34,7 @@ def run_step(
     cfg: Config, run_dir: str, iteration: int, step: str, step_deployment: str | None = None, gpu_limit: str | None = None
 ):
     run = Path(run_dir)
-    if rundir.is_done(run, iteration, step):
+    if rundir.is_done(run, iteration, step) and not (step == "init" and changed_since_init(run, cfg)):
         return Completed(name="Skipped", message=f"already done: {rundir.step_dir(run, iteration, step)}/DONE.json")
     if step_deployment is not None:
         as_job(step_deployment, run_dir, iteration, step)
@@ -44,7 +45,7 @@ def run_step(
     with gpu_slots(gpu_limit, cfg.launch.gpus):
         code, tail = run_process(cmd, logger.info, launch=cfg.launch)
     if code != 0:
-        raise StepFailed(step, iteration, code, tail)
+        raise StepFailed(step, iteration, code, tail, rundir.partial_dir(run, iteration, step) / "log.txt")
 
 
 def as_job(deployment: str, run_dir: str, iteration: int, step: str) -> None:

@@ -23,3 +23,29 @@ def test_show_and_export_round_trip(prepared_run, tmp_path):
         zip(original["prompt"], original["chosen"], original["rejected"])
     )
     assert set(exported["source"]) == {"original"}
+
+
+def refused(*args) -> str:
+    proc = subprocess.run([sys.executable, "-m", "coevolve", *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("coevolve: error: ")
+    return lines[0]
+
+
+def test_show_and_export_refuse_a_folder_that_is_no_run(tmp_path):
+    missing = tmp_path / "no-run"
+    assert f"{missing}: no such run directory" in refused("data", "export", str(missing), "--kind", "pairs")
+    assert f"{missing}: no such run directory" in refused("data", "show", str(missing))
+    assert not missing.exists()
+    (tmp_path / "empty").mkdir()
+    assert "holds no stores" in refused("data", "show", str(tmp_path / "empty"))
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "empty"] and not any((tmp_path / "empty").iterdir())
+
+
+def test_export_of_an_empty_store_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    (run / "stores").mkdir(parents=True)
+    assert f"{run}: the pairs store is empty; nothing exported" in refused("data", "export", str(run), "--kind", "pairs")
+    assert "--kind 'pair': kinds are prompts" in refused("data", "export", str(run), "--kind", "pair")
+    assert sorted(p.name for p in run.iterdir()) == ["stores"]

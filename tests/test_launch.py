@@ -187,3 +187,28 @@ def _ends_within(pid: int, seconds: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_servers_stop_stops_only_this_checkouts_servers(tmp_path):
+    from coevolve.core.stepserver import code_location
+
+    folder = tmp_path / "servers"
+    folder.mkdir(mode=0o700)
+    sleepers = {}
+    for key, code in (("ours", code_location()), ("theirs", "/elsewhere/checkout/coevolve")):
+        sleepers[key] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        (folder / f"{key}.pid").write_text(str(sleepers[key].pid))
+        (folder / f"{key}.code").write_text(code)
+    try:
+        env = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder)}
+        listed = subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True, check=True).stdout
+        assert "/elsewhere/checkout/coevolve" in listed and code_location() in listed
+        subprocess.run([sys.executable, "-m", "coevolve", "servers", "--stop"], env=env, check=True)
+        assert sleepers["ours"].wait(timeout=10) != 0
+        assert sleepers["theirs"].poll() is None
+        subprocess.run([sys.executable, "-m", "coevolve", "servers", "--stop", "--all"], env=env, check=True)
+        assert sleepers["theirs"].wait(timeout=10) != 0
+    finally:
+        for proc in sleepers.values():
+            proc.kill()
+            proc.wait()

@@ -18,12 +18,12 @@ def test_smollm2_loads_from_gguf_and_answers_with_its_chat_template(tmp_path):
     metrics = materialize(SMOLLM2, "policy", tmp_path / "policy", corpus=[])
     assert 130e6 < metrics["policy/parameters"] < 140e6
     assert sorted(p.name for p in (tmp_path / "policy").glob("*.safetensors"))
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["sampling.max_new_tokens=24", "sampling.temperature=0"])
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["sampling.max_new_tokens=24", "sampling.temperature=0", "iterations=0"])
     model, tok = load_policy(tmp_path / "policy", cfg)
     assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     answer = sample(cfg, tmp_path / "policy", ["What is the capital of France? Answer in one word."], n=1, seed=0).texts[0][0]
     assert "paris" in answer.lower()
     # The same weights with a fresh scalar head make an RM base.
-    materialize(SMOLLM2, "rm", tmp_path / "rm", corpus=[])
+    materialize(SMOLLM2.model_copy(update={"new_head": True}), "rm", tmp_path / "rm", corpus=[])
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert rm.config.num_labels == 1

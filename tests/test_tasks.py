@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from coevolve.core.config import ConfigError
 from coevolve.data.tasks import Task, load_task
 from coevolve.data.tasks.task import BUILTIN_DIR, sigmoid, tokens
 
@@ -150,7 +151,7 @@ def test_toy_spec_dropped_in_changes_behaviour(tmp_path, toy):
 
 
 def test_spec_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="data.task: no task spec 'no-such-task'"):
         load_task("no-such-task")
     bad_kind = write_spec(tmp_path, "toy", lambda s: s.update(kind="nope"))
     with pytest.raises(ValueError, match="kind"):

@@ -6,7 +6,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -14,8 +14,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from coevolve.core import distributed
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """The user's input is wrong (a config, a data file, a model source): shown as one line naming
+    the file, row or field, where any other error is a bug and keeps its traceback."""
+
+
+class ConfigError(InputError):
     """A config problem, always naming the file and the field."""
+
+
+# Ranges checked when the config loads: a value outside them otherwise surfaces, if at all, steps later
+# (a negative count as an empty plan, a fraction over 1 as an impossible split, a negative beta as
+# DPO trained in reverse).
+Count = Annotated[int, Field(ge=1)]
+Share = Annotated[float, Field(ge=0, le=1)]
+Positive = Annotated[float, Field(gt=0)]
 
 
 class Strict(BaseModel):
@@ -28,11 +41,11 @@ class TinyModel(Strict):
     from the task's corpus (no download)."""
 
     tokenizer: Literal["word", "char"] = "word"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 128
-    max_position_embeddings: int = 256
+    hidden_size: Count = 64
+    num_layers: Count = 2
+    num_heads: Count = 4
+    intermediate_size: Count = 128
+    max_position_embeddings: Count = 256
     seed: int = 0
 
 
@@ -49,6 +62,9 @@ class ModelSource(Strict):
     # RM only: start from the policy as rm-init finds it (after sft-warmup) with a new score head, so
     # the RM shares the SFT model's features (InstructGPT's recipe; the paper's RM is an LLM too).
     from_policy: bool = False
+    # RM only: accept a model without a sequence-classification head (a causal LM) and give it a new,
+    # random one; refused otherwise, as an RM that scores at random would be trained on silently.
+    new_head: bool = False
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -79,100 +95,111 @@ class DataConfig(Strict):
     prompts: DataSource | None = None
     pairs: DataSource | None = None
     demos: DataSource | None = None
-    num_prompts: int = 300
-    num_pairs: int = 300
-    num_demos: int = 300
+    num_prompts: Count = 300
+    num_pairs: Count = 300
+    num_demos: Count = 300
     # Bradley-Terry noise temperature for task-labelled "human" pairs.
-    label_temperature: float = 0.05
+    label_temperature: Positive = 0.05
     # Where a task's "human" pairs come from: its response generator (made by `init`), or two samples
     # per prompt from the starting policy (made by `rm-init`, after `sft-warmup`); both labelled by
     # Bradley-Terry on the gold reward.
     pair_source: Literal["generator", "policy"] = "generator"
     # Paper: two thirds of the prompts update the policy, one third the RM; plus a fixed D_MS.
-    rm_fraction: float = 1 / 3
-    select_size: int = 2000
+    rm_fraction: float = Field(1 / 3, gt=0, lt=1)
+    select_size: int = Field(2000, ge=0)
     # Held-out prompts the evaluate step measures on; never trained on or used for model selection.
-    eval_size: int = 0
-    heldout_pairs: float = 0.1
+    eval_size: int = Field(0, ge=0)
+    heldout_pairs: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
+    # Longest prompt, in the policy's tokens as it reads it (chat-rendered); None: what its context
+    # leaves after sampling.max_new_tokens. Prompts of pairs and demos count too. Longer ones are dropped,
+    # cut to their first tokens, or an error (init reports how many).
+    max_prompt_tokens: Count | None = None
+    long_prompts: Literal["drop", "truncate", "error"] = "drop"
 
     @model_validator(mode="after")
     def _has_prompts(self):
         if self.prompts is None and self.task is None:
             raise ValueError("give data.prompts (a dataset) or data.task (a sandbox task that generates them)")
+        # Known now only for generated prompts; init checks file data before it loads any model.
+        if self.prompts is None and self.select_size + self.eval_size >= self.num_prompts:
+            raise ValueError(f"data.select_size + data.eval_size ({self.select_size} + {self.eval_size}) leave none of "
+                             f"data.num_prompts={self.num_prompts} to train on")
         return self
 
 
 class SamplingConfig(Strict):
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 256
+    # 0 is greedy decoding: one response per prompt (Config refuses it where several are drawn).
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: Count = 256
 
 
 class GenerationConfig(Strict):
     backend: str = "hf"
-    batch_size: int = 64
+    batch_size: Count = 64
 
 
 class LoraSettings(Strict):
     """LoRA adapters (peft) trained instead of the full model, then merged into the saved checkpoint, so
     the next step loads a plain model."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: Count = 16
+    alpha: Count = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
     # Adapters in the top N transformer layers only: backward then stops below them, which makes
     # training a 135M model on a CPU affordable; None = every layer.
-    top_layers: int | None = None
+    top_layers: Count | None = None
 
 
 class TrainConfig(Strict):
     """Passed to the trl trainer's config; `extra` takes any other field of that config as is."""
 
-    learning_rate: float = 1e-5
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    learning_rate: Positive = 1e-5
+    num_train_epochs: Positive = 1.0
+    per_device_train_batch_size: Count = 8
+    gradient_accumulation_steps: Count = 1
     lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.1
-    max_length: int = 2048
+    warmup_ratio: Share = 0.1
+    max_length: Count = 2048
     gradient_checkpointing: bool = False
     # DPO and RM training: batches of pairs of similar length (transformers' length-grouped sampler),
     # so that less of each batch is padding.
     group_by_length: bool = False
     # None: bf16 on a GPU that supports it, fp32 elsewhere.
     bf16: bool | None = None
-    logging_steps: int = 1
+    logging_steps: Count = 1
     lora: LoraSettings | None = None
     extra: dict[str, Any] = {}
 
 
 class SFTTrainConfig(TrainConfig):
-    learning_rate: float = 2e-5
+    learning_rate: Positive = 2e-5
 
 
 class DPOTrainConfig(TrainConfig):
     # Paper: batch 128 (16 x 8), lr 7e-7, cosine, warmup 0.1, max length 2048, 1 epoch.
-    learning_rate: float = 7e-7
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 8
+    learning_rate: Positive = 7e-7
+    per_device_train_batch_size: Count = 16
+    gradient_accumulation_steps: Count = 8
 
 
 class RMTrainConfig(TrainConfig):
     # Paper: batch 512 (32 x 16), lr 2e-6, cosine, warmup 0.1, max length 2048, 1 epoch.
-    learning_rate: float = 2e-6
-    per_device_train_batch_size: int = 32
-    gradient_accumulation_steps: int = 16
+    learning_rate: Positive = 2e-6
+    per_device_train_batch_size: Count = 32
+    gradient_accumulation_steps: Count = 16
 
 
 class EStepConfig(Strict):
     mode: Literal["dpo", "seft", "dpo+seft"] = "dpo"
-    num_samples: int = 5
+    # At least two responses per prompt make a pair.
+    num_samples: int = Field(5, ge=2)
     # Paper: chosen = shortest response scoring above the prompt's mean, rejected = lowest score.
     pair_rule: Literal["length_controlled", "best_vs_worst"] = "length_controlled"
-    prompts_per_iteration: int | None = None
+    prompts_per_iteration: Count | None = None
     # Paper: the iteration's starting policy; RLHFlow's recipe: the initial policy.
     reference: Literal["iteration_start", "initial"] = "iteration_start"
     # DPO's reference log-probs. "sampling": taken in the pass that sampled the pairs, when that policy
@@ -180,13 +207,14 @@ class EStepConfig(Strict):
     # on the sampled tokens and runs no reference forward (a quarter of a step's FLOPs). Otherwise, and
     # with "forward": trl's reference forward in every step.
     reference_logps: Literal["sampling", "forward"] = "sampling"
-    beta: float = 0.01
+    # Positive: a negative beta trains DPO toward the rejected responses.
+    beta: Positive = 0.01
     train: DPOTrainConfig = DPOTrainConfig()
     # Mode seft: SFT of the policy on the revise step's kept revisions and untouched good responses.
     sft: SFTTrainConfig = SFTTrainConfig()
-    save_steps: int = 50
+    save_steps: Count = 50
     select: bool = True
-    tau: float = 0.6
+    tau: Share = 0.6
     # Checkpoints that lose model selection are deleted unless kept.
     keep_checkpoints: bool = False
 
@@ -194,13 +222,13 @@ class EStepConfig(Strict):
 class MStepConfig(Strict):
     # Paper: each M-step restarts from the base RM, to avoid overfitting to repeated prompts.
     restart_from: Literal["base", "previous"] = "base"
-    prompts_per_iteration: int | None = None
+    prompts_per_iteration: Count | None = None
     include_e_step_pairs: bool = True
     # Paper: pseudo pairs whose new response the old RM scores confidently worse (delta <= -epsilon)
     # are dropped; false keeps every pseudo pair (the paper's "without data filtering" ablation).
     epsilon_filter: bool = True
     # Original preference pairs mixed in, as a multiple of the pseudo-pair count (0 = paper's mix).
-    original_pairs_ratio: float = 0.0
+    original_pairs_ratio: float = Field(0.0, ge=0)
     train: RMTrainConfig = RMTrainConfig()
 
 
@@ -208,14 +236,14 @@ class StoresConfig(Strict):
     """Retrospective data stores (data/store.py, data/sampling.py)."""
 
     # Share of each E-step prompt batch drawn from hard past prompts (QwenLong-L1-style); 0 = off.
-    hard_fraction: float = 0.0
+    hard_fraction: Share = 0.0
     # Past prompts whose difficulty (0 easy .. 1 hard) is at or below this drop out.
-    easy_threshold: float = 0.3
+    easy_threshold: float = Field(0.3, ge=0, lt=1)
     # M-step replay: shares of the RM's training mix by source, e.g. {current: 0.7, pseudo_pairs: 0.15,
     # original: 0.15}; "current" is this iteration's mix. Empty = no replay (the paper's mix).
-    replay: dict[str, float] = {}
+    replay: dict[str, Annotated[float, Field(ge=0)]] = {}
     # Size cap per store kind, in rows; eviction rule in data/store.py.
-    max_rows: dict[str, int] = {}
+    max_rows: dict[str, Count] = {}
 
 
 class ReviserConfig(Strict):
@@ -240,7 +268,7 @@ class ReviserConfig(Strict):
     # The value for iteration K is schedule[K-1], the last one repeating. Gradual, as in SEFT: the
     # policy first evolves mostly within its own responses, then more and more toward revised ones.
     schedule: list[float] = [0.25, 0.5, 0.75]
-    samples_per_prompt: int = 1
+    samples_per_prompt: Count = 1
 
     @model_validator(mode="after")
     def _valid(self):
@@ -262,7 +290,7 @@ class EvaluateConfig(Strict):
 
     # Responses per prompt from policy_K: the first is measured; the first two make a fresh pair, on
     # which the RM's accuracy on the current policy's distribution is measured.
-    samples_per_prompt: int = 2
+    samples_per_prompt: Count = 2
     # A judge RM for tasks without a gold reward: it labels the fresh pairs and judges win rates.
     judge: ModelSource | None = None
 
@@ -277,17 +305,24 @@ class StepsConfig(Strict):
 
 class LaunchConfig(Strict):
     launcher: Literal["python", "accelerate", "deepspeed"] = "python"
-    gpus: int = 1
+    # 0: a step that holds no GPU slot (flows/steps.py gpu_slots), as on a CPU host.
+    gpus: int = Field(1, ge=0)
     deepspeed_config: str | None = None
     # Python-launched steps fork from a server that imported the libraries once (core/stepserver.py),
     # which stays up this long without steps to serve later runs too.
     preload: bool = True
     server_idle_s: float = Field(600.0, gt=0)
 
+    @model_validator(mode="after")
+    def _processes(self):
+        if self.launcher != "python" and self.gpus < 1:
+            raise ValueError(f"launch.gpus: {self.launcher} starts one process per GPU; give at least 1")
+        return self
+
 
 class RetriesConfig(Strict):
-    training: int = 0
-    generation: int = 1
+    training: int = Field(0, ge=0)
+    generation: int = Field(1, ge=0)
 
 
 class TrackingConfig(Strict):
@@ -304,7 +339,8 @@ class TrackingConfig(Strict):
 class Config(Strict):
     run_name: str = "coevolve"
     seed: int = 0
-    iterations: int = 2
+    # 0: iteration 0 only (the starting policy and RM).
+    iterations: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     policy: ModelSource
     rm: ModelSource
@@ -328,6 +364,8 @@ class Config(Strict):
         for role, source in (("policy", self.policy), ("evaluate.judge", self.evaluate.judge)):
             if source is not None and (source.gold or source.from_policy):
                 raise ValueError(f"{role}: gold and from_policy are RM-only sources")
+            if source is not None and source.new_head:
+                raise ValueError(f"{role}.new_head: only the RM may be given a new score head")
         if self.rm.from_policy and not self.steps.rm_init:
             raise ValueError("rm.from_policy: the RM is made from the policy by rm-init; set steps.rm_init=true")
         if self.rm.gold and not self.data.task:
@@ -336,10 +374,15 @@ class Config(Strict):
             raise ValueError("rm.gold: the gold reward cannot be trained; set steps.rm_init=false and steps.m_step=false")
         if self.data.pair_source == "policy" and not (self.data.task and self.data.pairs is None and self.steps.rm_init):
             raise ValueError("data.pair_source: 'policy' needs a sandbox task (data.task), no data.pairs, and steps.rm_init=true (rm-init samples them)")
+        if self.e_step.select and self.data.select_size < 1:
+            raise ValueError("data.select_size: e_step.select picks the E-step's checkpoint on these prompts; give at least 1, or set e_step.select=false")
         if self.steps.evaluate and self.data.eval_size < 1:
             raise ValueError("steps.evaluate: needs held-out prompts; set data.eval_size (e.g. 100)")
-        if self.evaluate.samples_per_prompt < 1:
-            raise ValueError("evaluate.samples_per_prompt: must be at least 1")
+        several = ["e_step.num_samples"] * (self.iterations > 0) + ["evaluate.samples_per_prompt"] * self.steps.evaluate
+        several += ["data.pair_source: policy"] * (self.data.pair_source == "policy")
+        if self.sampling.temperature == 0 and several:
+            raise ValueError(f"sampling.temperature: 0 is greedy decoding, one response per prompt, but {', '.join(several)} "
+                             "draw several different ones; use a temperature > 0")
         return self
 
     def hash(self) -> str:
@@ -361,9 +404,10 @@ def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
         annotation = fields[key].annotation if fields is not None else None
         model = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         child = node.get(key)
-        if not isinstance(child, dict):
-            child = {} if child is None else dict(child)
-            node[key] = child
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(keys[: depth + 1])!r} is {child!r}, not a section with fields")
         node = child
 
 
@@ -372,7 +416,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"command line: override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
     # YAML typing, so `e_step.beta=0.1` is a float and `steps.m_step=false` a bool.
-    return key.strip(), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"command line: override {item!r}: the value is not valid YAML ({problem})") from None
 
 
 def _check_yaml_keys(tree: dict, model: type[BaseModel], source: str, prefix: str = "") -> None:
@@ -393,10 +441,16 @@ def build_config(tree: dict, source: str) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: " + "; ".join(map(_problem, err.errors()))) from None
+
+
+def _problem(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "value_error":
+        # Our own rules: their message names the fields; the input would be a whole section.
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return f"{where or '(top level)'}: {error['msg']} (got {error.get('input')!r})"
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), run_dir: Path | None = None) -> Config:

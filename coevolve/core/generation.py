@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from coevolve.core.config import ConfigError
 from coevolve.core.fastgen import StaticGraphBackend
 
 
@@ -126,5 +127,5 @@ def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:
     try:
         cls = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"generation.backend: unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+        raise ConfigError(f"generation.backend: unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
     return cls(model, tokenizer, **kwargs)

@@ -20,13 +20,21 @@ TRAINING_STEPS = frozenset({"sft-warmup", "rm-init", "reviser-train", "e-step", 
 
 
 class StepFailed(RuntimeError):
-    """A step process exited non-zero; the message ends with its last output lines."""
+    """A step process exited non-zero. The message is its error line, then, when the step got as far as
+    its log, the log's path and last lines (its own lines and the traceback, not the trainer's
+    printouts that fill its output); else its last output lines."""
 
-    def __init__(self, step: str, iteration: int, code: int, tail: list[str]):
+    def __init__(self, step: str, iteration: int, code: int, tail: list[str], log: Path | None = None, lines: int = 20):
         self.code = code
         self.tail = tail
-        last = "\n".join(tail) or "(no output)"
-        super().__init__(f"step {step} (iteration {iteration}) exited with code {code}; its last lines:\n{last}")
+        head = f"step {step} (iteration {iteration}) exited with code {code}"
+        error = next((line.removeprefix("coevolve: error: ") for line in reversed(tail) if line.startswith("coevolve: error: ")), None)
+        if log is not None and Path(log).exists():
+            last = "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
+            super().__init__(f"{head}: {error or (tail[-1] if tail else '(no output)')}\nits log: {log}; its last lines:\n{last}")
+        else:
+            last = "\n".join(tail) or "(no output)"
+            super().__init__(f"{head}" + (f": {error}" if error else "") + f"; its last lines:\n{last}")
 
 
 def retries(cfg: Config, step: str) -> int:

@@ -10,9 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
-from coevolve.core.config import Config, ModelSource
+from coevolve.core import hub
+from coevolve.core.config import Config, ConfigError, ModelSource
 from coevolve.core.tiny import build_tiny_policy, build_tiny_rm, build_tokenizer
 
 log = logging.getLogger("coevolve")
@@ -20,7 +22,7 @@ log = logging.getLogger("coevolve")
 
 def device_of(cfg: Config) -> str:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' asked for, but torch sees no GPU")
+        raise ConfigError("device: 'cuda' asked for, but torch sees no GPU")
     return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
@@ -36,9 +38,32 @@ def resolve_path(name_or_path: str) -> str:
         package = name_or_path[len("pkg://") :]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"{name_or_path}: Python package {package!r} is not installed")
+            raise ConfigError(f"{name_or_path}: Python package {package!r} is not installed")
         return str(Path(spec.origin).parent)
     return name_or_path
+
+
+def locate(source: ModelSource, role: str) -> tuple[str, dict]:
+    """Where `source.name_or_path` loads from, and the keyword arguments to load it with; errors at once,
+    naming the field, where loading would otherwise try the hub (a missing local folder reads as a hub
+    id, and an unreachable hub costs ~50 s of retries before it fails)."""
+    name = source.name_or_path
+    path = resolve_path(name)
+    kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if Path(path).exists():
+        return path, kwargs
+    if hub.looks_like_path(path):
+        raise ConfigError(f"{role}.name_or_path: {name!r}: no such folder (a hub id is 'owner/name', without a path)")
+    if hub.reachable():
+        return path, kwargs
+    if try_to_load_from_cache(path, "config.json", revision=source.revision) is None:
+        # `owner/name` may have been meant as a path as well as a hub id: neither is there.
+        folder = "no such local folder, and " if "/" in path else ""
+        raise ConfigError(f"{role}.name_or_path: {name!r}: {folder}no such model in the local Hugging Face cache, with the hub "
+                          "offline or unreachable; give the path of a local folder with the model")
+    return path, {**kwargs, "local_files_only": True}
 
 
 def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) -> dict:
@@ -47,14 +72,14 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
         tok = build_tokenizer(source.tiny.tokenizer, corpus)
         model = build_tiny_policy(source.tiny, tok) if role == "policy" else build_tiny_rm(source.tiny, tok)
     else:
-        path = resolve_path(source.name_or_path)
-        kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+        path, kwargs = locate(source, role)
         model_kwargs = {}
         if source.gguf_file:
-            kwargs["gguf_file"] = source.gguf_file
             # Unpacked into plain dense weights: training needs them, and only they save as safetensors.
             model_kwargs["quantization_config"] = GgufConfig(gguf_file=source.gguf_file, dequantize=True)
-        try:
+        with _named(role, source):
+            if role == "rm":
+                _check_rm_head(AutoConfig.from_pretrained(path, **kwargs), source, role)
             tok = AutoTokenizer.from_pretrained(path, **kwargs)
             if role == "policy":
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs)
@@ -62,10 +87,6 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
                 model = AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=1, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs
                 )
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
-        if role == "rm" and model.config.num_labels != 1:
-            raise ValueError(f"rm.name_or_path: {source.name_or_path!r} has {model.config.num_labels} outputs; an RM needs exactly 1")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
@@ -74,6 +95,50 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return {f"{role}/parameters": sum(p.numel() for p in model.parameters()), f"{role}/vocab_size": len(tok)}
+
+
+def check_rm(source: ModelSource, role: str = "rm") -> None:
+    """An RM source that names a model (the RM, or the evaluate step's judge): found, and with one
+    output, checked from its config alone."""
+    path, kwargs = locate(source, role)
+    with _named(role, source):
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    _check_rm_head(config, source, role)
+
+
+@contextmanager
+def _named(role: str, source: ModelSource):
+    """A source that transformers cannot read (no config, an unknown model type, a hub id that is not
+    there) as the config field's error."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{role}.name_or_path: cannot load {source.name_or_path!r}: {err}") from None
+
+
+def _check_rm_head(config, source: ModelSource, role: str) -> None:
+    """Decided from the config, before the weights load: transformers fails on a head of another size
+    with a shape-mismatch traceback, and gives a causal LM a random head with only a warning."""
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if classifier and config.num_labels != 1:
+        raise ConfigError(f"{role}.name_or_path: {source.name_or_path!r} has {config.num_labels} outputs; an RM needs exactly 1")
+    if not classifier and not source.new_head:
+        hint = "; set rm.new_head: true to give it a new, untrained score head (then train it: steps.rm_init=true)" if role == "rm" else ""
+        raise ConfigError(f"{role}.name_or_path: {source.name_or_path!r} is not a sequence classifier "
+                          f"({', '.join(config.architectures or ['no architecture named'])}){hint}")
+
+
+def policy_reader(source: ModelSource, corpus: list[str]) -> tuple[object, int | None]:
+    """The starting policy's tokenizer and context length (None where its config names none), read
+    without its weights: init measures the prompts before it loads any model."""
+    if source.tiny is not None:
+        return build_tokenizer(source.tiny.tokenizer, corpus), source.tiny.max_position_embeddings
+    path, kwargs = locate(source, "policy")
+    with _named("policy", source):
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        return AutoTokenizer.from_pretrained(path, **kwargs), getattr(config, "max_position_embeddings", None)
 
 
 @contextmanager

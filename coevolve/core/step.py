@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from coevolve.core import distributed, rundir, tracking
-from coevolve.core.config import Config
+from coevolve.core.config import Config, InputError
 
 log = logging.getLogger("coevolve")
 
@@ -25,6 +25,10 @@ log = logging.getLogger("coevolve")
 def _now() -> str:
     # Milliseconds: the time between one step's end and the next one's start is a measured overhead.
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class StepCrashed(RuntimeError):
+    """A step failed on something other than bad input; its traceback is in the step's log."""
 
 
 class Progress:
@@ -61,6 +65,8 @@ class StepRun:
         # Per phase: models and tokenizers loaded and saved, and the seconds it took (core/io_timing.py).
         self.io: dict = {}
         self.inputs: dict = {}
+        # What the step module's `check` read before the step began, for its phases to reuse.
+        self.checked: dict = {}
         self.started = _now()
         self._handler: logging.Handler | None = None
 
@@ -100,12 +106,22 @@ class StepRun:
         tracking.start(self)
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         tracking.end(failed=exc_type is not None)
+        failed = None
+        if exc_type is not None:
+            # The error's first line; the whole of it and its traceback go to the step's log only.
+            first_line = str(exc).split("\n", 1)[0]
+            failed = f"iteration {self.iteration} {self.name} failed: {exc_type.__name__}: {first_line}"
         if self._handler is not None:
+            if failed:
+                self._handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, failed, None, (exc_type, exc, tb)))
             log.removeHandler(self._handler)
             self._handler.close()
         distributed.finish()
+        # Bad input says itself in one line (cli); anything else is a bug, told as one line naming the log.
+        if failed and self._handler is not None and issubclass(exc_type, Exception) and not issubclass(exc_type, InputError):
+            raise StepCrashed(f"{failed}; its log: {self.dir / 'log.txt'}") from exc
 
     def path(self, name: str) -> Path:
         """Where a finished phase output lives while the step is in progress."""
@@ -199,7 +215,14 @@ def setup_logging() -> None:
     # libraries in a process of its own.
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(_Console("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+class _Console(logging.Formatter):
+    """Messages without tracebacks: those belong in the step's log file."""
+
+    def formatException(self, exc_info) -> str:
+        return ""

@@ -208,22 +208,34 @@ def _open(path: Path) -> socket.socket:
     return conn
 
 
-def list_servers(folder: Path) -> list[tuple[int, Path]]:
-    """(pid, log) of every live step server whose socket is in `folder`."""
+def code_location() -> str:
+    """The coevolve sources this process runs: a checkout's, or an installed wheel's."""
+    import coevolve
+
+    return str(Path(coevolve.__file__).resolve().parent)
+
+
+def list_servers(folder: Path) -> list[tuple[int, Path, str | None]]:
+    """(pid, log, code location) of every live step server whose socket is in `folder`."""
     live = []
     for pid_file in sorted(folder.glob("*.pid")):
         try:
             pid = int(pid_file.read_text())
             os.kill(pid, 0)
-            live.append((pid, pid_file.with_suffix(".log")))
         except (ProcessLookupError, ValueError, FileNotFoundError):
-            pass  # ended meanwhile, or killed without cleaning up: its socket refuses, and a client replaces it
+            continue  # ended meanwhile, or killed without cleaning up: its socket refuses, and a client replaces it
+        code = pid_file.with_suffix(".code")
+        live.append((pid, pid_file.with_suffix(".log"), code.read_text() if code.exists() else None))
     return live
 
 
-def stop_servers(folder: Path) -> None:
-    """Terminate every step server whose socket is in `folder`; each terminates its running steps."""
-    for pid, _ in list_servers(folder):
+def stop_servers(folder: Path, code: str | None = None) -> None:
+    """Terminate the step servers whose socket is in `folder`, those running the sources at `code` only
+    unless it is None (another checkout's runs, sharing the folder, keep theirs); each terminates its
+    running steps."""
+    for pid, _, location in list_servers(folder):
+        if code is not None and location != code:
+            continue
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -243,6 +255,8 @@ def serve(path: Path, idle_s: float) -> None:
     listener.listen(64)
     binding.replace(path)
     pid_file = path.with_suffix(".pid")
+    code_file = path.with_suffix(".code")
+    code_file.write_text(code_location())
     pid_file.write_text(str(os.getpid()))
     steps: dict[int, socket.socket] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -258,6 +272,7 @@ def serve(path: Path, idle_s: float) -> None:
             os.kill(pid, signal.SIGTERM)
         path.unlink(missing_ok=True)
         pid_file.unlink(missing_ok=True)
+        code_file.unlink(missing_ok=True)
 
 
 def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: float) -> None:

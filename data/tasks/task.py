@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from coevolve.core.config import ConfigError
+
 BUILTIN_DIR = Path(__file__).parent
 
 # Rejecting a duplicate prompt this many times in a row means the prompt space is (nearly) used up.
@@ -169,16 +171,19 @@ def load_task(name_or_path: str | Path) -> Task:
     if path.suffix not in (".yaml", ".yml") and builtin.is_file():
         path = builtin
     if not path.is_file():
-        raise FileNotFoundError(f"no task spec {name_or_path!r} (builtins: {builtin_names()})")
+        raise ConfigError(f"data.task: no task spec {str(name_or_path)!r} (builtins: {builtin_names()})")
     spec = yaml.safe_load(path.read_text())
     spec.setdefault("name", path.stem)
     kind = spec.get("kind", "")
     if not re.fullmatch(r"[a-z_]+", kind) or not (BUILTIN_DIR / f"{kind}.py").is_file():
-        raise ValueError(f"{path}: unknown task kind {kind!r}")
+        raise ConfigError(f"data.task: {path}: unknown task kind {kind!r}")
     module = importlib.import_module(f"{__package__}.{kind}")
     if not hasattr(module, "TASK"):
-        raise ValueError(f"{path}: module {kind!r} defines no task kind")
-    return module.TASK(spec)
+        raise ConfigError(f"data.task: {path}: module {kind!r} defines no task kind")
+    try:
+        return module.TASK(spec)
+    except ValueError as err:  # the spec's own checks (_parse_mix, ...), which do not know its file
+        raise ConfigError(f"data.task: {path}: {err}") from None
 
 
 def builtin_names() -> list[str]:
