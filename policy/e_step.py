@@ -80,6 +80,7 @@ def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path, 
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
     lengths = [r["num_tokens"] for r in rows]
     return {
+        "generate/backend": gens.stats["backend"],
         "generate/samples": len(rows),
         "generate/tokens_per_s": gens.tokens_per_s,
         "generate/length_mean": mean(lengths),

@@ -37,7 +37,7 @@ def unusable_because(cfg: Config, same_as_policy: bool, pairs: datasets.Dataset,
     if any(c not in pairs.column_names for c in SAMPLED_COLUMNS):
         if cfg.e_step.mode == "dpo+seft":
             return "the revision pairs mixed in (e_step.mode dpo+seft) were not sampled by the policy"
-        return f"generation.backend {cfg.generation.backend!r} returns no log-probs (static does)"
+        return "the generation backend that sampled them returned no log-probs (hf does not; static does)"
     if args.ld_alpha is not None or args.truncation_mode != "keep_start":
         return "ld_alpha or truncation_mode keep_end weigh or cut the completions differently from a plain sum"
     return None

@@ -122,7 +122,8 @@ def test_e_step_builds_paper_pairs_and_dpo_raises_their_margin(iterated_run):
     assert implicit_margin(trained, reference, tok, sample, cfg.e_step.beta) > 0.01
     assert result["metrics"]["dpo/loss_last"] < result["metrics"]["dpo/loss_first"]
     assert Store(run).load("pairs", [1])["chosen"] == pairs["chosen"]
-    # The hf backend returns no log-probs: trl ran the reference forward.
+    # On a CPU, auto samples with HF generate, which returns no log-probs: trl ran the reference forward.
+    assert result["metrics"]["generate/backend"] == "hf (auto: no CUDA)"
     assert result["metrics"]["dpo/reference_logps"] == "forward"
 
     # Loads and saves, phase by phase: each checkpoint saved once; selection loads every candidate.
@@ -300,6 +301,7 @@ def test_one_loaded_model_samples_each_checkpoint_as_its_own_load_would(prepared
     alone = [sample(cfg, first, prompts, 2, 1), sample(cfg, second, prompts, 2, 2)]
     assert [g.texts for g in each] == [alone[0].texts, alone[1].texts, alone[0].texts]
     assert alone[0].texts != alone[1].texts
+    assert each[0].stats["backend"] == f"{backend} (generation.backend)"
 
 
 def test_sampling_and_scoring_free_their_models_without_a_collector_pass(prepared_run):
@@ -454,7 +456,7 @@ def test_e_step_with_the_static_backend_trains_dpo_on_the_sampled_tokens_and_log
     assert "e_step.reference: initial" in unusable_because(initial, False, pairs, args)
     assert unusable_because(cfg, True, pairs, args) is None
     texts_only = pairs.remove_columns(["prompt_ids", "chosen_ids", "rejected_ids", "chosen_logps", "rejected_logps"])
-    assert "backend 'hf' returns no log-probs" in unusable_because(load_config(None, [], fresh_run), True, texts_only, args)
+    assert "returned no log-probs (hf does not" in unusable_because(load_config(None, [], fresh_run), True, texts_only, args)
 
 
 def test_a_failed_background_write_fails_the_training_and_names_its_folder(prepared_run, tmp_path):

@@ -137,7 +137,9 @@ class SamplingConfig(Strict):
 
 
 class GenerationConfig(Strict):
-    backend: str = "hf"
+    # auto: "static" (our engine, coevolve/core/fastgen) on a GPU for the Llama/Qwen2-family decoders it
+    # runs, "hf" (transformers' generate) otherwise; the step log and DONE.json say which ran and why.
+    backend: Literal["auto", "hf", "static"] = "auto"
     batch_size: Count = 64
 
 

@@ -2,7 +2,7 @@
 
 A backend turns chat-rendered prompt texts into `n` sampled completions per prompt. `hf` is plain
 `model.generate` (the reference); faster backends implement the same `Backend` protocol and are chosen
-by `generation.backend` in the config.
+by `generation.backend` in the config (`auto`: `choose_backend`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from coevolve.core.config import ConfigError
 from coevolve.core.fastgen import StaticGraphBackend
+from coevolve.core.fastgen.model import UnsupportedModel, check_supported
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,25 @@ def _until_eos(seq: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 BACKENDS = {"hf": HFBackend, "static": StaticGraphBackend}
+
+
+def choose_backend(name: str, model) -> tuple[str, str]:
+    """The backend to sample `model` with, and why: `auto` takes `static` on a GPU for the decoders it
+    runs (tens of times HF generate's speed, bench/RESULTS.md) and `hf` elsewhere."""
+    if name != "auto":
+        return name, "generation.backend"
+    if model.device.type != "cuda":
+        return "hf", "auto: no CUDA"
+    why_not = static_unsupported_because(model)
+    return ("hf", f"auto: {why_not}") if why_not else ("static", "auto")
+
+
+def static_unsupported_because(model) -> str | None:
+    try:
+        check_supported(model)
+    except UnsupportedModel as err:
+        return str(err)
+    return None
 
 
 def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:

@@ -2,6 +2,7 @@
 Each loads its model once, does its batched passes, and frees the memory before the next model loads."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,11 +12,13 @@ from transformers import AutoModelForCausalLM
 from coevolve.core import distributed
 from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import Config
-from coevolve.core.generation import Generations, SamplingParams, make_backend
+from coevolve.core.generation import Generations, SamplingParams, choose_backend, make_backend
 from coevolve.core.gold import gold_task
 from coevolve.core.models import load_policy, load_rm, whole_weights
 from coevolve.core.scoring import RewardScorer
 from coevolve.core.step import Progress
+
+log = logging.getLogger("coevolve")
 
 
 def sampling_params(cfg: Config, n: int, seed: int, logprobs: bool = False) -> SamplingParams:
@@ -34,7 +37,9 @@ def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: lis
     several processes each samples its share of the prompts, and each gets back all the samples.
     `logprobs`: also the sampled token ids and their log-probs, where the backend gives them."""
     model, tok = load_policy(policies[0][0], cfg)
-    backend = make_backend(cfg.generation.backend, model, tok, batch_size=cfg.generation.batch_size)
+    name, why = choose_backend(cfg.generation.backend, model)
+    log.info(f"generation backend: {name} ({why})")
+    backend = make_backend(name, model, tok, batch_size=cfg.generation.batch_size)
     mine = distributed.share(len(prompts))
     texts = [policy_prompt_text(tok, prompts[i]) for i in mine]
     out = []
@@ -45,6 +50,7 @@ def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: lis
         # A process whose share is empty (fewer prompts than processes) still joins the gather.
         params = replace(sampling_params(cfg, n, seed, logprobs), first_prompt=mine.start)
         gens = backend.generate(texts, params) if texts else Generations([], [], 0.0, {})
+        gens.stats["backend"] = f"{name} ({why})"
         out.append(_gathered(gens))
     del model, backend
     _release_gpu_memory()
