@@ -5,10 +5,11 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from coevolve.core import rundir
+from coevolve.core import rundir, runlock
 from coevolve.core.config import Config, ConfigError, prepare_run
 from coevolve.core.plan import step_plan
 from coevolve.core.step import StepRun, setup_logging
@@ -134,12 +135,14 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides = [*args.overrides, *extra]
     setup_logging()
     try:
-        if args.command == "step":
-            cfg = prepare_run(args.config, args.overrides, args.run_dir)
-            run_step(args.name, args.run_dir, args.iteration, cfg, args.force)
-        elif args.command == "run":
-            cfg = prepare_run(args.config, args.overrides, args.run_dir)
-            run_loop(cfg, args.run_dir, args.force)
+        if args.command in ("step", "run"):
+            # The lock first: the config check and save below, and the steps, see the run as no one else changes it.
+            with runlock.held(args.run_dir, shlex.join(["coevolve", *(sys.argv[1:] if argv is None else argv)])):
+                cfg = prepare_run(args.config, args.overrides, args.run_dir)
+                if args.command == "step":
+                    run_step(args.name, args.run_dir, args.iteration, cfg, args.force)
+                else:
+                    run_loop(cfg, args.run_dir, args.force)
         elif args.command == "experiment":
             from coevolve.experiment import run_experiment
 
