@@ -9,9 +9,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from coevolve.core import rundir, runlock
+from coevolve.core import provenance, rundir, runlock
 from coevolve.core.config import Config, ConfigError, prepare_run
-from coevolve.core.plan import step_plan
+from coevolve.core.plan import require_ready, step_plan
 from coevolve.core.step import StepRun, setup_logging
 
 log = logging.getLogger("coevolve")
@@ -33,12 +33,18 @@ ANY_ITERATION = {"evaluate"}
 def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool = False) -> dict:
     if name not in STEPS:
         raise ConfigError(f"unknown step {name!r}; steps: {sorted(STEPS)}")
+    if iteration < 0:
+        raise rundir.RunDirError(f"--iteration {iteration}: iterations are 0 (the starting point) or more")
     if name not in ANY_ITERATION and (name in ITERATION_ZERO) != (iteration == 0):
         raise ConfigError(f"step {name!r} runs at iteration {'0' if name in ITERATION_ZERO else '1 or later'}, not {iteration}")
-    step = StepRun(run_dir, iteration, name, cfg, force)
+    require_ready(run_dir, cfg, iteration, name)
+    stale = rundir.is_done(run_dir, iteration, name) and provenance.stale_because(run_dir, cfg, iteration, name)
+    step = StepRun(run_dir, iteration, name, cfg, force or bool(stale))
     if step.already_done:
         log.info(f"iteration {iteration} {name}: already done ({rundir.step_dir(run_dir, iteration, name)}), skipped; --force to redo")
         return rundir.read_done(run_dir, iteration, name)
+    if stale:
+        log.info(f"iteration {iteration} {name}: stale ({stale}); redoing it")
     with step:
         return importlib.import_module(STEPS[name]).main(step)
 
@@ -48,7 +54,8 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
     from coevolve.core.launch import run_process, step_command
 
     for k, name in step_plan(cfg):
-        if rundir.is_done(run_dir, k, name) and not force:
+        # A stale step is redone by its own process, which says why.
+        if rundir.is_done(run_dir, k, name) and not force and not provenance.stale_because(run_dir, cfg, k, name):
             log.info(f"iteration {k} {name}: already done, skipped")
         else:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
@@ -78,13 +85,15 @@ def main(argv: list[str] | None = None) -> None:
     p_step.add_argument("--run-dir", required=True, type=Path)
     p_step.add_argument("--iteration", required=True, type=int)
     p_step.add_argument("--config", help="YAML config (needed only when the run directory has none yet)")
-    p_step.add_argument("--force", action="store_true", help="redo the step even if it finished")
+    p_step.add_argument("--force", action="store_true", help="redo the step even if it finished (implies --redo)")
+    p_step.add_argument("--redo", action="store_true", help="accept overrides of fields finished steps were made from; those go stale")
     p_step.add_argument("overrides", nargs="*", help="key.sub=value")
 
     p_run = sub.add_parser("run", help="the whole loop, each step its own process")
     p_run.add_argument("--config")
     p_run.add_argument("--run-dir", required=True, type=Path)
-    p_run.add_argument("--force", action="store_true")
+    p_run.add_argument("--force", action="store_true", help="redo every step")
+    p_run.add_argument("--redo", action="store_true", help="accept overrides of fields finished steps were made from, and redo those steps")
     p_run.add_argument("overrides", nargs="*", help="key.sub=value")
 
     p_exp = sub.add_parser("experiment", help="the loop under several arms and seeds, and a table of the evaluate step's measurements")
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command in ("step", "run"):
             # The lock first: the config check and save below, and the steps, see the run as no one else changes it.
             with runlock.held(args.run_dir, shlex.join(["coevolve", *(sys.argv[1:] if argv is None else argv)])):
-                cfg = prepare_run(args.config, args.overrides, args.run_dir)
+                cfg = prepare_run(args.config, args.overrides, args.run_dir, redo=args.redo or args.force)
                 if args.command == "step":
                     run_step(args.name, args.run_dir, args.iteration, cfg, args.force)
                 else:

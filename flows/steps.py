@@ -1,6 +1,6 @@
-"""One step of a run as a Prefect task: skipped when its DONE.json exists, else launched as its own
-process (`coevolve step ...`) with its output streamed into the task log, or handed as a job to a
-`coevolve-step` deployment on a GPU host's work pool."""
+"""One step of a run as a Prefect task: skipped when its DONE.json exists and still holds (not stale:
+core/provenance.py), else launched as its own process (`coevolve step ...`) with its output streamed
+into the task log, or handed as a job to a `coevolve-step` deployment on a GPU host's work pool."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.states import Completed
 
-from coevolve.core import rundir
+from coevolve.core import provenance, rundir
 from coevolve.core.config import Config, load_config
 from coevolve.core.launch import StepFailed, run_process, step_command
 from coevolve.core.runlock import LOCK_ENV
@@ -36,7 +36,7 @@ def run_step(
     run_lock: str | None = None,
 ):
     run = Path(run_dir)
-    if rundir.is_done(run, iteration, step):
+    if rundir.is_done(run, iteration, step) and not provenance.stale_because(run, cfg, iteration, step):
         return Completed(name="Skipped", message=f"already done: {rundir.step_dir(run, iteration, step)}/DONE.json")
     if step_deployment is not None:
         as_job(step_deployment, run_dir, iteration, step)

@@ -2,6 +2,7 @@
 that keep describing what they were made from, and steps that run only after what they read."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coevolve.core import rundir
+from coevolve.core import provenance, rundir
+from coevolve.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +84,82 @@ def test_the_lock_of_a_process_that_died_is_taken_over(fresh_run):
     again = coevolve("step", "init", "--run-dir", fresh_run, "--iteration", 0)
     assert again.returncode == 0, again.stderr
     assert f"took over the lock of pid {holder.pid}" in again.stderr and "already done" in again.stderr
+
+
+def test_changing_what_finished_steps_were_made_from_is_refused(iterated_copy):
+    run = iterated_copy
+    before = snapshot(run)
+    line = one_error_line(coevolve("run", "--run-dir", run, "e_step.beta=0.3", "data.num_prompts=50", "policy={tiny: {hidden_size: 32}}"))
+    for named in ("e_step.beta", "data.num_prompts", "policy.tiny.hidden_size", "iter_0/init", "iter_0/sft-warmup", "iter_1/e-step", "iter_1/m-step", "--redo"):
+        assert named in line, (named, line)
+    assert snapshot(run) == before and not rundir.iter_dir(run, 2).exists()
+    line = one_error_line(coevolve("step", "m-step", "--run-dir", run, "--iteration", 1, "m_step.train.learning_rate=0.1"))
+    assert "m_step.train.learning_rate" in line and "iter_1/m-step" in line and "iter_1/e-step" not in line
+    assert snapshot(run) == before
+    # Fields no finished step was made from may change: they are saved, and nothing is redone.
+    kept = coevolve("step", "m-step", "--run-dir", run, "--iteration", 1, "iterations=1", "tracking.project=elsewhere")
+    assert kept.returncode == 0 and "already done" in kept.stderr, kept.stderr
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["iterations"] == 1 and saved["tracking"]["project"] == "elsewhere"
+    assert {k: v for k, v in snapshot(run).items() if k != "config.yaml"} == {k: v for k, v in before.items() if k != "config.yaml"}
+
+
+def test_forcing_a_step_makes_the_steps_built_on_it_stale_and_run_redoes_them(iterated_copy):
+    run = iterated_copy
+    m_before = rundir.read_done(run, 1, "m-step")
+    forced = coevolve("step", "e-step", "--run-dir", run, "--iteration", 1, "--force", "e_step.beta=0.3")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    e_step = rundir.read_done(run, 1, "e-step")
+    # A stale step is no base for the next: refused before anything is loaded.
+    line = one_error_line(coevolve("step", "e-step", "--run-dir", run, "--iteration", 2))
+    assert "iteration 1 m-step" in line and "stale" in line and "iter_1/e-step" in line, line
+    assert not rundir.iter_dir(run, 2).exists()
+    redo = coevolve("run", "--run-dir", run, "iterations=1")
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert "iteration 1 m-step: stale (built on iter_1/e-step" in redo.stderr, redo.stderr[-3000:]
+    assert "iteration 1 e-step: already done" in redo.stderr
+    m_after = rundir.read_done(run, 1, "m-step")
+    assert m_after["finished"] != m_before["finished"] and rundir.read_done(run, 1, "e-step") == e_step
+    assert m_after["provenance"]["built_on"]["iter_1/e-step"] == e_step["finished"]
+
+
+def test_steps_out_of_order_and_negative_iterations_are_refused(fresh_run):
+    before = snapshot(fresh_run)
+    line = one_error_line(coevolve("step", "e-step", "--run-dir", fresh_run, "--iteration", 5))
+    assert "iteration 5 e-step needs iteration 4 e-step finished first" in line, line
+    line = one_error_line(coevolve("step", "m-step", "--run-dir", fresh_run, "--iteration", 1))
+    assert "iteration 1 m-step needs iteration 1 e-step finished first" in line, line
+    line = one_error_line(coevolve("step", "e-step", "--run-dir", fresh_run, "--iteration", -1))
+    assert "--iteration -1" in line, line
+    assert snapshot(fresh_run) == before
+    assert sorted(p.name for p in fresh_run.glob("iter_*")) == ["iter_0"] and not list(fresh_run.glob("stores/*/iter_[1-9]*"))
+
+
+def test_a_step_begun_from_other_fields_starts_over_instead_of_resuming(fresh_run):
+    partial = rundir.partial_dir(fresh_run, 1, "e-step")
+    # What an e-step killed after its first phase, begun under another sampling temperature, leaves.
+    (partial / "phases").mkdir(parents=True)
+    (partial / "generate").mkdir()
+    (partial / "phases" / "generate.json").write_text('{"metrics": {}, "seconds": 0.0, "io": {}}')
+    begun = provenance.record(fresh_run, load_config(None, [], fresh_run), 1, "e-step")
+    (partial / "provenance.json").write_text(json.dumps({**begun, "config": {**begun["config"], "sampling.temperature": 0.5}}))
+    done = coevolve("step", "e-step", "--run-dir", fresh_run, "--iteration", 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting it over" in done.stderr and "generate: done earlier, kept" not in done.stderr
+    assert rundir.read_done(fresh_run, 1, "e-step")["metrics"]["generate/samples"] > 0
+
+
+def test_a_step_is_stale_when_its_fields_changed_but_not_when_the_schema_gained_one(iterated_copy):
+    run = iterated_copy
+    cfg = load_config(None, [], run)
+    assert provenance.stale_because(run, cfg, 1, "m-step") is None
+    why = provenance.stale_because(run, load_config(None, ["m_step.train.learning_rate=0.1"], run), 1, "m-step")
+    assert why == "made with other values of m_step.train.learning_rate than config.yaml holds now"
+    assert provenance.stale_because(run, load_config(None, ["stores.replay={current: 1.0}"], run), 1, "m-step")
+    # As if made before the schema had group_by_length (whose default keeps the old behaviour).
+    path = rundir.step_dir(run, 1, "m-step") / "DONE.json"
+    done = json.loads(path.read_text())
+    del done["provenance"]["config"]["m_step.train.group_by_length"]
+    path.write_text(json.dumps(done))
+    assert provenance.stale_because(run, cfg, 1, "m-step") is None
+
