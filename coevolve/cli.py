@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p_report = sub.add_parser("report", help="an HTML page with plots of a run, read from its run directory")
     p_report.add_argument("run_dir", type=Path)
+    p_report.add_argument("--out", type=Path, help="where the page goes (default RUN/report)")
 
     # Overrides may come after the options too (`step e-step --iteration 1 e_step.beta=0.1`), where
     # argparse, having filled the positional list right after the step name, no longer takes them.
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "report":
             from coevolve.report import write_report
 
-            print(write_report(args.run_dir))
+            print(write_report(args.run_dir, args.out))
         elif args.command == "data":
             from coevolve.data.export import export, summary
 

@@ -135,6 +135,20 @@ def test_steps_out_of_order_and_negative_iterations_are_refused(fresh_run):
     assert sorted(p.name for p in fresh_run.glob("iter_*")) == ["iter_0"] and not list(fresh_run.glob("stores/*/iter_[1-9]*"))
 
 
+def test_commands_on_a_finished_run_write_nothing_in_it_unless_they_change_it(fresh_run, tmp_path):
+    """A read-only run directory (an archived run) must still answer: nothing rewrites its config.yaml,
+    and the report can go elsewhere. (The tests run as root, whom chmod does not stop, so the
+    files' times are what is checked.)"""
+    config = fresh_run / "config.yaml"
+    stamp = config.stat().st_mtime_ns
+    done = coevolve("step", "rm-init", "--run-dir", fresh_run, "--iteration", 0)
+    assert done.returncode == 0 and "already done" in done.stderr, done.stderr
+    assert config.stat().st_mtime_ns == stamp
+    report = coevolve("report", fresh_run, "--out", tmp_path / "report")
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "index.html").exists() and not (fresh_run / "report").exists()
+
+
 def test_a_step_begun_from_other_fields_starts_over_instead_of_resuming(fresh_run):
     partial = rundir.partial_dir(fresh_run, 1, "e-step")
     # What an e-step killed after its first phase, begun under another sampling temperature, leaves.
@@ -162,4 +176,3 @@ def test_a_step_is_stale_when_its_fields_changed_but_not_when_the_schema_gained_
     del done["provenance"]["config"]["m_step.train.group_by_length"]
     path.write_text(json.dumps(done))
     assert provenance.stale_because(run, cfg, 1, "m-step") is None
-

@@ -420,8 +420,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), run_dir: Pat
 
 
 def save_config(cfg: Config, path: Path) -> None:
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    # Written only when it changes: commands on a finished, read-only run directory must still work.
+    if path.exists() and path.read_text() == text:
+        return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.write_text(text)
     tmp.replace(path)
 
 
