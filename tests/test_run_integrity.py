@@ -176,3 +176,8 @@ def test_a_step_is_stale_when_its_fields_changed_but_not_when_the_schema_gained_
     del done["provenance"]["config"]["m_step.train.group_by_length"]
     path.write_text(json.dumps(done))
     assert provenance.stale_because(run, cfg, 1, "m-step") is None
+
+
+def test_a_command_refused_on_a_new_run_directory_leaves_none_behind(tmp_path):
+    line = one_error_line(coevolve("run", "--run-dir", tmp_path / "new", "--config", ROOT / "configs" / "tiny.yaml", "e_step.betta=1"))
+    assert "unknown config field 'e_step.betta'" in line and not (tmp_path / "new").exists()

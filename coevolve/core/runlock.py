@@ -41,6 +41,7 @@ def held(run: Path | str, command: str) -> Iterator[None]:
     if not distributed.is_main() or _held_for_us(run):
         yield
         return
+    created = not run.exists()
     try:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path(run), os.O_RDWR | os.O_CREAT, 0o644)
@@ -72,6 +73,10 @@ def held(run: Path | str, command: str) -> Iterator[None]:
                 os.environ[LOCK_ENV] = outer
             # Released in order: the next holder finds nobody to take over from.
             os.ftruncate(fd, 0)
+            # A command that failed before writing anything (a bad config) leaves no run directory behind.
+            if created and os.listdir(run) == [lock_path(run).name]:
+                os.unlink(lock_path(run))
+                os.rmdir(run)
     finally:
         os.close(fd)  # drops the flock
 
