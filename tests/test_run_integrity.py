@@ -181,3 +181,14 @@ def test_a_step_is_stale_when_its_fields_changed_but_not_when_the_schema_gained_
 def test_a_command_refused_on_a_new_run_directory_leaves_none_behind(tmp_path):
     line = one_error_line(coevolve("run", "--run-dir", tmp_path / "new", "--config", ROOT / "configs" / "tiny.yaml", "e_step.betta=1"))
     assert "unknown config field 'e_step.betta'" in line and not (tmp_path / "new").exists()
+
+
+def test_a_step_run_before_finished_ones_later_makes_them_stale(iterated_copy):
+    # As steps.reviser=true on a run with iteration 1 done, then `coevolve step reviser-train --iteration 1`.
+    run = iterated_copy
+    cfg = load_config(None, ["steps.reviser=true"], run)
+    reviser = rundir.step_dir(run, 1, "reviser-train")
+    reviser.mkdir()
+    (reviser / "DONE.json").write_text(json.dumps({"step": "reviser-train", "iteration": 1, "finished": "2099-01-01T00:00:00.000+00:00"}))
+    assert provenance.stale_because(run, cfg, 1, "e-step") == "made before iter_1/reviser-train, which it would be built on now"
+    assert provenance.stale_because(run, cfg, 0, "rm-init") is None

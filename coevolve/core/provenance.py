@@ -25,19 +25,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coevolve")
 
-# Config fields (dotted prefixes) that each step's outputs are made from. Fields in no entry (iterations,
-# run_name, device, launch, retries, tracking, generation.batch_size, steps) change how or how far a
-# run goes, not what a finished step holds, so they may change on any run.
-_SAMPLES = ("seed", "sampling", "generation.backend", "policy.dtype", "rm.dtype")
+# Config fields (dotted prefixes) that each step's outputs are made from. Fields in no entry change how
+# or how far a run goes, not what its steps compute: iterations, run_name, steps, retries, tracking, and
+# where and how the same distributions are computed (device, launch, generation; the models' dtype
+# after init), so they may change on any run.
 DEPENDS_ON = {
     "init": ("data", "policy", "rm", "evaluate.judge"),
     "sft-warmup": ("seed", "sft_warmup"),
-    "rm-init": (*_SAMPLES, "data", "rm", "rm_init"),
+    "rm-init": ("seed", "sampling", "data", "rm", "rm_init"),
     "reviser-train": ("seed", "reviser"),
-    "revise": (*_SAMPLES, "reviser", "stores"),
-    "e-step": (*_SAMPLES, "e_step", "stores"),
-    "m-step": (*_SAMPLES, "m_step", "stores", "data.task"),
-    "evaluate": (*_SAMPLES, "evaluate", "data.task"),
+    "revise": ("seed", "sampling", "reviser", "stores"),
+    "e-step": ("seed", "sampling", "e_step", "stores"),
+    "m-step": ("seed", "sampling", "m_step", "stores", "data.task"),
+    "evaluate": ("seed", "sampling", "evaluate", "data.task"),
 }
 
 
@@ -62,12 +62,16 @@ def changed(made: dict, now: dict) -> list[str]:
     return sorted(differ)
 
 
+def built_on(run: Path, k: int, name: str) -> dict[str, str]:
+    """The finished steps before (k, name), but evaluate steps, by their `finished` stamps."""
+    before = (k, STEP_ORDER.index(name))
+    return {step_key(i, s): done["finished"] for i, s, done in rundir.finished_steps(run)
+            if (i, STEP_ORDER.index(s)) < before and s != "evaluate"}
+
+
 def record(run: Path, cfg: Config, k: int, name: str) -> dict:
     """The provenance a step started now would record in its DONE.json."""
-    before = (k, STEP_ORDER.index(name))
-    built_on = {step_key(i, s): done["finished"] for i, s, done in rundir.finished_steps(run)
-                if (i, STEP_ORDER.index(s)) < before and s != "evaluate"}
-    return {"config": fields(cfg, name), "built_on": built_on}
+    return {"config": fields(cfg, name), "built_on": built_on(run, k, name)}
 
 
 def stale_because(run: Path, cfg: Config, k: int, name: str) -> str | None:
@@ -79,10 +83,17 @@ def stale_because(run: Path, cfg: Config, k: int, name: str) -> str | None:
     fields_changed = changed(made["config"], fields(cfg, name))
     if fields_changed:
         return f"made with other values of {', '.join(fields_changed)} than config.yaml holds now"
+    # Every step now before it, as it was then: a step redone, gone, or run before it since (a step
+    # switched on later, as steps.sft_warmup) changes what it would be built on.
+    now = built_on(run, k, name)
     for key, finished in made["built_on"].items():
-        done = Path(run) / key / "DONE.json"
-        if not done.exists() or json.loads(done.read_text())["finished"] != finished:
-            return f"built on {key} as it was before it was redone" if done.exists() else f"built on {key}, which is gone"
+        if key not in now:
+            return f"built on {key}, which is gone"
+        if now[key] != finished:
+            return f"built on {key} as it was before it was redone"
+    added = [key for key in now if key not in made["built_on"]]
+    if added:
+        return f"made before {added[0]}, which it would be built on now"
     return None
 
 
