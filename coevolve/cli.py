@@ -46,7 +46,12 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
     if stale:
         log.info(f"iteration {iteration} {name}: stale ({stale}); redoing it")
     with step:
-        return importlib.import_module(STEPS[name]).main(step)
+        done = importlib.import_module(STEPS[name]).main(step)
+    # Redone, it leaves the steps built on it stale: say so now rather than at the next run.
+    stale_now = provenance.stale_after(run_dir, cfg, iteration, name)
+    if stale_now:
+        log.info(f"iteration {iteration} {name}: built on it, now stale: {', '.join(stale_now)}; `coevolve run` redoes them")
+    return done
 
 
 def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:

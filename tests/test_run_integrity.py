@@ -109,6 +109,7 @@ def test_forcing_a_step_makes_the_steps_built_on_it_stale_and_run_redoes_them(it
     m_before = rundir.read_done(run, 1, "m-step")
     forced = coevolve("step", "e-step", "--run-dir", run, "--iteration", 1, "--force", "e_step.beta=0.3")
     assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "iteration 1 e-step: built on it, now stale: iter_1/m-step; `coevolve run` redoes them" in forced.stderr
     e_step = rundir.read_done(run, 1, "e-step")
     # A stale step is no base for the next: refused before anything is loaded.
     line = one_error_line(coevolve("step", "e-step", "--run-dir", run, "--iteration", 2))

@@ -97,6 +97,13 @@ def stale_because(run: Path, cfg: Config, k: int, name: str) -> str | None:
     return None
 
 
+def stale_after(run: Path, cfg: Config, k: int, name: str) -> list[str]:
+    """The finished steps after (k, name) that are stale."""
+    here = (k, STEP_ORDER.index(name))
+    return [step_key(i, s) for i, s, _ in rundir.finished_steps(run)
+            if (i, STEP_ORDER.index(s)) > here and stale_because(run, cfg, i, s)]
+
+
 def check_change(run: Path, old: Config, new: Config, redo: bool) -> None:
     """Refuse a config change that alters fields finished steps were made from, naming the fields and the
     steps it would invalidate (those and every finished step built on them), unless `redo`."""
