@@ -58,7 +58,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     done = {(k, name): d for k, name, d in steps}
     iterations = sorted({k for k, _, _ in steps if k > 0})
     out = Path(out) if out is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise rundir.RunDirError(f"{out}: cannot write the report there ({err.strerror}); give --out DIR") from None
     figures = {
         "policy_reward.png": policy_reward(done, iterations),
         "rm_accuracy.png": rm_accuracy(done, iterations),

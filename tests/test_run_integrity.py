@@ -137,9 +137,9 @@ def test_steps_out_of_order_and_negative_iterations_are_refused(fresh_run):
 
 
 def test_commands_on_a_finished_run_write_nothing_in_it_unless_they_change_it(fresh_run, tmp_path):
-    """A read-only run directory (an archived run) must still answer: nothing rewrites its config.yaml,
-    and the report can go elsewhere. (The tests run as root, whom chmod does not stop, so the
-    files' times are what is checked.)"""
+    """Commands on a finished run write only what they must: config.yaml is not rewritten, and the
+    report can go elsewhere, so a read-only run directory (an archived run) can still be reported on.
+    (The tests run as root, whom chmod does not stop, so the files' times are what is checked.)"""
     config = fresh_run / "config.yaml"
     stamp = config.stat().st_mtime_ns
     done = coevolve("step", "rm-init", "--run-dir", fresh_run, "--iteration", 0)
@@ -148,6 +148,10 @@ def test_commands_on_a_finished_run_write_nothing_in_it_unless_they_change_it(fr
     report = coevolve("report", fresh_run, "--out", tmp_path / "report")
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "report" / "index.html").exists() and not (fresh_run / "report").exists()
+    # Where the report cannot go, one line says so (as root, a file in its way stands for a read-only folder).
+    (fresh_run / "report").write_text("in the way")
+    line = one_error_line(coevolve("report", fresh_run))
+    assert "report: cannot write the report there" in line and line.endswith("give --out DIR"), line
 
 
 def test_a_step_begun_from_other_fields_starts_over_instead_of_resuming(fresh_run):
