@@ -5,12 +5,13 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from coevolve.core import rundir
+from coevolve.core import provenance, rundir, runlock
 from coevolve.core.config import Config, ConfigError, InputError, prepare_run
-from coevolve.core.plan import step_plan
+from coevolve.core.plan import require_ready, step_plan
 from coevolve.core.step import StepCrashed, StepRun, setup_logging
 from coevolve.data.fingerprint import changed_since_init, init_is_stale
 
@@ -33,20 +34,31 @@ ANY_ITERATION = {"evaluate"}
 def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool = False) -> dict:
     if name not in STEPS:
         raise ConfigError(f"unknown step {name!r}; steps: {sorted(STEPS)}")
+    if iteration < 0:
+        raise rundir.RunDirError(f"--iteration {iteration}: iterations are 0 (the starting point) or more")
     if name not in ANY_ITERATION and (name in ITERATION_ZERO) != (iteration == 0):
         raise ConfigError(f"step {name!r} runs at iteration {'0' if name in ITERATION_ZERO else '1 or later'}, not {iteration}")
+    require_ready(run_dir, cfg, iteration, name)
+    stale = rundir.is_done(run_dir, iteration, name) and provenance.stale_because(run_dir, cfg, iteration, name)
     if name == "init":
         force = force or init_is_stale(run_dir, cfg)
-    step = StepRun(run_dir, iteration, name, cfg, force)
+    step = StepRun(run_dir, iteration, name, cfg, force or bool(stale))
     if step.already_done:
         log.info(f"iteration {iteration} {name}: already done ({rundir.step_dir(run_dir, iteration, name)}), skipped; --force to redo")
         return rundir.read_done(run_dir, iteration, name)
+    if stale:
+        log.info(f"iteration {iteration} {name}: stale ({stale}); redoing it")
     module = importlib.import_module(STEPS[name])
     # Bad input is found before the step writes anything: the run directory stays as it was.
     if hasattr(module, "check"):
         module.check(step)
     with step:
-        return module.main(step)
+        done = module.main(step)
+    # Redone, it leaves the steps built on it stale: say so now rather than at the next run.
+    stale_now = provenance.stale_after(run_dir, cfg, iteration, name)
+    if stale_now:
+        log.info(f"iteration {iteration} {name}: built on it, now stale: {', '.join(stale_now)}; `coevolve run` redoes them")
+    return done
 
 
 def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
@@ -54,7 +66,9 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
     from coevolve.core.launch import run_process, step_command
 
     for k, name in step_plan(cfg):
-        if rundir.is_done(run_dir, k, name) and not force and not (name == "init" and changed_since_init(run_dir, cfg)):
+        # A stale step is redone by its own process, which says why.
+        if rundir.is_done(run_dir, k, name) and not force and not provenance.stale_because(run_dir, cfg, k, name) \
+                and not (name == "init" and changed_since_init(run_dir, cfg)):
             log.info(f"iteration {k} {name}: already done, skipped")
         else:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
@@ -87,13 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     p_step.add_argument("--run-dir", required=True, type=Path)
     p_step.add_argument("--iteration", required=True, type=int)
     p_step.add_argument("--config", help="YAML config (needed only when the run directory has none yet)")
-    p_step.add_argument("--force", action="store_true", help="redo the step even if it finished")
+    p_step.add_argument("--force", action="store_true", help="redo the step even if it finished (implies --redo)")
+    p_step.add_argument("--redo", action="store_true", help="accept overrides of fields finished steps were made from; those go stale")
     p_step.add_argument("overrides", nargs="*", help="key.sub=value")
 
     p_run = sub.add_parser("run", help="the whole loop, each step its own process")
     p_run.add_argument("--config")
     p_run.add_argument("--run-dir", required=True, type=Path)
-    p_run.add_argument("--force", action="store_true")
+    p_run.add_argument("--force", action="store_true", help="redo every step")
+    p_run.add_argument("--redo", action="store_true", help="accept overrides of fields finished steps were made from, and redo those steps")
     p_run.add_argument("overrides", nargs="*", help="key.sub=value")
 
     p_exp = sub.add_parser("experiment", help="the loop under several arms and seeds, and a table of the evaluate step's measurements")
@@ -135,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p_report = sub.add_parser("report", help="an HTML page with plots of a run, read from its run directory")
     p_report.add_argument("run_dir", type=Path)
+    p_report.add_argument("--out", type=Path, help="where the page goes (default RUN/report)")
 
     # Overrides may come after the options too (`step e-step --iteration 1 e_step.beta=0.1`), where
     # argparse, having filled the positional list right after the step name, no longer takes them.
@@ -145,12 +162,14 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides = [*args.overrides, *extra]
     setup_logging()
     try:
-        if args.command == "step":
-            cfg = prepare_run(args.config, args.overrides, args.run_dir)
-            run_step(args.name, args.run_dir, args.iteration, cfg, args.force)
-        elif args.command == "run":
-            cfg = prepare_run(args.config, args.overrides, args.run_dir)
-            run_loop(cfg, args.run_dir, args.force)
+        if args.command in ("step", "run"):
+            # The lock first: the config check and save below, and the steps, see the run as no one else changes it.
+            with runlock.held(args.run_dir, shlex.join(["coevolve", *(sys.argv[1:] if argv is None else argv)])):
+                cfg = prepare_run(args.config, args.overrides, args.run_dir, redo=args.redo or args.force)
+                if args.command == "step":
+                    run_step(args.name, args.run_dir, args.iteration, cfg, args.force)
+                else:
+                    run_loop(cfg, args.run_dir, args.force)
         elif args.command == "experiment":
             from coevolve.experiment import run_experiment
 
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "report":
             from coevolve.report import write_report
 
-            print(write_report(args.run_dir))
+            print(write_report(args.run_dir, args.out))
         elif args.command == "data":
             from coevolve.data.export import export, summary
 

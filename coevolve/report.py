@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from pathlib import Path
 
 import datasets
@@ -49,7 +50,8 @@ EVAL_LINES = [
 ]
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """The page and its plots in `out` (default RUN/report; elsewhere for a read-only run directory)."""
     run_dir = Path(run_dir)
     if (run_dir / "experiment.json").is_file():
         return write_experiment_report(run_dir)
@@ -58,8 +60,11 @@ def write_report(run_dir: Path) -> Path:
         raise FileNotFoundError(f"{run_dir}: no finished step (no iter_*/<step>/DONE.json) to report on")
     done = {(k, name): d for k, name, d in steps}
     iterations = sorted({k for k, _, _ in steps if k > 0})
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    out = Path(out) if out is not None else run_dir / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise rundir.RunDirError(f"{out}: cannot write the report there ({err.strerror}); give --out DIR") from None
     figures = {
         "policy_reward.png": policy_reward(done, iterations),
         "rm_accuracy.png": rm_accuracy(done, iterations),
@@ -75,7 +80,7 @@ def write_report(run_dir: Path) -> Path:
             fig.savefig(out / name, dpi=100, bbox_inches="tight")
             plots.append(name)
     page = out / "index.html"
-    page.write_text(render(run_dir, steps, done, iterations, plots))
+    page.write_text(render(run_dir, steps, done, iterations, plots, os.path.relpath(run_dir, out)))
     return page
 
 
@@ -324,14 +329,14 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[str]) -> str:
+def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[str], to_run: str = "..") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in COLUMNS)
     body = "".join(
         f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(metric(done, k, s, key))}</td>" for _, s, key in COLUMNS) + "</tr>"
         for k in iterations
     )
     step_rows = "".join(
-        f"<tr><td>{k}</td><td><a href='../{rundir.step_dir(Path(), k, name)}/log.txt'>{html.escape(name)}</a></td>"
+        f"<tr><td>{k}</td><td><a href='{to_run}/{rundir.step_dir(Path(), k, name)}/log.txt'>{html.escape(name)}</a></td>"
         f"<td>{_fmt(sum(d.get('timings', {}).values()))}</td><td>{'stop' if d.get('stop') else ''}</td>"
         f"<td>{html.escape(', '.join(f'{key}: {path}' for key, path in d.get('outputs', {}).items()))}</td></tr>"
         for k, name, d in steps

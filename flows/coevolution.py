@@ -12,7 +12,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from coevolve.core.config import prepare_run
-from coevolve.core import rundir
+from coevolve.core import rundir, runlock
 from coevolve.core.config import Config, EStepConfig
 from coevolve.core.launch import retries
 from coevolve.core.plan import step_plan
@@ -55,14 +55,16 @@ def coevolve(
     switches = {"iterations": iterations, "e_step.mode": e_step_mode, "steps.m_step": m_step, "steps.reviser": reviser, "steps.evaluate": evaluate}
     # Overrides as YAML scalars, so booleans read back as booleans.
     given = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in switches.items() if value is not None]
-    cfg = prepare_run(config, [*(overrides or []), *given], run)
-    plan = step_plan(cfg)
-    for k in dict.fromkeys(k for k, _ in plan):
-        steps = [step for i, step in plan if i == k]
-        stopped = iteration(cfg, str(run), k, steps, step_deployment, gpu_limit)
-        report(run, k, steps)
-        if stopped:
-            break
+    # Held for the whole run; the step processes and step jobs it launches run under it (core/runlock.py).
+    with runlock.held(run, f"prefect flow run {flow_run.name} (coevolve flow, run_dir={run_dir})"):
+        cfg = prepare_run(config, [*(overrides or []), *given], run)
+        plan = step_plan(cfg)
+        for k in dict.fromkeys(k for k, _ in plan):
+            steps = [step for i, step in plan if i == k]
+            stopped = iteration(cfg, str(run), k, steps, step_deployment, gpu_limit)
+            report(run, k, steps)
+            if stopped:
+                break
     return {key: str(path) for key in ("policy", "rm") if (path := rundir.latest_output(run, key))}
 
 

@@ -1,8 +1,9 @@
-"""One step of a run as a Prefect task: skipped when its DONE.json exists, else launched as its own
-process (`coevolve step ...`) with its output streamed into the task log, or handed as a job to a
-`coevolve-step` deployment on a GPU host's work pool."""
+"""One step of a run as a Prefect task: skipped when its DONE.json exists and still holds (not stale:
+core/provenance.py), else launched as its own process (`coevolve step ...`) with its output streamed
+into the task log, or handed as a job to a `coevolve-step` deployment on a GPU host's work pool."""
 from __future__ import annotations
 
+import os
 import shlex
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,9 +14,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.states import Completed
 
-from coevolve.core import rundir
+from coevolve.core import provenance, rundir
 from coevolve.core.config import Config, load_config
 from coevolve.core.launch import StepFailed, run_process, step_command
+from coevolve.core.runlock import LOCK_ENV
 from coevolve.data.fingerprint import changed_since_init
 
 
@@ -31,10 +33,12 @@ def gpu_slots(limit: str | None, gpus: int):
 # The run directory, not Prefect's result cache, says what is finished.
 @task(cache_policy=NO_CACHE)
 def run_step(
-    cfg: Config, run_dir: str, iteration: int, step: str, step_deployment: str | None = None, gpu_limit: str | None = None
+    cfg: Config, run_dir: str, iteration: int, step: str, step_deployment: str | None = None, gpu_limit: str | None = None,
+    run_lock: str | None = None,
 ):
     run = Path(run_dir)
-    if rundir.is_done(run, iteration, step) and not (step == "init" and changed_since_init(run, cfg)):
+    if rundir.is_done(run, iteration, step) and not provenance.stale_because(run, cfg, iteration, step) \
+            and not (step == "init" and changed_since_init(run, cfg)):
         return Completed(name="Skipped", message=f"already done: {rundir.step_dir(run, iteration, step)}/DONE.json")
     if step_deployment is not None:
         as_job(step_deployment, run_dir, iteration, step)
@@ -43,22 +47,22 @@ def run_step(
     cmd = step_command(cfg, step, run, iteration)
     logger.info(shlex.join(cmd))
     with gpu_slots(gpu_limit, cfg.launch.gpus):
-        code, tail = run_process(cmd, logger.info, launch=cfg.launch)
+        code, tail = run_process(cmd, logger.info, env={LOCK_ENV: run_lock} if run_lock else None, launch=cfg.launch)
     if code != 0:
         raise StepFailed(step, iteration, code, tail, rundir.partial_dir(run, iteration, step) / "log.txt")
 
 
 def as_job(deployment: str, run_dir: str, iteration: int, step: str) -> None:
     # The deployment's own gpu_limit default names its host's limit, so it is not passed from here.
-    job = run_deployment(
-        deployment, parameters={"run_dir": run_dir, "step": step, "iteration": iteration}, flow_run_name=f"{step}-{iteration}"
-    )
+    # The job's step runs under this flow's lock of the run directory, on whichever host the job lands.
+    parameters = {"run_dir": run_dir, "step": step, "iteration": iteration, "run_lock": os.environ.get(LOCK_ENV)}
+    job = run_deployment(deployment, parameters=parameters, flow_run_name=f"{step}-{iteration}")
     if not job.state.is_completed():
         raise RuntimeError(f"step {step} (iteration {iteration}): job {job.name} ended {job.state.name}: {job.state.message}")
 
 
 @flow(name="coevolve-step", flow_run_name="{step}-{iteration}")
-def coevolve_step(run_dir: str, step: str, iteration: int, gpu_limit: str | None = None) -> None:
+def coevolve_step(run_dir: str, step: str, iteration: int, gpu_limit: str | None = None, run_lock: str | None = None) -> None:
     """One step of an existing run, as a job on the host that serves this deployment.
 
     Args:
@@ -66,6 +70,8 @@ def coevolve_step(run_dir: str, step: str, iteration: int, gpu_limit: str | None
         step: The step name (init, sft-warmup, rm-init, reviser-train, revise, e-step, m-step, evaluate).
         iteration: The iteration it belongs to (0 for init, sft-warmup, rm-init).
         gpu_limit: The global concurrency limit counting this host's GPUs; the step holds cfg.launch.gpus slots.
+        run_lock: The token of the flow run holding the run directory's lock (core/runlock.py), under which
+            the step runs; empty, the step takes the lock itself.
     """
     cfg = load_config(None, [], Path(run_dir))
-    run_step.with_options(task_run_name=step)(cfg, run_dir, iteration, step, gpu_limit=gpu_limit)
+    run_step.with_options(task_run_name=step)(cfg, run_dir, iteration, step, gpu_limit=gpu_limit, run_lock=run_lock)

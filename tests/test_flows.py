@@ -280,3 +280,25 @@ def test_flow_run_page_in_chromium(prefect_server, reference_run, tmp_path):
     subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, text=True, timeout=120)
     assert name in dom.stdout, dom.stderr[-2000:]
     assert png.stat().st_size > 10_000
+
+
+def test_a_flow_run_holds_its_run_directory(prefect_server, fresh_run, tmp_path):
+    """The flow holds the run directory's lock as `coevolve run` does, and its steps run under it: another
+    command on the run directory meanwhile is refused, naming the flow run."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_FLOW, str(fresh_run), str(TINY), *FAST, "iterations=1"],
+        env=prefect_server.env(), stdout=open(tmp_path / "flow.log", "w"), stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not rundir.partial_dir(fresh_run, 1, "e-step").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flow.log").read_text()[-4000:]
+            time.sleep(0.1)
+        other = subprocess.run([sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", str(fresh_run), "--iteration", "1"],
+                               capture_output=True, text=True, timeout=120)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "flow.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert other.returncode == 2 and f"in use by pid {proc.pid}" in other.stderr and "prefect flow run" in other.stderr, other.stderr
+    assert rundir.is_done(fresh_run, 1, "m-step")

@@ -169,10 +169,12 @@ def test_finished_step_is_skipped(prepared_run):
 
 
 def test_rm_from_policy_starts_from_the_sft_policy(fresh_run):
-    cfg = prepare_run(None, ["rm.tiny=null", "rm.from_policy=true"], fresh_run)
+    cfg = prepare_run(None, ["rm.tiny=null", "rm.from_policy=true"], fresh_run, redo=True)
     run_step("init", fresh_run, 0, cfg, force=True)
     assert "rm" not in done(fresh_run, 0, "init")["outputs"]
-    run_step("rm-init", fresh_run, 0, cfg, force=True)
+    # Built on the init just redone, sft-warmup is stale and redone first.
+    run_step("sft-warmup", fresh_run, 0, cfg)
+    run_step("rm-init", fresh_run, 0, cfg)
     d = done(fresh_run, 0, "rm-init")
     assert d["inputs"]["rm"] == d["inputs"]["policy"] == "iter_0/sft-warmup/train/policy"
     rm = AutoModelForSequenceClassification.from_pretrained(fresh_run / d["outputs"]["rm"])

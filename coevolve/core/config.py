@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from coevolve.core import distributed
+from coevolve.core import distributed, provenance
 
 
 class InputError(ValueError):
@@ -479,19 +479,26 @@ def load_config(path: str | Path | None, overrides: list[str] = (), run_dir: Pat
 
 
 def save_config(cfg: Config, path: Path) -> None:
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    # Written only when it changes: commands on a finished, read-only run directory must still work.
+    if path.exists() and path.read_text() == text:
+        return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.write_text(text)
     tmp.replace(path)
 
 
-def prepare_run(config: str | None, overrides: list[str], run_dir: Path) -> Config:
+def prepare_run(config: str | None, overrides: list[str], run_dir: Path, redo: bool = False) -> Config:
     """Resolve the config (the run's saved one is the base) and save it; overrides given for an
-    existing run are applied and saved, so later steps see them too."""
+    existing run are applied and saved, so later steps see them too. A change to fields that finished
+    steps were made from is refused unless `redo` (those steps then go stale: core/provenance.py)."""
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
     cfg = load_config(config, overrides, run_dir)
     if saved.exists() and config is not None and load_config(config, overrides).hash() != cfg.hash():
         raise ConfigError(f"{run_dir} already has a config.yaml that differs from {config}: use a new --run-dir, or change fields with key=value")
+    if saved.exists():
+        provenance.check_change(run_dir, load_config(None, [], run_dir), cfg, redo)
     # Under a multi-process launcher every process resolves the same config; one writes it.
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)

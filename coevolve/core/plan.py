@@ -1,7 +1,12 @@
-"""Which steps a run is made of, in order: one list that `coevolve run` and the Prefect flow share."""
+"""Which steps a run is made of, in order: one list that `coevolve run` and the Prefect flow share; and
+which finished steps a step needs before it may start."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from coevolve.core import provenance, rundir
 from coevolve.core.config import Config
+from coevolve.core.rundir import STEP_ORDER, RunDirError
 
 # Steps that sample from a model (retried by default) vs steps that train.
 GENERATION_STEPS = {"revise", "evaluate"}
@@ -18,3 +23,22 @@ def iteration_steps(cfg: Config, k: int) -> list[str]:
 
 def step_plan(cfg: Config) -> list[tuple[int, str]]:
     return [(k, s) for k in range(cfg.iterations + 1) for s in iteration_steps(cfg, k)]
+
+
+def prerequisites(cfg: Config, k: int, name: str) -> list[tuple[int, str]]:
+    """The steps (k, name) reads from: iteration k-1's, and those of iteration k before it. Evaluate
+    steps only measure, and nothing waits for them."""
+    order = STEP_ORDER.index(name)
+    earlier = [(k - 1, s) for s in iteration_steps(cfg, k - 1)] if k > 0 else []
+    earlier += [(k, s) for s in iteration_steps(cfg, k) if STEP_ORDER.index(s) < order]
+    return [(i, s) for i, s in earlier if s != "evaluate"]
+
+
+def require_ready(run: Path, cfg: Config, k: int, name: str) -> None:
+    """Refuse to start (k, name) before the steps it reads are finished and still hold."""
+    for i, s in prerequisites(cfg, k, name):
+        if not rundir.is_done(run, i, s):
+            raise RunDirError(f"{run}: iteration {k} {name} needs iteration {i} {s} finished first (coevolve step {s} --iteration {i}, or coevolve run)")
+        why = provenance.stale_because(run, cfg, i, s)
+        if why:
+            raise RunDirError(f"{run}: iteration {k} {name} needs iteration {i} {s}, which is stale ({why}); redo it first (coevolve run)")

@@ -9,6 +9,11 @@ from pathlib import Path
 STEP_ORDER = ("init", "sft-warmup", "rm-init", "reviser-train", "revise", "e-step", "m-step", "evaluate")
 
 
+class RunDirError(ValueError):
+    """The run directory refuses a command (in use, made from other config fields, steps missing);
+    always one line naming the run directory and what is in the way."""
+
+
 def iter_dir(run: Path, k: int) -> Path:
     return Path(run) / f"iter_{k}"
 

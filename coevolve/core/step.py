@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from coevolve.core import distributed, rundir, tracking
+from coevolve.core import distributed, provenance, rundir, tracking
 from coevolve.core.config import Config, InputError
 
 log = logging.getLogger("coevolve")
@@ -76,8 +76,9 @@ class StepRun:
 
     def __enter__(self) -> "StepRun":
         distributed.init()
+        self.provenance = provenance.record(self.run_dir, self.cfg, self.iteration, self.name)
         if distributed.is_main():
-            self.dir.mkdir(parents=True, exist_ok=True)
+            provenance.restart_if_changed(self.dir, self.provenance)
             (self.dir / "phases").mkdir(exist_ok=True)
             self._handler = logging.FileHandler(self.dir / "log.txt")
             self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -182,6 +183,7 @@ class StepRun:
             "timings": self.timings,
             "io": self.io,
             "stop": stop,
+            "provenance": self.provenance,
             **(extra or {}),
         }
         if not distributed.is_main():
