@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from coevolve.core import provenance, rundir, runlock
-from coevolve.core.config import Config, ConfigError, InputError, prepare_run
+from coevolve.core.config import Config, ConfigError, prepare_run
+from coevolve.core.errors import InputError
 from coevolve.core.plan import require_ready, step_plan
 from coevolve.core.step import StepCrashed, StepRun, setup_logging
 from coevolve.data.fingerprint import changed_since_init, init_is_stale

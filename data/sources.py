@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 
 from coevolve.core import hub
-from coevolve.core.config import InputError
+from coevolve.core.errors import InputError
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 

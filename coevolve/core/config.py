@@ -12,11 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coevolve.core import distributed, provenance
-
-
-class InputError(ValueError):
-    """The user's input is wrong (a config, a data file, a model source): shown as one line naming
-    the file, row or field, where any other error is a bug and keeps its traceback."""
+from coevolve.core.errors import InputError
 
 
 class ConfigError(InputError):

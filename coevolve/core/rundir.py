@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from coevolve.core.errors import InputError
+
 # Order of steps within an iteration; iteration 0 holds the run's starting point.
 STEP_ORDER = ("init", "sft-warmup", "rm-init", "reviser-train", "revise", "e-step", "m-step", "evaluate")
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """The run directory refuses a command (in use, made from other config fields, steps missing);
     always one line naming the run directory and what is in the way."""
 

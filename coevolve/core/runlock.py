@@ -64,8 +64,12 @@ def held(run: Path | str, command: str) -> Iterator[None]:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         outer = os.environ.get(LOCK_ENV)
         os.environ[LOCK_ENV] = token  # for the step processes this command launches
+        failed = False
         try:
             yield
+        except BaseException:
+            failed = True
+            raise
         finally:
             if outer is None:
                 os.environ.pop(LOCK_ENV, None)
@@ -73,8 +77,12 @@ def held(run: Path | str, command: str) -> Iterator[None]:
                 os.environ[LOCK_ENV] = outer
             # Released in order: the next holder finds nobody to take over from.
             os.ftruncate(fd, 0)
-            # A command that failed before writing anything (a bad config) leaves no run directory behind.
-            if created and os.listdir(run) == [lock_path(run).name]:
+            # A command that failed before any step wrote anything (a bad config, bad data found by init's
+            # checks) leaves no run directory behind: nothing but the config it was refused with.
+            left = set(os.listdir(run)) - {lock_path(run).name}
+            if created and (not left or (failed and left == {"config.yaml"})):
+                for name in left:
+                    os.unlink(run / name)
                 os.unlink(lock_path(run))
                 os.rmdir(run)
     finally:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from coevolve.core import distributed, provenance, rundir, tracking
-from coevolve.core.config import Config, InputError
+from coevolve.core.config import Config
+from coevolve.core.errors import InputError
 
 log = logging.getLogger("coevolve")
 
