@@ -273,21 +273,22 @@ def plot_gold_vs_kl(summary: dict, path: Path) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, sharex=True, sharey=True)
     top = max((m + s) for row in arms.values() for m, s in zip(row[referee], row[f"{referee}_std"]) if m is not None)
     for ax, (arm, row) in zip(axes.flat, arms.items()):
-        pts = [(math.sqrt(max(kl, 0.0)), g, gs, r)
-               for kl, g, gs, r in zip(row["kl_to_initial"], row[referee], row[f"{referee}_std"], row.get("rm_score_mean", [None] * len(row[referee])))
+        proxies = row.get("rm_score_mean", [None] * len(row[referee]))
+        pts = [(k, math.sqrt(max(kl, 0.0)), g, gs, r)
+               for k, (kl, g, gs, r) in enumerate(zip(row["kl_to_initial"], row[referee], row[f"{referee}_std"], proxies))
                if kl is not None and g is not None]
         if not pts:
             continue
-        xs, gold, gold_std, proxy = zip(*pts)
-        ax.errorbar(xs, gold, yerr=gold_std, marker="o", capsize=3, color="C0", label=referee)
-        for k, (x, g) in enumerate(zip(xs, gold)):
+        iters, xs, gold, gold_std, proxy = zip(*pts)
+        ax.errorbar(xs, gold, yerr=gold_std, marker="o", capsize=3, color="C0")
+        for k, x, g in zip(iters, xs, gold):
             ax.annotate(str(k), (x, g), textcoords="offset points", xytext=(3, 4), fontsize=7)
         ax.set_ylim(0, max(1.0, top))
         ax.set_title(arm, fontsize=9)
         ax.set_xlabel("sqrt(KL to policy_0)")
         if all(p is not None for p in proxy) and not arm.startswith("oracle"):
             twin = ax.twinx()
-            twin.plot(xs, proxy, "--s", color="C3", markersize=3, label="RM score (proxy)")
+            twin.plot(xs, proxy, "--s", color="C3", markersize=3)
             twin.tick_params(axis="y", labelcolor="C3", labelsize=7)
     for ax in axes.flat[len(arms):]:
         ax.axis("off")
