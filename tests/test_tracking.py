@@ -218,6 +218,9 @@ def test_two_runs_from_one_config_have_their_own_group_run_and_artifact_names(mo
     # Nothing of wandb's on the console (no banner, no offline summary): its notices are in the step's log.
     assert "wandb" not in capfd.readouterr().err
     assert "Generating checksum" in (tmp_path / "b" / "iter_0" / "init" / "log.txt").read_text()
+    # The step run again: the same W&B run, in the same group.
+    _responses_step(tmp_path / "a", cfg)
+    assert [(r["id"], r["group"]) for r in wandb_runs(tmp_path / "a")] == [(a["id"], a["group"])] * 2
 
 
 def test_an_output_of_responses_is_a_table_with_rm_and_gold_scores(monkeypatch, tmp_path):
