@@ -85,8 +85,9 @@ def start(step) -> None:
     import wandb
 
     # Its own banners, summary and notices go to the step's log; the console is the steps' own. Run
-    # settings silence the run's header and footer only, these module-wide messages (artifact
-    # checksums, warnings) take a fallback logger once wandb's setup has made its own choice.
+    # settings silence the run's header and footer only; module-wide messages (artifact checksums,
+    # warnings) follow `termsetup` (in wandb's __all__, undocumented: hence the pin below 0.32), set
+    # after `setup`, which would otherwise set it again from the environment.
     wandb.setup()
     wandb.termsetup(wandb.Settings(silent=True), _StepLog(step))
     k = step.iteration
