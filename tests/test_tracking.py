@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from datetime import datetime
@@ -33,7 +34,7 @@ def wandb_runs(run_dir: Path) -> list[dict]:
             kind = record["type"]
             body = record.get(kind, {})
             if kind == "run":
-                info.update(name=body["display_name"], group=body["run_group"], job_type=body["job_type"], project=body["project"],
+                info.update(id=body["run_id"], name=body["display_name"], group=body["run_group"], job_type=body["job_type"], project=body["project"],
                             tags=body.get("tags", []), started=datetime.fromisoformat(body["start_time"]))
                 info["config"].update(body["config"]["update"])
             elif kind in ("config", "summary"):
@@ -49,23 +50,31 @@ def wandb_runs(run_dir: Path) -> list[dict]:
     return sorted(runs, key=lambda r: r["started"])
 
 
+def group(run_dir: Path) -> str:
+    return f"tiny-{(run_dir / '.wandb-id').read_text().strip()}"
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_run) -> dict[str, dict]:
     found = wandb_runs(tiny_run)
-    # Each step ran once, so its name is unique.
-    assert [r["name"] for r in found] == STEPS
-    return {r["name"]: r for r in found}
+    # Each step ran once, so its name is unique: keyed by step, without the group that prefixes them all.
+    assert [r["name"] for r in found] == [f"{group(tiny_run)}-{step}" for step in STEPS]
+    return {step: r for step, r in zip(STEPS, found)}
 
 
 @pytest.mark.slow
-def test_every_step_is_a_w_and_b_run_in_the_run_group(runs):
+def test_every_step_is_a_w_and_b_run_in_the_run_group(tiny_run, runs):
     for name, r in runs.items():
         k, step = name.split("-", 1)
-        assert (r["group"], r["job_type"], r["project"], r["exit_code"]) == ("tiny", step, "coevolve", 0)
+        assert (r["group"], r["job_type"], r["project"], r["exit_code"]) == (group(tiny_run), step, "coevolve", 0)
         assert r["config"]["step"]["iteration"] == int(k.removeprefix("iter"))
         # The full resolved config, as saved in the run directory (TRL adds its trainer args beside it).
         assert r["config"]["run_name"] == "tiny" and r["config"]["e_step"]["beta"] == 0.1 and r["config"]["sampling"]["temperature"] == 0.8
         assert r["config"]["tracking"] == {"mode": None, "project": "coevolve", "upload": False}
+    # wandb says nothing on the console (its offline summaries were most of it); the step's log says where the run is.
+    assert "wandb" not in (tiny_run / "coevolve-run.log").read_text()
+    e_step = runs["iter1-e-step"]
+    assert f"W&B run {e_step['id']} (offline): {tiny_run.resolve()}/wandb/offline-run-" in (tiny_run / "iter_1" / "e-step" / "log.txt").read_text()
 
 
 @pytest.mark.slow
@@ -84,17 +93,20 @@ def test_steps_log_their_metrics_trl_curves_distributions_and_phase_times(runs):
     assert "train/loss" in runs["iter0-sft-warmup"]["history"] and "rm_after/accuracy_heldout" in runs["iter0-rm-init"]["history"]
     for key in ["eval/gold_mean", "eval/rm_acc_original", "eval/rm_acc_current", "eval/kl_to_initial", "eval/win_rate_vs_initial", "time/measure"]:
         assert key in runs["iter1-evaluate"]["history"], key
+    assert e_step["responses/samples._type"] == runs["iter1-evaluate"]["history"]["responses/responses._type"] == "table-file"
 
 
 @pytest.mark.slow
 def test_outputs_are_reference_artifacts_and_inputs_name_their_producers(tiny_run, runs):
     logged, digests = {}, {}
     for name in STEPS:
-        outputs = [art for art in runs[name]["artifacts"] if not art.get("use_after_commit")]
-        used = {art["name"]: art for art in runs[name]["artifacts"] if art.get("use_after_commit")}
+        # Tables of responses are artifacts of wandb's own (type run_table), not the step's outputs.
+        arts = [art for art in runs[name]["artifacts"] if art["type"] in ("model", "dataset")]
+        outputs = [art for art in arts if not art.get("use_after_commit")]
+        used = {art["name"]: art for art in arts if art.get("use_after_commit")}
         names = [art["name"] for art in outputs]
         assert len(names) == len(set(names)), names
-        for art in runs[name]["artifacts"]:
+        for art in arts:
             # References into the run directory, nothing copied or uploaded.
             assert all(e["ref"].startswith(tiny_run.resolve().as_uri() + "/") for e in art["manifest"]["contents"]), art["name"]
         # Lineage: every input is declared as used, and is the very version (digest) an earlier step logged.
@@ -105,14 +117,15 @@ def test_outputs_are_reference_artifacts_and_inputs_name_their_producers(tiny_ru
             assert used[artifact]["digest"] == digests[artifact], (name, role, artifact)
         for art in outputs:
             logged[art["name"]], digests[art["name"]] = art["type"], art["digest"]
-    assert logged["tiny-prompts-iter_0-init"] == "dataset" and logged["tiny-policy-iter_0-init"] == "model"
-    assert {"tiny-pairs-iter_1-e-step", "tiny-samples-iter_1-e-step", "tiny-pseudo_pairs-iter_2-m-step", "tiny-train_mix-iter_2-m-step"} <= set(logged)
-    assert logged["tiny-policy-iter_2-e-step"] == logged["tiny-rm-iter_2-m-step"] == "model"
+    g = group(tiny_run)
+    assert logged[f"{g}-prompts-iter_0-init"] == "dataset" and logged[f"{g}-policy-iter_0-init"] == "model"
+    assert {f"{g}-pairs-iter_1-e-step", f"{g}-samples-iter_1-e-step", f"{g}-pseudo_pairs-iter_2-m-step", f"{g}-train_mix-iter_2-m-step"} <= set(logged)
+    assert logged[f"{g}-policy-iter_2-e-step"] == logged[f"{g}-rm-iter_2-m-step"] == "model"
     inputs = {name: runs[name]["config"]["step"]["inputs"] for name in STEPS[1:]}
-    assert inputs["iter1-e-step"]["policy"] == "tiny-policy-iter_0-sft-warmup"
-    assert inputs["iter1-e-step"]["prompts"] == "tiny-prompts-iter_0-init"
-    assert inputs["iter1-m-step"]["policy_new"] == "tiny-policy-iter_1-e-step"
-    assert inputs["iter2-e-step"]["rm"] == "tiny-rm-iter_1-m-step"
+    assert inputs["iter1-e-step"]["policy"] == f"{g}-policy-iter_0-sft-warmup"
+    assert inputs["iter1-e-step"]["prompts"] == f"{g}-prompts-iter_0-init"
+    assert inputs["iter1-m-step"]["policy_new"] == f"{g}-policy-iter_1-e-step"
+    assert inputs["iter2-e-step"]["rm"] == f"{g}-rm-iter_1-m-step"
 
 
 @pytest.mark.slow
@@ -146,7 +159,7 @@ def test_disabled_tracking_starts_no_w_and_b_run(monkeypatch, tmp_path):
     assert not (tmp_path / "run" / "wandb").exists()
 
 
-def test_a_failed_attempt_is_a_failed_run_and_the_resumed_one_holds_every_phase(monkeypatch, tmp_path):
+def test_a_failed_attempt_and_the_one_that_resumes_it_are_one_w_and_b_run(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = load_config(TINY)
     run = tmp_path / "run"
@@ -164,7 +177,61 @@ def test_a_failed_attempt_is_a_failed_run_and_the_resumed_one_holds_every_phase(
         step.phase("score", lambda tmp: {"score/mean": 0.5})
         step.finish({})
     first, second = wandb_runs(run)
-    assert first["name"] == second["name"] == "iter1-e-step"
+    short = (run / ".wandb-id").read_text().strip()
+    assert first["id"] == second["id"] == f"{short}-iter1-e-step"
+    assert first["name"] == second["name"] == f"tiny-{short}-iter1-e-step"
     assert (first["exit_code"], first["tags"]) == (1, ["iter1"])
     assert (second["exit_code"], second["tags"]) == (0, ["iter1", "resumed"])
+    assert second["summary"]["resumed_after"] == ["generate"]
     assert {"generate/samples", "time/generate", "score/mean", "time/score"} <= set(second["history"])
+    # wandb's own lines go to the step's log, not to the console.
+    assert f"W&B run {first['id']} (offline): " in (run / "iter_1" / "e-step" / "log.txt").read_text()
+
+
+def _responses_step(run: Path, cfg) -> None:
+    """An init step whose output is a dataset of the toy task's prompts and responses, RM-scored."""
+    import datasets
+
+    from coevolve.data.tasks import load_task
+
+    task, rng = load_task("toy"), random.Random(0)
+    prompts = [task.draw_prompt(rng) for _ in range(tracking.TABLE_ROWS + 6)]
+    rows = [{"prompt": p, "response": task.respond(p, frozenset(), rng), "score": 0.25} for p in prompts]
+    with StepRun(run, 0, "init", cfg) as step:
+        step.phase("samples", lambda tmp: datasets.Dataset.from_list(rows).save_to_disk(str(tmp)))
+        step.finish({"samples": "samples"})
+
+
+def test_two_runs_from_one_config_have_their_own_group_run_and_artifact_names(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(TINY)
+    found = []
+    for run in (tmp_path / "a", tmp_path / "b"):
+        _responses_step(run, cfg)
+        (r,) = wandb_runs(run)
+        found.append(r)
+        short = (run / ".wandb-id").read_text().strip()
+        assert r["group"] == f"tiny-{short}" and r["name"] == f"tiny-{short}-iter0-init" and r["id"] == f"{short}-iter0-init"
+        assert [a["name"] for a in r["artifacts"] if a["type"] == "dataset"] == [f"tiny-{short}-samples-iter_0-init"]
+    a, b = found
+    assert a["group"] != b["group"] and a["id"] != b["id"] and a["artifacts"][0]["name"] != b["artifacts"][0]["name"]
+    # Nothing of wandb's on the console (no banner, no offline summary): its notices are in the step's log.
+    assert "wandb" not in capfd.readouterr().err
+    assert "Generating checksum" in (tmp_path / "b" / "iter_0" / "init" / "log.txt").read_text()
+    # The step run again: the same W&B run, in the same group.
+    _responses_step(tmp_path / "a", cfg)
+    assert [(r["id"], r["group"]) for r in wandb_runs(tmp_path / "a")] == [(a["id"], a["group"])] * 2
+
+
+def test_an_output_of_responses_is_a_table_with_rm_and_gold_scores(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    _responses_step(run, load_config(TINY))
+    (r,) = wandb_runs(run)
+    assert r["history"]["responses/samples._type"] == "table-file"
+    (table,) = run.glob(f"wandb/offline-run-*/files/{r['history']['responses/samples.path']}")
+    table = json.loads(table.read_text())
+    assert table["columns"] == ["prompt", "response", "rm_score", "gold"]
+    assert len(table["data"]) == tracking.TABLE_ROWS
+    # Perfect template responses: the toy task's gold reward is 1.
+    assert all(row[2] == 0.25 and row[3] == 1.0 for row in table["data"])

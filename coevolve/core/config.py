@@ -324,7 +324,7 @@ class RetriesConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    """W&B tracking (coevolve/core/tracking.py): one W&B run per step, grouped by `run_name`."""
+    """W&B tracking (coevolve/core/tracking.py): one W&B run per step, grouped by the run directory (`run_name` and its id)."""
 
     # None: WANDB_MODE if set, else online when a W&B login exists (WANDB_API_KEY or `wandb login`),
     # else offline, so a run never needs a network or an account.

@@ -125,6 +125,11 @@ class StepRun:
         if failed and self._handler is not None and issubclass(exc_type, Exception) and not issubclass(exc_type, InputError):
             raise StepCrashed(f"{failed}; its log: {self.dir / 'log.txt'}") from exc
 
+    def note(self, message: str, level: int = logging.INFO) -> None:
+        """A line for the step's log only: the console carries the step's progress, not bookkeeping."""
+        if self._handler is not None:
+            self._handler.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
+
     def path(self, name: str) -> Path:
         """Where a finished phase output lives while the step is in progress."""
         return self.dir / name

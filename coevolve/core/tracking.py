@@ -5,33 +5,48 @@ its inputs and outputs as artifacts that reference the run directory.
 Mode: `tracking.mode` in the config, else WANDB_MODE, else online when a W&B login exists and offline
 when none does. Files land in RUN/wandb/ (`wandb sync RUN/wandb/offline-run-*` uploads offline ones).
 
-Every attempt at a step is its own W&B run, named `iter{k}-{step}`: a killed attempt stays as a
-failed or crashed run, and the attempt that resumes it logs the phases it finds done again from
-their records, so the attempt that finishes holds the whole step.
+Identity: the group is the run directory's, `{run_name}-{id}` with a short id made by the first
+tracked step and kept in RUN/.wandb-id, so two runs from one config never share a group, run names
+or artifact names. Every attempt at a step is the same W&B run (its id is the run directory's id,
+iteration and step; `resume="allow"`): an attempt that fails closes it with exit code 1, and the
+attempt that resumes it says so (tag `resumed`) and logs the phases it finds done again from their
+records, so the attempt that finishes holds the whole step, even where offline runs sync apart.
 
-Lineage: an artifact is named after the step output it references (`tiny-policy-iter_1-e-step`), and
-its version is the digest of the files, so a consumer that declares an input with the same files
-lands on the producer's version; an input whose producer was never tracked is logged then. Inputs
-are also named in the run's config (`step.inputs`).
+wandb prints nothing on the console (its banners and its offline summary drowned the steps' own
+lines): where the run's files are goes to the step's log.
+
+Lineage: an artifact is named after the step output it references
+(`tiny-3f9c01ab-policy-iter_1-e-step`), and its version is the digest of the files, so a consumer
+that declares an input with the same files lands on the producer's version; an input whose producer
+was never tracked is logged then. Inputs are also named in the run's config (`step.inputs`).
+
+A table shows the first rows of each output dataset of responses (the e-step's samples, evaluate's
+responses) with their RM score, and their gold score where the run has a sandbox task.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import netrc
 import os
 import re
+import secrets
 from pathlib import Path
 from statistics import mean, pstdev
 from urllib.parse import urlsplit
 
 from coevolve.core import distributed
 
+log = logging.getLogger("coevolve")
 _run = None  # this process's W&B run: a step process runs one step
 
 MODEL_KEYS = {"policy", "rm", "reviser"}
 # Dataset columns whose distributions are logged as histograms (plus the chosen - rejected margin).
 DIST_COLUMNS = ("score", "num_tokens", "chosen_score", "rejected_score", "chosen_tokens", "rejected_tokens")
+ID_FILE = ".wandb-id"
+# Rows of an output dataset of responses shown as a table: enough to read, not the whole dataset.
+TABLE_ROWS = 64
 
 
 def resolve_mode(cfg) -> str:
@@ -69,14 +84,28 @@ def start(step) -> None:
     os.environ["WANDB_LOG_MODEL"] = "false"
     import wandb
 
+    # Its own banners, summary and notices go to the step's log; the console is the steps' own. Run
+    # settings silence the run's header and footer only; module-wide messages (artifact checksums,
+    # warnings) follow `termsetup` (in wandb's __all__, undocumented: hence the pin below 0.32), set
+    # after `setup`, which would otherwise set it again from the environment.
+    wandb.setup()
+    wandb.termsetup(wandb.Settings(silent=True), _StepLog(step))
     k = step.iteration
+    dir_id = make_dir_id(step.run_dir)
+    group = group_name(cfg, step.run_dir)
     config = {**cfg.model_dump(mode="json"), "step": {"name": step.name, "iteration": k, "run_dir": str(step.run_dir.resolve())}}
     _run = wandb.init(
-        project=cfg.tracking.project, group=cfg.run_name, job_type=step.name, name=f"iter{k}-{step.name}",
+        project=cfg.tracking.project, group=group, job_type=step.name, name=f"{group}-iter{k}-{step.name}",
+        id=f"{dir_id}-iter{k}-{step.name}", resume="allow",
         config=config, tags=[f"iter{k}"] + ["resumed"] * bool(step.timings), dir=step.run_dir, mode=mode,
-        reinit="finish_previous",
+        reinit="finish_previous", settings=wandb.Settings(silent=True),
     )
+    step.note(f"W&B run {_run.id} ({mode}): {_run.sync_dir}")
+    if not _run.offline:
+        # The one line of wandb's worth a place on the console: where to watch the step.
+        log.info(f"W&B: {_run.url}")
     if step.timings:
+        _run.summary["resumed_after"] = sorted(step.timings)
         _log(step.metrics, step.timings, step.io)
 
 
@@ -123,13 +152,34 @@ def finish(step, done: dict) -> None:
         _run.log_artifact(_artifact(step, rel))
         if (step.run_dir / rel / "dataset_info.json").exists():
             _log_distributions(output_key(step.run_dir, rel), step.run_dir / rel)
+            _log_responses(step.cfg, output_key(step.run_dir, rel), step.run_dir / rel)
 
 
 def end(failed: bool) -> None:
     global _run
     if _run is not None:
+        import wandb
+
         _run.finish(exit_code=1 if failed else 0)
         _run = None
+        # The step's log closes with the step.
+        wandb.termsetup(wandb.Settings(silent=True), None)
+
+
+class _StepLog:
+    """wandb's fallback logger in silent mode: its messages as lines of the step's log."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def info(self, msg: str) -> None:
+        self.step.note(msg)
+
+    def warning(self, msg: str) -> None:
+        self.step.note(msg, logging.WARNING)
+
+    def error(self, msg: str) -> None:
+        self.step.note(msg, logging.ERROR)
 
 
 def output_key(run_dir: Path, rel: str) -> str:
@@ -140,9 +190,33 @@ def output_key(run_dir: Path, rel: str) -> str:
     return next((key for key, path in outputs.items() if path == rel), Path(rel).name)
 
 
+def make_dir_id(run_dir: Path) -> str:
+    """The run directory's short id, made by the first tracked step and never changed after."""
+    path = Path(run_dir) / ID_FILE
+    if not path.exists():
+        tmp = path.with_name(f"{ID_FILE}.{os.getpid()}")
+        tmp.write_text(secrets.token_hex(4) + "\n")
+        try:
+            # A link fails where the file exists: of two steps racing, the first one's id stands.
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return read_dir_id(run_dir)
+
+
+def read_dir_id(run_dir: Path) -> str:
+    return (Path(run_dir) / ID_FILE).read_text().strip()
+
+
+def group_name(cfg, run_dir: Path) -> str:
+    return re.sub(r"[^\w.-]", "_", f"{cfg.run_name}-{read_dir_id(run_dir)}")
+
+
 def artifact_name(cfg, run_dir: Path, rel: str) -> str:
     iteration, step = Path(rel).parts[:2]
-    return re.sub(r"[^\w.-]", "_", f"{cfg.run_name}-{output_key(run_dir, rel)}-{iteration}-{step}")
+    return re.sub(r"[^\w.-]", "_", f"{group_name(cfg, run_dir)}-{output_key(run_dir, rel)}-{iteration}-{step}")
 
 
 def _artifact(step, rel: str):
@@ -176,3 +250,27 @@ def _log_distributions(key: str, path: Path) -> None:
             logged[f"dist/{key}/{name}_mean"] = mean(values)
             logged[f"dist/{key}/{name}_std"] = pstdev(values)
     _run.log(logged)
+
+
+def _log_responses(cfg, key: str, path: Path) -> None:
+    """The first rows of a dataset of responses as a table, with their RM score and, in a sandbox
+    task's run, their gold score: what the policy writes, beside what the curves say of it."""
+    import datasets
+    import wandb
+
+    ds = datasets.load_from_disk(str(path))
+    if not {"prompt", "response"} <= set(ds.column_names):
+        return
+    rows = ds.select(range(min(TABLE_ROWS, len(ds))))
+    rm_score = next((c for c in ("score", "rm_score") if c in ds.column_names), None)
+    columns = {"prompt": rows["prompt"], "response": rows["response"]}
+    if rm_score:
+        columns["rm_score"] = rows[rm_score]
+    if cfg.data.task:
+        from coevolve.data.tasks import load_task
+
+        task = load_task(cfg.data.task)
+        columns["gold"] = [task.gold(p, r) for p, r in zip(rows["prompt"], rows["response"])]
+    if "model" in ds.column_names:
+        columns["model"] = rows["model"]
+    _run.log({f"responses/{key}": wandb.Table(columns=list(columns), data=[list(row) for row in zip(*columns.values())])})
