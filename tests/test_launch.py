@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from coevolve.core import runlock
 from coevolve.core.config import LaunchConfig, load_config
 from coevolve.core.launch import StepFailed, retries, run_process, step_command
 from coevolve.core.stepserver import ForkedStep, list_servers, runtime_dir, server_key, stop_servers
@@ -128,10 +129,37 @@ def test_servers_are_listed_and_stopped_from_the_cli(tmp_path):
     assert subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True).stdout == ""
 
 
-def test_a_step_server_serves_one_environment():
+def test_a_step_server_is_keyed_by_the_variables_its_imports_read():
     env = dict(os.environ)
-    assert server_key({**env, "PYTEST_CURRENT_TEST": "another test"}) == server_key(env)
-    assert server_key({**env, "HF_HUB_OFFLINE": "1" if env.get("HF_HUB_OFFLINE") != "1" else "0"}) != server_key(env)
+    for unrelated in ("PYTEST_CURRENT_TEST", "PREFECT__FLOW_RUN_ID", "COEVOLVE_RUN_LOCK", "SOME_SHELLS_OWN"):
+        assert server_key({**env, unrelated: "another value"}) == server_key(env), unrelated
+    for read in ("HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE"):
+        assert server_key({**env, read: "another value"}) != server_key(env), read
+
+
+def test_clients_differing_in_other_variables_share_a_server_and_keep_their_own(tmp_path):
+    # Two flow runs' steps: another PREFECT__FLOW_RUN_ID each, and another run lock token. The step
+    # holding the run's token runs under its lock (to the missing config); the other finds the run in use.
+    folder = tmp_path / "servers"
+    run = tmp_path / "run"
+    base = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
+    argv = ["step", "bogus", "--run-dir", str(run), "--iteration", "0"]
+    try:
+        with runlock.held(run, "test"):
+            outputs = []
+            for flow_run, token in (("run-a", os.environ[runlock.LOCK_ENV]), ("run-b", "not-the-token")):
+                step = ForkedStep(argv, {**base, "PREFECT__FLOW_RUN_ID": flow_run, runlock.LOCK_ENV: token}, 60)
+                outputs.append((step.stdout.read(), step.wait(60)))
+                step.stdout.close()
+        assert "no config: give --config FILE" in outputs[0][0] and outputs[0][1] == 2
+        assert f"in use by pid {os.getpid()}" in outputs[1][0] and outputs[1][1] == 2
+        assert len(list_servers(folder)) == 1
+        # A variable the imports read gets a server of its own.
+        step = ForkedStep(argv, {**base, "OMP_NUM_THREADS": "2" if base.get("OMP_NUM_THREADS") != "2" else "1"}, 60)
+        step.stdout.read(), step.wait(60), step.stdout.close()
+        assert len(list_servers(folder)) == 2
+    finally:
+        stop_servers(folder)
 
 
 def test_a_step_server_listens_only_in_a_folder_closed_to_others(tmp_path):

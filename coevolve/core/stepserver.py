@@ -9,8 +9,11 @@ code and environment, and exits after `launch.server_idle_s` seconds without a s
 paid once per working session, not once per run. The server never touches CUDA: forked children could
 not use it otherwise. `launch.preload: false` turns all this off.
 
-A server serves one key: the Python, its sys.path and what is installed there, the environment, and
-coevolve's own sources. Changed code or a changed environment gets a fresh server, never a stale one.
+A server serves one key: the Python, its sys.path and what is installed there, the environment variables
+that its imports can read (`KEY_ENV`), and coevolve's own sources. Changed code or a change in one of
+those variables gets a fresh server, never a stale one; any other variable (a Prefect flow run's id, the
+run lock's token, a shell's own) shares the server, and each step still runs with its client's whole
+environment.
 
 Protocol, over a Unix socket in `runtime_dir()`: the client sends one request (argv, env, cwd) with the
 write end of its output pipe; the server forks and answers {"pid": N}, then {"exit": code} when the step
@@ -36,8 +39,20 @@ import time
 import traceback
 from pathlib import Path
 
-# Set per process by shells, terminals and pytest, meaningless to the imports.
-VOLATILE_ENV = frozenset({"PYTEST_CURRENT_TEST", "PWD", "OLDPWD", "SHLVL", "_", "LINES", "COLUMNS"})
+# The environment variables the server's imports can read, by name or prefix: a step forked from it
+# inherits what those imports made of them (a thread pool's size, a cache folder, a library loaded), so
+# they, and only they, key the server. Whatever a step reads after the fork, it reads from its own
+# client's environment (`_run_step`), and a variable outside this list gets no server of its own.
+KEY_ENV = (
+    "PATH", "LD_", "PYTHON",  # what the interpreter loads: libraries, PYTHONPATH, PYTHONHASHSEED, ...
+    "HOME", "XDG_CACHE_HOME", "TMPDIR", "LANG", "LC_",  # cache and temporary folders, locale: fixed at import
+    "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRITON_", "NCCL_",
+    "OMP_", "MKL_", "OPENBLAS_", "KMP_",  # thread pools, sized when their library loads
+    "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DATASETS_", "ACCELERATE_", "DS_", "WANDB_",
+    "COEVOLVE_",
+)
+# Set per run by coevolve itself, read by the step only.
+NOT_KEY_ENV = frozenset({"COEVOLVE_RUN_LOCK"})
 HEADER = struct.Struct("!Q")
 
 
@@ -59,12 +74,12 @@ def runtime_dir(env: dict[str, str]) -> Path:
 
 def server_key(env: dict[str, str]) -> str:
     """What a fresh `python -m coevolve` would import is set by the interpreter, the folder it starts in
-    (first on its sys.path), the environment (PYTHONPATH and what libraries read at import) and what is
-    installed; a package installed or removed changes its site folder's mtime."""
+    (first on its sys.path), the variables of `KEY_ENV` and what is installed; a package installed or
+    removed changes its site folder's mtime."""
     h = hashlib.sha256(f"{sys.executable}:{os.getcwd()}".encode())
     for site_dir in [*site.getsitepackages(), site.getusersitepackages()]:
         h.update(f"{site_dir}:{os.stat(site_dir).st_mtime_ns if os.path.isdir(site_dir) else ''}".encode())
-    for name in sorted(set(env) - VOLATILE_ENV):
+    for name in sorted(name for name in env if name.startswith(KEY_ENV) and name not in NOT_KEY_ENV):
         h.update(f"{name}={env[name]}".encode())
     for source in sorted(_source_files()):
         stat = source.stat()
