@@ -106,7 +106,7 @@ def test_a_server_gone_before_it_forked_the_step_is_replaced(tmp_path):
         ending.close()
 
     threading.Thread(target=end_once_the_client_waits).start()
-    step = ForkedStep(["step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"], env, 60)
+    step = ForkedStep(["step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"], env, 60, 3)
     try:
         assert "no config: give --config FILE" in step.stdout.read() and step.wait(60) == 2
         assert len(list_servers(tmp_path / "servers")) == 1
@@ -148,14 +148,14 @@ def test_clients_differing_in_other_variables_share_a_server_and_keep_their_own(
         with runlock.held(run, "test"):
             outputs = []
             for flow_run, token in (("run-a", os.environ[runlock.LOCK_ENV]), ("run-b", "not-the-token")):
-                step = ForkedStep(argv, {**base, "PREFECT__FLOW_RUN_ID": flow_run, runlock.LOCK_ENV: token}, 60)
+                step = ForkedStep(argv, {**base, "PREFECT__FLOW_RUN_ID": flow_run, runlock.LOCK_ENV: token}, 60, 3)
                 outputs.append((step.stdout.read(), step.wait(60)))
                 step.stdout.close()
         assert "no config: give --config FILE" in outputs[0][0] and outputs[0][1] == 2
         assert f"in use by pid {os.getpid()}" in outputs[1][0] and outputs[1][1] == 2
         assert len(list_servers(folder)) == 1
         # A variable the imports read gets a server of its own.
-        step = ForkedStep(argv, {**base, "OMP_NUM_THREADS": "2" if base.get("OMP_NUM_THREADS") != "2" else "1"}, 60)
+        step = ForkedStep(argv, {**base, "OMP_NUM_THREADS": "2" if base.get("OMP_NUM_THREADS") != "2" else "1"}, 60, 3)
         step.stdout.read(), step.wait(60), step.stdout.close()
         assert len(list_servers(folder)) == 2
     finally:
@@ -176,7 +176,7 @@ def test_a_killed_client_takes_its_forked_step_with_it(fresh_run):
     # of its own holds the step's output open: the step must not end merely by writing to a closed pipe.
     client = (
         "import os, subprocess\nfrom coevolve.core.stepserver import ForkedStep\n"
-        f"step = ForkedStep(['step', 'e-step', '--run-dir', {str(fresh_run)!r}, '--iteration', '1'], {{**os.environ, 'PYTHONUNBUFFERED': '1'}}, 60)\n"
+        f"step = ForkedStep(['step', 'e-step', '--run-dir', {str(fresh_run)!r}, '--iteration', '1'], {{**os.environ, 'PYTHONUNBUFFERED': '1'}}, 60, 3)\n"
         "holder = subprocess.Popen(['sleep', '60'], pass_fds=[step.stdout.fileno()])\n"
         "print(step.pid, holder.pid, flush=True)\nfor line in step.stdout: pass\n"
     )
@@ -240,3 +240,25 @@ def test_servers_stop_stops_only_this_checkouts_servers(tmp_path):
         for proc in sleepers.values():
             proc.kill()
             proc.wait()
+
+
+def test_at_most_max_servers_live_and_the_longest_idle_stops_first(tmp_path):
+    folder = tmp_path / "servers"
+    base = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
+    argv = ["step", "bogus", "--run-dir", str(tmp_path / "run"), "--iteration", "0"]
+    pids = []
+    try:
+        for threads in ("1", "2", "3"):  # a server each
+            env = {**base, "OMP_NUM_THREADS": threads}
+            step = ForkedStep(argv, env, 60, 2)
+            assert step.stdout.read() and step.wait(60) == 2
+            step.stdout.close()
+            pids.append(int((folder / f"{server_key(env)}.pid").read_text()))
+        deadline = time.monotonic() + 10
+        while len(list_servers(folder)) > 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(pid for pid, _, _ in list_servers(folder)) == sorted(pids[1:])
+        assert "stopped: another was starting over launch.max_servers" in (folder / f"{server_key({**base, 'OMP_NUM_THREADS': '1'})}.log").read_text()
+    finally:
+        stop_servers(folder)
+
