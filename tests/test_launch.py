@@ -13,6 +13,7 @@ import pytest
 from coevolve.core import runlock
 from coevolve.core.config import LaunchConfig, load_config
 from coevolve.core.launch import StepFailed, retries, run_process, step_command
+from coevolve.core.quiet import VERBOSE_ENV
 from coevolve.core.stepserver import ForkedStep, list_servers, runtime_dir, server_key, stop_servers
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -262,3 +263,33 @@ def test_at_most_max_servers_live_and_the_longest_idle_stops_first(tmp_path):
     finally:
         stop_servers(folder)
 
+
+
+
+NOISE = ("`gradient_checkpointing` is deprecated", "Setting accelerator to CPU")
+
+
+@pytest.mark.parametrize("verbose, forked", [(False, True), (True, True), (False, False), (True, False)])
+def test_a_steps_output_has_no_known_third_party_noise_unless_verbose(fresh_run, verbose, forked):
+    # rm-init builds a trl config (transformers' gradient_checkpointing FutureWarning) and imports
+    # DeepSpeed (its "Setting accelerator to CPU" on a host without a GPU). A forked step is verbose as
+    # `coevolve -v run` makes it, through its environment; a plain one by its own -v.
+    argv = ["step", "rm-init", "--run-dir", str(fresh_run), "--iteration", "0", "--force"]
+    env = {VERBOSE_ENV: "1"} if verbose and forked else {}
+    cmd = [sys.executable, "-m", "coevolve", *(["-v"] if verbose and not forked else []), *argv]
+    code, tail = run_process(cmd, lambda line: None, env=env, tail=100_000, launch=LaunchConfig(preload=forked))
+    assert code == 0, tail[-20:]
+    seen = {noise for noise in NOISE for line in tail if noise in line}
+    assert seen == (set(NOISE) if verbose else set())
+
+
+def test_prefect_telemetry_is_off_for_the_flow_unless_the_user_set_it():
+    # Its heartbeat, sent by the temporary server of `coevolve flow` without a Prefect server, fails on
+    # that server's locked sqlite database with a ~130-line traceback.
+    script = ("from coevolve.core.quiet import prefect_telemetry_off; prefect_telemetry_off()\n"
+              "from prefect.settings import get_current_settings; print(get_current_settings().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    for given, expected in ((None, "False"), ("true", "True")):
+        run_env = env if given is None else {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": given}
+        out = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected

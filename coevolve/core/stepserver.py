@@ -315,6 +315,9 @@ def serve(path: Path, idle_s: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         from coevolve.cli import STEPS
+        from coevolve.core.quiet import quiet_third_party
+
+        quiet_third_party()  # before the imports, some of which warn
 
         for module in ("coevolve.cli", *STEPS.values()):
             importlib.import_module(module)
