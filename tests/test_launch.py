@@ -266,6 +266,25 @@ def test_at_most_max_servers_live_and_the_longest_idle_stops_first(tmp_path):
 
 
 
+def test_a_server_running_a_step_is_not_stopped_for_the_cap(tmp_path):
+    # The step waits on its config, a FIFO nobody writes: its server is busy while another one starts.
+    folder = tmp_path / "servers"
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    base = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
+    busy = ForkedStep(["step", "init", "--run-dir", str(tmp_path / "run"), "--iteration", "0", "--config", str(fifo)], {**base, "OMP_NUM_THREADS": "1"}, 60, 1)
+    try:
+        other = ForkedStep(["step", "bogus", "--run-dir", str(tmp_path / "run2"), "--iteration", "0"], {**base, "OMP_NUM_THREADS": "2"}, 60, 1)
+        assert other.stdout.read() and other.wait(60) == 2
+        other.stdout.close()
+        assert busy.poll() is None and len(list_servers(folder)) == 2
+    finally:
+        busy.kill()
+        busy.wait(30)
+        busy.stdout.close()
+        stop_servers(folder)
+
+
 NOISE = ("`gradient_checkpointing` is deprecated", "Setting accelerator to CPU")
 
 
