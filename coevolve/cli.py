@@ -13,6 +13,7 @@ from coevolve.core import provenance, rundir, runlock
 from coevolve.core.config import Config, ConfigError, prepare_run
 from coevolve.core.errors import InputError
 from coevolve.core.plan import require_ready, step_plan
+from coevolve.core.quiet import VERBOSE_ENV, prefect_telemetry_off
 from coevolve.core.step import StepCrashed, StepRun, setup_logging
 from coevolve.data.fingerprint import changed_since_init, init_is_stale
 
@@ -95,6 +96,7 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="coevolve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="keep the third-party warnings filtered out (core/quiet.py)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_step = sub.add_parser("step", help="run one step in this process")
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # for the steps this command launches too
     setup_logging()
     try:
         if args.command in ("step", "run"):
@@ -178,10 +182,12 @@ def main(argv: list[str] | None = None) -> None:
             if summary["failed"]:
                 raise SystemExit(f"coevolve: {len(summary['failed'])} run(s) failed: {summary['failed']}")
         elif args.command == "flow":
+            prefect_telemetry_off()
             from coevolve.flows.coevolution import coevolve
 
             print(coevolve(run_dir=args.run_dir, config=args.config, overrides=args.overrides))
         elif args.command == "serve":
+            prefect_telemetry_off()
             from coevolve.flows.serve import serve
 
             serve(args.config, args.overrides, args.run_dir, args.name, args.cron, args.interval, args.gpu_limit)

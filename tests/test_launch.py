@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from coevolve.core import runlock
 from coevolve.core.config import LaunchConfig, load_config
 from coevolve.core.launch import StepFailed, retries, run_process, step_command
+from coevolve.core.quiet import VERBOSE_ENV
 from coevolve.core.stepserver import ForkedStep, list_servers, runtime_dir, server_key, stop_servers
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -105,7 +107,7 @@ def test_a_server_gone_before_it_forked_the_step_is_replaced(tmp_path):
         ending.close()
 
     threading.Thread(target=end_once_the_client_waits).start()
-    step = ForkedStep(["step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"], env, 60)
+    step = ForkedStep(["step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"], env, 60, 3)
     try:
         assert "no config: give --config FILE" in step.stdout.read() and step.wait(60) == 2
         assert len(list_servers(tmp_path / "servers")) == 1
@@ -128,10 +130,37 @@ def test_servers_are_listed_and_stopped_from_the_cli(tmp_path):
     assert subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True).stdout == ""
 
 
-def test_a_step_server_serves_one_environment():
+def test_a_step_server_is_keyed_by_the_variables_its_imports_read():
     env = dict(os.environ)
-    assert server_key({**env, "PYTEST_CURRENT_TEST": "another test"}) == server_key(env)
-    assert server_key({**env, "HF_HUB_OFFLINE": "1" if env.get("HF_HUB_OFFLINE") != "1" else "0"}) != server_key(env)
+    for unrelated in ("PYTEST_CURRENT_TEST", "PREFECT__FLOW_RUN_ID", "COEVOLVE_RUN_LOCK", "SOME_SHELLS_OWN"):
+        assert server_key({**env, unrelated: "another value"}) == server_key(env), unrelated
+    for read in ("HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE"):
+        assert server_key({**env, read: "another value"}) != server_key(env), read
+
+
+def test_clients_differing_in_other_variables_share_a_server_and_keep_their_own(tmp_path):
+    # Two flow runs' steps: another PREFECT__FLOW_RUN_ID each, and another run lock token. The step
+    # holding the run's token runs under its lock (to the missing config); the other finds the run in use.
+    folder = tmp_path / "servers"
+    run = tmp_path / "run"
+    base = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
+    argv = ["step", "bogus", "--run-dir", str(run), "--iteration", "0"]
+    try:
+        with runlock.held(run, "test"):
+            outputs = []
+            for flow_run, token in (("run-a", os.environ[runlock.LOCK_ENV]), ("run-b", "not-the-token")):
+                step = ForkedStep(argv, {**base, "PREFECT__FLOW_RUN_ID": flow_run, runlock.LOCK_ENV: token}, 60, 3)
+                outputs.append((step.stdout.read(), step.wait(60)))
+                step.stdout.close()
+        assert "no config: give --config FILE" in outputs[0][0] and outputs[0][1] == 2
+        assert f"in use by pid {os.getpid()}" in outputs[1][0] and outputs[1][1] == 2
+        assert len(list_servers(folder)) == 1
+        # A variable the imports read gets a server of its own.
+        step = ForkedStep(argv, {**base, "OMP_NUM_THREADS": "2" if base.get("OMP_NUM_THREADS") != "2" else "1"}, 60, 3)
+        step.stdout.read(), step.wait(60), step.stdout.close()
+        assert len(list_servers(folder)) == 2
+    finally:
+        stop_servers(folder)
 
 
 def test_a_step_server_listens_only_in_a_folder_closed_to_others(tmp_path):
@@ -148,7 +177,7 @@ def test_a_killed_client_takes_its_forked_step_with_it(fresh_run):
     # of its own holds the step's output open: the step must not end merely by writing to a closed pipe.
     client = (
         "import os, subprocess\nfrom coevolve.core.stepserver import ForkedStep\n"
-        f"step = ForkedStep(['step', 'e-step', '--run-dir', {str(fresh_run)!r}, '--iteration', '1'], {{**os.environ, 'PYTHONUNBUFFERED': '1'}}, 60)\n"
+        f"step = ForkedStep(['step', 'e-step', '--run-dir', {str(fresh_run)!r}, '--iteration', '1'], {{**os.environ, 'PYTHONUNBUFFERED': '1'}}, 60, 3)\n"
         "holder = subprocess.Popen(['sleep', '60'], pass_fds=[step.stdout.fileno()])\n"
         "print(step.pid, holder.pid, flush=True)\nfor line in step.stdout: pass\n"
     )
@@ -212,3 +241,74 @@ def test_servers_stop_stops_only_this_checkouts_servers(tmp_path):
         for proc in sleepers.values():
             proc.kill()
             proc.wait()
+
+
+def test_at_most_max_servers_live_and_the_longest_idle_stops_first(tmp_path):
+    folder = tmp_path / "servers"
+    base = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
+    argv = ["step", "bogus", "--run-dir", str(tmp_path / "run"), "--iteration", "0"]
+    pids = []
+    try:
+        for threads in ("1", "2", "3"):  # a server each
+            env = {**base, "OMP_NUM_THREADS": threads}
+            step = ForkedStep(argv, env, 60, 2)
+            assert step.stdout.read() and step.wait(60) == 2
+            step.stdout.close()
+            pids.append(int((folder / f"{server_key(env)}.pid").read_text()))
+        deadline = time.monotonic() + 10
+        while len(list_servers(folder)) > 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(pid for pid, _, _ in list_servers(folder)) == sorted(pids[1:])
+        assert "stopped: another was starting over launch.max_servers" in (folder / f"{server_key({**base, 'OMP_NUM_THREADS': '1'})}.log").read_text()
+    finally:
+        stop_servers(folder)
+
+
+
+
+def test_a_server_running_a_step_is_not_stopped_for_the_cap(tmp_path):
+    # The step waits on its config, a FIFO nobody writes: its server is busy while another one starts.
+    folder = tmp_path / "servers"
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    base = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
+    busy = ForkedStep(["step", "init", "--run-dir", str(tmp_path / "run"), "--iteration", "0", "--config", str(fifo)], {**base, "OMP_NUM_THREADS": "1"}, 60, 1)
+    try:
+        other = ForkedStep(["step", "bogus", "--run-dir", str(tmp_path / "run2"), "--iteration", "0"], {**base, "OMP_NUM_THREADS": "2"}, 60, 1)
+        assert other.stdout.read() and other.wait(60) == 2
+        other.stdout.close()
+        assert busy.poll() is None and len(list_servers(folder)) == 2
+    finally:
+        busy.kill()
+        busy.wait(30)
+        busy.stdout.close()
+        stop_servers(folder)
+
+
+NOISE = ("`gradient_checkpointing` is deprecated", "Setting accelerator to CPU")
+
+
+@pytest.mark.parametrize("verbose, forked", [(False, True), (True, True), (False, False), (True, False)])
+def test_a_steps_output_has_no_known_third_party_noise_unless_verbose(fresh_run, verbose, forked):
+    # rm-init builds a trl config (transformers' gradient_checkpointing FutureWarning) and imports
+    # DeepSpeed (its "Setting accelerator to CPU" on a host without a GPU). A forked step is verbose as
+    # `coevolve -v run` makes it, through its environment; a plain one by its own -v.
+    argv = ["step", "rm-init", "--run-dir", str(fresh_run), "--iteration", "0", "--force"]
+    env = {VERBOSE_ENV: "1"} if verbose and forked else {}
+    cmd = [sys.executable, "-m", "coevolve", *(["-v"] if verbose and not forked else []), *argv]
+    code, tail = run_process(cmd, lambda line: None, env=env, tail=100_000, launch=LaunchConfig(preload=forked))
+    assert code == 0, tail[-20:]
+    seen = {noise for noise in NOISE for line in tail if noise in line}
+    assert seen == (set(NOISE) if verbose else set())
+
+
+def test_prefect_telemetry_is_off_for_the_flow_unless_the_user_set_it():
+    # Its heartbeat, sent by the temporary server of `coevolve flow` without a Prefect server, fails on
+    # that server's locked sqlite database with a ~130-line traceback.
+    script = ("from coevolve.core.quiet import prefect_telemetry_off; prefect_telemetry_off()\n"
+              "from prefect.settings import get_current_settings; print(get_current_settings().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    for given, expected in ((None, "False"), ("true", "True")):
+        run_env = env if given is None else {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": given}
+        out = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected

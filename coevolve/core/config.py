@@ -310,6 +310,8 @@ class LaunchConfig(Strict):
     # which stays up this long without steps to serve later runs too.
     preload: bool = True
     server_idle_s: float = Field(600.0, gt=0)
+    # Each server holds ~500 MB of imported libraries; starting one more stops the one idle the longest.
+    max_servers: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _processes(self):

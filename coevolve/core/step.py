@@ -19,6 +19,7 @@ from typing import Callable
 from coevolve.core import distributed, provenance, rundir, tracking
 from coevolve.core.config import Config
 from coevolve.core.errors import InputError
+from coevolve.core.quiet import quiet_third_party
 
 log = logging.getLogger("coevolve")
 
@@ -227,6 +228,7 @@ def setup_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    quiet_third_party()
 
 
 class _Console(logging.Formatter):

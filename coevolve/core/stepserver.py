@@ -9,13 +9,18 @@ code and environment, and exits after `launch.server_idle_s` seconds without a s
 paid once per working session, not once per run. The server never touches CUDA: forked children could
 not use it otherwise. `launch.preload: false` turns all this off.
 
-A server serves one key: the Python, its sys.path and what is installed there, the environment, and
-coevolve's own sources. Changed code or a changed environment gets a fresh server, never a stale one.
+A server serves one key: the Python, its sys.path and what is installed there, the environment variables
+that its imports can read (`KEY_ENV`), and coevolve's own sources. Changed code or a change in one of
+those variables gets a fresh server, never a stale one; any other variable (a Prefect flow run's id, the
+run lock's token, a shell's own) shares the server, and each step still runs with its client's whole
+environment. At most `launch.max_servers` servers live at once: starting one more stops the one idle
+the longest first (a server running steps is never stopped).
 
 Protocol, over a Unix socket in `runtime_dir()`: the client sends one request (argv, env, cwd) with the
 write end of its output pipe; the server forks and answers {"pid": N}, then {"exit": code} when the step
 ends. A client that goes away (killed, interrupted) takes its step with it: the server terminates a
-step whose client hung up, as a process group kill would have.
+step whose client hung up, as a process group kill would have. A request {"stop_if_idle": true}, with no
+pipe, is answered {"stopped": bool}, and a server with no step running then exits.
 """
 from __future__ import annotations
 
@@ -36,8 +41,20 @@ import time
 import traceback
 from pathlib import Path
 
-# Set per process by shells, terminals and pytest, meaningless to the imports.
-VOLATILE_ENV = frozenset({"PYTEST_CURRENT_TEST", "PWD", "OLDPWD", "SHLVL", "_", "LINES", "COLUMNS"})
+# The environment variables the server's imports can read, by name or prefix: a step forked from it
+# inherits what those imports made of them (a thread pool's size, a cache folder, a library loaded), so
+# they, and only they, key the server. Whatever a step reads after the fork, it reads from its own
+# client's environment (`_run_step`), and a variable outside this list gets no server of its own.
+KEY_ENV = (
+    "PATH", "LD_", "PYTHON",  # what the interpreter loads: libraries, PYTHONPATH, PYTHONHASHSEED, ...
+    "HOME", "XDG_CACHE_HOME", "TMPDIR", "LANG", "LC_",  # cache and temporary folders, locale: fixed at import
+    "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRITON_", "NCCL_",
+    "OMP_", "MKL_", "OPENBLAS_", "KMP_",  # thread pools, sized when their library loads
+    "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DATASETS_", "ACCELERATE_", "DS_", "WANDB_",
+    "COEVOLVE_",
+)
+# Set per run by coevolve itself, read by the step only.
+NOT_KEY_ENV = frozenset({"COEVOLVE_RUN_LOCK"})
 HEADER = struct.Struct("!Q")
 
 
@@ -59,12 +76,12 @@ def runtime_dir(env: dict[str, str]) -> Path:
 
 def server_key(env: dict[str, str]) -> str:
     """What a fresh `python -m coevolve` would import is set by the interpreter, the folder it starts in
-    (first on its sys.path), the environment (PYTHONPATH and what libraries read at import) and what is
-    installed; a package installed or removed changes its site folder's mtime."""
+    (first on its sys.path), the variables of `KEY_ENV` and what is installed; a package installed or
+    removed changes its site folder's mtime."""
     h = hashlib.sha256(f"{sys.executable}:{os.getcwd()}".encode())
     for site_dir in [*site.getsitepackages(), site.getusersitepackages()]:
         h.update(f"{site_dir}:{os.stat(site_dir).st_mtime_ns if os.path.isdir(site_dir) else ''}".encode())
-    for name in sorted(set(env) - VOLATILE_ENV):
+    for name in sorted(name for name in env if name.startswith(KEY_ENV) and name not in NOT_KEY_ENV):
         h.update(f"{name}={env[name]}".encode())
     for source in sorted(_source_files()):
         stat = source.stat()
@@ -95,21 +112,21 @@ class ForkedStep:
     `subprocess.Popen`'s interface that `launch.run_process` uses: `stdout` (text, stderr merged), pid,
     poll, wait, terminate, kill."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], idle_s: float):
+    def __init__(self, argv: list[str], env: dict[str, str], idle_s: float, max_servers: int):
         path = runtime_dir(env) / f"{server_key(env)}.sock"
         self._log = path.with_suffix(".log")
         self._code: int | None = None
         try:
-            self.pid = self._request(path, argv, env, idle_s)
+            self.pid = self._request(path, argv, env, idle_s, max_servers)
         except ServerGone:
             # A server that ends on idle as we connect closes our connection before it forks the step,
             # and its socket is gone by then: the step never started, and a fresh server is asked.
             self._conn.close()
             self.stdout.close()
-            self.pid = self._request(path, argv, env, idle_s)
+            self.pid = self._request(path, argv, env, idle_s, max_servers)
 
-    def _request(self, path: Path, argv: list[str], env: dict[str, str], idle_s: float) -> int:
-        self._conn = _connect(path, env, idle_s)
+    def _request(self, path: Path, argv: list[str], env: dict[str, str], idle_s: float, max_servers: int) -> int:
+        self._conn = _connect(path, env, idle_s, max_servers)
         self._buffer = b""
         read, write = os.pipe()
         self.stdout = os.fdopen(read, "r", errors="replace")
@@ -168,18 +185,20 @@ class ForkedStep:
             pass
 
 
-def _connect(path: Path, env: dict[str, str], idle_s: float) -> socket.socket:
+def _connect(path: Path, env: dict[str, str], idle_s: float, max_servers: int) -> socket.socket:
     try:
         return _open(path)
     except (FileNotFoundError, ConnectionRefusedError):
         pass
-    # One client starts the server; the others, racing for it, find it started.
-    with open(path.with_suffix(".lock"), "w") as lock:
+    # One client at a time starts a server: those racing for this one find it started, and the others
+    # count it against the cap.
+    with open(path.parent / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             return _open(path)
         except (FileNotFoundError, ConnectionRefusedError):
             path.unlink(missing_ok=True)  # left by a server that was killed
+        _make_room(path.parent, max_servers - 1)
         log = path.with_suffix(".log")
         with open(log, "ab") as out:
             server = subprocess.Popen(
@@ -196,6 +215,39 @@ def _connect(path: Path, env: dict[str, str], idle_s: float) -> socket.socket:
                 raise RuntimeError(f"the step server exited at start (code {server.returncode}); its log: {log}")
             time.sleep(0.02)
         return _open(path)
+
+
+def _make_room(folder: Path, keep: int) -> None:
+    """Stop the servers idle the longest until at most `keep` are left; those running steps stay."""
+    live = [log.with_suffix(".sock") for _, log, _ in list_servers(folder)]
+    excess = len(live) - keep
+    # A server touches its pid file whenever its last step ends: the oldest file, the longest idle.
+    for sock in sorted(live, key=lambda sock: _mtime(sock.with_suffix(".pid"))):
+        if excess <= 0:
+            return
+        excess -= _stop_if_idle(sock)
+    if excess > 0:
+        logging.getLogger("coevolve").info(
+            f"{len(live)} step servers run steps (launch.max_servers: {keep + 1}); one more starts, each ends after its idle time")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0  # its server is ending
+
+
+def _stop_if_idle(path: Path) -> bool:
+    body = json.dumps({"stop_if_idle": True}).encode()
+    try:
+        with _open(path) as conn, conn.makefile("rb") as reply:
+            # A server still importing answers once it is ready.
+            conn.settimeout(30)
+            conn.sendall(HEADER.pack(len(body)) + body)
+            return json.loads(reply.readline())["stopped"]
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _open(path: Path) -> socket.socket:
@@ -253,20 +305,24 @@ def serve(path: Path, idle_s: float) -> None:
     binding.unlink(missing_ok=True)
     listener.bind(str(binding))
     listener.listen(64)
-    binding.replace(path)
     pid_file = path.with_suffix(".pid")
     code_file = path.with_suffix(".code")
     code_file.write_text(code_location())
+    # Written before the socket appears: a server that clients can reach is one the cap counts.
     pid_file.write_text(str(os.getpid()))
+    binding.replace(path)
     steps: dict[int, socket.socket] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         from coevolve.cli import STEPS
+        from coevolve.core.quiet import quiet_third_party
+
+        quiet_third_party()  # before the imports, some of which warn
 
         for module in ("coevolve.cli", *STEPS.values()):
             importlib.import_module(module)
         print(f"{time.strftime('%F %T')} step server {os.getpid()} ready ({path.name}, exits after {idle_s:g} s idle)", flush=True)
-        _loop(listener, steps, idle_s)
+        _loop(listener, steps, idle_s, pid_file)
     finally:
         for pid in steps:
             os.kill(pid, signal.SIGTERM)
@@ -275,7 +331,7 @@ def serve(path: Path, idle_s: float) -> None:
         code_file.unlink(missing_ok=True)
 
 
-def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: float) -> None:
+def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: float, pid_file: Path) -> None:
     events = selectors.DefaultSelector()
     events.register(listener, selectors.EVENT_READ, ("request", None))
     idle_since = time.monotonic()
@@ -288,10 +344,19 @@ def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: floa
             kind, pid = key.data
             if kind == "request":
                 conn, _ = listener.accept()
-                pid = _fork(conn, events)
-                if pid is None:
+                request, out = _read_request(conn)
+                if request is not None and out == -1:
+                    # Stopped only when the asker still waits for the answer: one that gave up counts it live.
+                    stopped = _send(conn, {"stopped": not steps}) and not steps
+                    conn.close()
+                    if stopped:
+                        print(f"{time.strftime('%F %T')} step server {os.getpid()} stopped: another was starting over launch.max_servers", flush=True)
+                        return
+                    continue
+                if request is None:
                     conn.close()
                     continue
+                pid = _fork(conn, request, out, events)
                 steps[pid] = conn
                 events.register(conn, selectors.EVENT_READ, ("client", pid))
                 events.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exit", pid))
@@ -315,12 +380,10 @@ def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: floa
                 conn.close()
                 if not steps:
                     idle_since = time.monotonic()
+                    os.utime(pid_file)
 
 
-def _fork(conn: socket.socket, events: selectors.BaseSelector) -> int | None:
-    request, out = _read_request(conn)
-    if request is None:
-        return None
+def _fork(conn: socket.socket, request: dict, out: int, events: selectors.BaseSelector) -> int:
     pid = os.fork()
     if pid == 0:
         # The step keeps none of the server's sockets: a client waits for EOF from the server's end.
@@ -335,7 +398,8 @@ def _fork(conn: socket.socket, events: selectors.BaseSelector) -> int | None:
 
 
 def _read_request(conn: socket.socket) -> tuple[dict | None, int]:
-    """The client's request and the write end of its output pipe; (None, -1) for a broken one."""
+    """The client's request and the write end of its output pipe (-1 for a request to stop, which has
+    none); (None, -1) for a broken one."""
     conn.settimeout(10)  # a client sends its whole request at once; never wait long on a broken one
     fds: list[int] = []
     try:
@@ -346,8 +410,12 @@ def _read_request(conn: socket.socket) -> tuple[dict | None, int]:
             if not chunk:
                 break
             body += chunk
-        if len(fds) == 1 and len(header) == HEADER.size and len(body) == HEADER.unpack(header)[0]:
-            return json.loads(body), fds[0]
+        if len(header) == HEADER.size and len(body) == HEADER.unpack(header)[0]:
+            request = json.loads(body)
+            if len(fds) == 1:
+                return request, fds[0]
+            if not fds and request == {"stop_if_idle": True}:
+                return request, -1
     except (OSError, ValueError):
         pass
     for fd in fds:
@@ -355,11 +423,12 @@ def _read_request(conn: socket.socket) -> tuple[dict | None, int]:
     return None, -1
 
 
-def _send(conn: socket.socket, message: dict) -> None:
+def _send(conn: socket.socket, message: dict) -> bool:
     try:
         conn.sendall(json.dumps(message).encode() + b"\n")
+        return True
     except OSError:
-        pass  # the client is gone; its step was terminated or has ended anyway
+        return False  # the client is gone; its step was terminated or has ended anyway
 
 
 def _run_step(request: dict, out: int) -> None:
