@@ -20,6 +20,15 @@ NAN = float("nan")
 
 # The per-iteration table: (column, step, metric key as the step writes it in DONE.json).
 COLUMNS = [
+    # What a referee (the sandbox's gold, or a judge) says first; the RM's own view after it.
+    ("eval: gold reward", "evaluate", "eval/gold_mean"),
+    ("eval: judge reward", "evaluate", "eval/judge_mean"),
+    ("eval: win rate vs policy_0", "evaluate", "eval/win_rate_vs_initial"),
+    ("eval: KL to policy_0", "evaluate", "eval/kl_to_initial"),
+    ("eval: RM score (proxy)", "evaluate", "eval/rm_score_mean"),
+    ("eval: RM acc original pairs", "evaluate", "eval/rm_acc_original"),
+    ("eval: RM acc current policy", "evaluate", "eval/rm_acc_current"),
+    ("eval: current policy's pairs (n)", "evaluate", "eval/fresh_pairs"),
     ("policy score (samples)", "e-step", "score/mean"),
     ("select win rate", "e-step", "select/best_win_rate"),
     ("policy_K score (D_MS)", "e-step", "select/best_score_mean"),
@@ -29,17 +38,12 @@ COLUMNS = [
     ("DPO loss (last)", "e-step", "dpo/loss_last"),
     ("pseudo kept", "m-step", "pseudo/kept"),
     ("pseudo dropped", "m-step", "pseudo/dropped"),
+    ("pseudo labels right by gold", "m-step", "pseudo/gold_label_acc"),
     ("RM loss (last)", "m-step", "rm_train/loss_last"),
     ("RM acc held-out, before", "m-step", "rm_before/accuracy_heldout"),
     ("RM acc held-out, after", "m-step", "rm_after/accuracy_heldout"),
     ("RM acc pseudo, before", "m-step", "rm_before/accuracy_pseudo"),
     ("RM acc pseudo, after", "m-step", "rm_after/accuracy_pseudo"),
-    ("eval: gold reward", "evaluate", "eval/gold_mean"),
-    ("eval: judge reward", "evaluate", "eval/judge_mean"),
-    ("eval: RM acc original pairs", "evaluate", "eval/rm_acc_original"),
-    ("eval: RM acc current policy", "evaluate", "eval/rm_acc_current"),
-    ("eval: win rate vs policy_0", "evaluate", "eval/win_rate_vs_initial"),
-    ("eval: KL to policy_0", "evaluate", "eval/kl_to_initial"),
 ]
 # What `before_after` compares between the first and the last evaluation.
 EVAL_LINES = [
@@ -66,22 +70,37 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     except OSError as err:
         raise rundir.RunDirError(f"{out}: cannot write the report there ({err.strerror}); give --out DIR") from None
     figures = {
+        "evaluation.png": evaluation(done),
         "policy_reward.png": policy_reward(done, iterations),
         "rm_accuracy.png": rm_accuracy(done, iterations),
         "pair_counts.png": pair_counts(done, iterations),
         "losses.png": losses(run_dir, steps),
         "response_lengths.png": response_lengths(run_dir, done, iterations),
         "wall_time.png": wall_time(steps),
-        "evaluation.png": evaluation(done),
     }
     plots = []
     for name, fig in figures.items():
         if fig is not None:
             fig.savefig(out / name, dpi=100, bbox_inches="tight")
-            plots.append(name)
+            plots.append((name, CAPTIONS[name]))
     page = out / "index.html"
     page.write_text(render(run_dir, steps, done, iterations, plots, os.path.relpath(run_dir, out)))
     return page
+
+
+CAPTIONS = {
+    "evaluation.png": "On held-out prompts (the evaluate step, iteration 0 included): the referee's reward (gold or judge) and "
+                      "the win rate over policy_0, with the RM's own score beside it as the proxy being optimised; KL to policy_0; "
+                      "and the RM's accuracy on the original pairs and on pairs of the current policy's answers (n pairs by each point).",
+    "policy_reward.png": "The E-step as the RM sees it: each iteration's scores come from that iteration's RM, so they compare "
+                         "within an iteration only; right, the model-selection win rate of the chosen checkpoint.",
+    "rm_accuracy.png": "The M-step: the RM before (rm_K-1) and after (rm_K) retraining, on held-out original pairs and on "
+                       "this iteration's pseudo pairs.",
+    "pair_counts.png": "How many pairs each step built, kept and dropped.",
+    "losses.png": "Training curves of every trainer in the run.",
+    "response_lengths.png": "Length of the policy's sampled answers per iteration.",
+    "wall_time.png": "Wall time per step and phase.",
+}
 
 
 def write_experiment_report(out_dir: Path) -> Path:
@@ -195,24 +214,38 @@ def policy_reward(done: dict, iterations: list[int]) -> Figure | None:
 
 
 def evaluation(done: dict) -> Figure | None:
-    """The evaluate step's measurements, iteration 0 included: the distribution-shift view."""
+    """The evaluate step's measurements, iteration 0 included: the referee's reward first, the RM's
+    score beside it as the proxy, KL, and the distribution-shift view with each point's n."""
     ks = sorted(k for k, step in done if step == "evaluate")
     if not ks:
         return None
-    fig = Figure(figsize=(10, 3.5))
-    left, right = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 3.5))
+    left, middle, right = fig.subplots(1, 3)
     _lines(left, ks, {
         "gold reward": series(done, ks, "evaluate", "eval/gold_mean"),
         "judge reward": series(done, ks, "evaluate", "eval/judge_mean"),
         "win rate vs policy_0": series(done, ks, "evaluate", "eval/win_rate_vs_initial"),
     })
-    left.set_title("policy on held-out prompts")
-    _lines(right, ks, {
-        "original held-out pairs": series(done, ks, "evaluate", "eval/rm_acc_original"),
-        "current policy's pairs": series(done, ks, "evaluate", "eval/rm_acc_current"),
-    })
-    right.set_title("RM accuracy against gold / judge")
-    right.set_ylim(0, 1)
+    left.set_title("policy on held-out prompts, by the referee")
+    proxy = series(done, ks, "evaluate", "eval/rm_score_mean")
+    if not all(math.isnan(y) for y in proxy):
+        twin = left.twinx()
+        twin.plot(ks, proxy, "s--", color="C3", markersize=4)
+        twin.set_ylabel("RM score (proxy)", color="C3")
+        twin.tick_params(axis="y", labelcolor="C3")
+    _lines(middle, ks, {"KL(policy_K || policy_0)": series(done, ks, "evaluate", "eval/kl_to_initial")})
+    middle.set_title("how far the policy moved")
+    accuracies = {
+        "original held-out pairs": ("eval/rm_acc_original", "eval/original_pairs"),
+        "current policy's pairs": ("eval/rm_acc_current", "eval/fresh_pairs"),
+    }
+    _lines(right, ks, {label: series(done, ks, "evaluate", key) for label, (key, _) in accuracies.items()})
+    for key, n_key in accuracies.values():
+        for k, acc, n in zip(ks, series(done, ks, "evaluate", key), series(done, ks, "evaluate", n_key)):
+            if not (math.isnan(acc) or math.isnan(n)):
+                right.annotate(f"n={int(n)}", (k, acc), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    right.set_title("RM accuracy against the referee")
+    right.set_ylim(0, 1.05)
     return fig
 
 
@@ -329,11 +362,12 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[str], to_run: str = "..") -> str:
+def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[tuple[str, str]], to_run: str = "..") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in COLUMNS)
+    rows = ([0] if any(k == 0 for k, _ in done) else []) + iterations
     body = "".join(
         f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(metric(done, k, s, key))}</td>" for _, s, key in COLUMNS) + "</tr>"
-        for k in iterations
+        for k in rows
     )
     step_rows = "".join(
         f"<tr><td>{k}</td><td><a href='{to_run}/{rundir.step_dir(Path(), k, name)}/log.txt'>{html.escape(name)}</a></td>"
@@ -341,18 +375,21 @@ def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots:
         f"<td>{html.escape(', '.join(f'{key}: {path}' for key, path in d.get('outputs', {}).items()))}</td></tr>"
         for k, name, d in steps
     )
-    images = "".join(f"<figure><img src='{name}' alt='{name}'><figcaption>{name}</figcaption></figure>" for name in plots)
+    images = "".join(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+                     for name, caption in plots)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>coevolve report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} img{{max-width:100%}}</style></head>
 <body><h1>coevolve run {html.escape(str(run_dir.resolve()))}</h1>
 <h2>Per iteration</h2>
-<p>Policy scores are under that iteration's RM (rm_K-1); RM accuracy "before" is rm_K-1, "after" is rm_K,
-on held-out original pairs (the original distribution) and on this iteration's pseudo pairs (the policy's current distribution).</p>
+<p>The "eval" columns are the evaluate step's, on held-out prompts: the referee's reward (gold or judge) comes first,
+the RM's own score of the policy (the proxy it is optimised against) after it. Policy scores are under that iteration's
+RM (rm_K-1); RM accuracy "before" is rm_K-1, "after" is rm_K, on held-out original pairs (the original distribution) and
+on this iteration's pseudo pairs (the policy's current distribution).</p>
 <table><tr><th>iteration</th>{head}</tr>{body}</table>
 {images}
 <h2>Steps</h2>
-<table><tr><th>iteration</th><th>step (log)</th><th>wall time (s)</th><th></th><th>outputs</th></tr>{step_rows}</table>
+<table><tr><th>iteration</th><th>step (log)</th><th>wall time (s)</th><th>stop</th><th>outputs</th></tr>{step_rows}</table>
 </body></html>
 """

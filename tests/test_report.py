@@ -31,6 +31,16 @@ def test_report_page_shows_every_iteration_and_its_plots(tiny_run, capsys):
         row = re.search(rf"<tr><td>{k}</td>(.*?)</tr>", text).group(1)
         assert f"<td>{pairs}</td>" in row and f"<td>{kept}</td>" in row, row
     assert "../iter_2/m-step/log.txt" in text
+    # The report leads with what the referee says, not with the RM's opinion: the held-out evaluation is the
+    # first figure and the first columns, the RM's score after the gold and labelled as the proxy.
+    assert re.findall(r"<img src='([^']+)'", text)[0] == "evaluation.png"
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", text)
+    assert len(captions) == len(PLOTS) and not any(c.endswith(".png") for c in captions)
+    headers = re.findall(r"<th>([^<]*)</th>", text)
+    assert headers.index("eval: gold reward") < headers.index("eval: RM score (proxy)") < headers.index("policy score (samples)")
+    assert "" not in headers
+    gold_0 = rundir.read_done(tiny_run, 0, "evaluate")["metrics"]["eval/gold_mean"]
+    assert re.search(rf"<tr><td>0</td><td>{gold_0:.3g}</td>", text)  # the starting policy has its row
 
 
 def test_report_of_a_run_with_nothing_finished_says_so(tmp_path, capsys):
