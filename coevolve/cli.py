@@ -12,10 +12,10 @@ from pathlib import Path
 from coevolve.core import provenance, rundir, runlock
 from coevolve.core.config import Config, ConfigError, prepare_run
 from coevolve.core.errors import InputError
-from coevolve.core.plan import require_ready, step_plan
+from coevolve.core.plan import require_ready, step_plan, up_to_date
 from coevolve.core.quiet import VERBOSE_ENV, prefect_telemetry_off
 from coevolve.core.step import StepCrashed, StepRun, setup_logging
-from coevolve.data.fingerprint import changed_since_init, init_is_stale
+from coevolve.data.fingerprint import init_is_stale
 
 log = logging.getLogger("coevolve")
 
@@ -69,8 +69,7 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
 
     for k, name in step_plan(cfg):
         # A stale step is redone by its own process, which says why.
-        if rundir.is_done(run_dir, k, name) and not force and not provenance.stale_because(run_dir, cfg, k, name) \
-                and not (name == "init" and changed_since_init(run_dir, cfg)):
+        if not force and up_to_date(run_dir, cfg, k, name):
             log.info(f"iteration {k} {name}: already done, skipped")
         else:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])

@@ -14,11 +14,11 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.states import Completed
 
-from coevolve.core import provenance, rundir
+from coevolve.core import rundir
 from coevolve.core.config import Config, load_config
 from coevolve.core.launch import StepFailed, run_process, step_command
+from coevolve.core.plan import up_to_date
 from coevolve.core.runlock import LOCK_ENV
-from coevolve.data.fingerprint import changed_since_init
 
 
 def gpu_slots(limit: str | None, gpus: int):
@@ -37,8 +37,7 @@ def run_step(
     run_lock: str | None = None,
 ):
     run = Path(run_dir)
-    if rundir.is_done(run, iteration, step) and not provenance.stale_because(run, cfg, iteration, step) \
-            and not (step == "init" and changed_since_init(run, cfg)):
+    if up_to_date(run, cfg, iteration, step):
         return Completed(name="Skipped", message=f"already done: {rundir.step_dir(run, iteration, step)}/DONE.json")
     if step_deployment is not None:
         as_job(step_deployment, run_dir, iteration, step)

@@ -7,6 +7,13 @@ from pathlib import Path
 from coevolve.core import provenance, rundir
 from coevolve.core.config import Config
 from coevolve.core.rundir import STEP_ORDER, RunDirError
+from coevolve.data.fingerprint import changed_since_init
+
+def up_to_date(run: Path, cfg: Config, k: int, name: str) -> bool:
+    """Finished, and still what config.yaml and the data files describe: a run skips it."""
+    return (rundir.is_done(run, k, name) and not provenance.stale_because(run, cfg, k, name)
+            and not (name == "init" and changed_since_init(run, cfg)))
+
 
 # Steps that sample from a model (retried by default) vs steps that train.
 GENERATION_STEPS = {"revise", "evaluate"}
