@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from coevolve.core.fastgen import StaticGraphBackend, UnsupportedModel, backend
 from coevolve.core.fastgen.model import CHUNK
 from coevolve.core.fastgen.sampling import Sampler, row_stats, sequence_key, top_candidates, uniform
-from coevolve.core.generation import SamplingParams, choose_backend, make_backend, static_unsupported_because
+from coevolve.core.generation import SamplingParams, choose_backend, make_backend
 
 PROMPTS = ["hello there", "a", "the quick brown fox jumps over", "1 + 1 =", "zz", "once upon a time in a land far away"]
 
@@ -210,8 +210,8 @@ def test_unsupported_architecture_is_refused(tok):
 def test_auto_takes_static_on_a_gpu_for_the_decoders_it_runs(tok):
     llama, qwen = tiny("llama", tok), tiny("qwen2", tok)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tok)))
-    assert static_unsupported_because(llama) is None and static_unsupported_because(qwen) is None
-    assert "this model is 'gpt2'" in static_unsupported_because(gpt2)
+    assert StaticGraphBackend.unsupported_because(llama) is None and StaticGraphBackend.unsupported_because(qwen) is None
+    assert "this model is 'gpt2'" in StaticGraphBackend.unsupported_because(gpt2)
     # A backend named in the config is taken as is; auto on a CPU is HF generate.
     assert choose_backend("static", llama) == ("static", "generation.backend")
     assert choose_backend("auto", gpt2) == ("hf", "auto: no CUDA")

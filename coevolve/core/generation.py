@@ -6,15 +6,15 @@ by `generation.backend` in the config (`auto`: `choose_backend`).
 """
 from __future__ import annotations
 
+import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from coevolve.core.config import ConfigError
-from coevolve.core.fastgen import StaticGraphBackend
-from coevolve.core.fastgen.model import UnsupportedModel, check_supported
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,15 @@ class Generations:
 
 
 class Backend(Protocol):
+    # Called with (items done, items in all) as a call goes on; set per call by the caller.
+    progress: Callable[[int, int], None] | None
+
+    def __init__(self, model, tokenizer, **settings: Any) -> None: ...
+
+    @staticmethod
+    def unsupported_because(model) -> str | None:
+        """Why this backend cannot sample `model`, or None."""
+
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations: ...
 
 
@@ -77,6 +86,10 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
+
+    @staticmethod
+    def unsupported_because(model) -> str | None:
+        return None  # any causal LM of transformers
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations:
@@ -121,7 +134,17 @@ def _until_eos(seq: torch.Tensor, eos_id: int) -> torch.Tensor:
     return seq[: int(hits[0]) + 1] if len(hits) else seq
 
 
-BACKENDS = {"hf": HFBackend, "static": StaticGraphBackend}
+# Registered by name and imported when chosen: a backend imports this module's API, never the
+# other way round, and a run pays only for the backend it uses.
+BACKENDS = {"hf": "coevolve.core.generation:HFBackend", "static": "coevolve.core.fastgen:StaticGraphBackend"}
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        module, cls = BACKENDS[name].split(":")
+    except KeyError:
+        raise ConfigError(f"generation.backend: unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+    return getattr(importlib.import_module(module), cls)
 
 
 def choose_backend(name: str, model) -> tuple[str, str]:
@@ -131,21 +154,9 @@ def choose_backend(name: str, model) -> tuple[str, str]:
         return name, "generation.backend"
     if model.device.type != "cuda":
         return "hf", "auto: no CUDA"
-    why_not = static_unsupported_because(model)
+    why_not = backend_class("static").unsupported_because(model)
     return ("hf", f"auto: {why_not}") if why_not else ("static", "auto")
 
 
-def static_unsupported_because(model) -> str | None:
-    try:
-        check_supported(model)
-    except UnsupportedModel as err:
-        return str(err)
-    return None
-
-
 def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:
-    try:
-        cls = BACKENDS[name]
-    except KeyError:
-        raise ConfigError(f"generation.backend: unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
-    return cls(model, tokenizer, **kwargs)
+    return backend_class(name)(model, tokenizer, **kwargs)
