@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 out = args.out or args.run_dir / "exports" / f"{args.kind}.{args.format}"
                 print(export(args.run_dir, args.kind, args.format, out))
-    except (InputError, FileNotFoundError) as err:
-        # One clear line for the user's mistakes; tracebacks are for our bugs.
+    except InputError as err:
+        # One clear line for the user's mistakes (core/errors.py); any other error is a bug, and keeps its
+        # traceback: in the step's log for a step (StepCrashed, below), on the console elsewhere.
         print(f"coevolve: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except StepCrashed as err:

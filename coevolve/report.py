@@ -61,7 +61,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         return write_experiment_report(run_dir)
     steps = rundir.finished_steps(run_dir)
     if not steps:
-        raise FileNotFoundError(f"{run_dir}: no finished step (no iter_*/<step>/DONE.json) to report on")
+        raise rundir.RunDirError(f"{run_dir}: no finished step (no iter_*/<step>/DONE.json) to report on")
     done = {(k, name): d for k, name, d in steps}
     iterations = sorted({k for k, _, _ in steps if k > 0})
     out = Path(out) if out is not None else run_dir / "report"
