@@ -159,10 +159,10 @@ def main(argv: list[str] | None = None) -> None:
 
             print(write_report(args.run_dir, args.out))
         elif args.command == "data":
-            from coevolve.data.export import export, summary
+            from coevolve.data.export import export, summary as store_summary
 
             if args.data_command == "show":
-                print(summary(args.run_dir))
+                print(store_summary(args.run_dir))
             else:
                 out = args.out or args.run_dir / "exports" / f"{args.kind}.{args.format}"
                 print(export(args.run_dir, args.kind, args.format, out))

@@ -9,6 +9,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import datasets
 from matplotlib import colormaps
@@ -338,7 +339,7 @@ def response_lengths(run_dir: Path, done: dict, iterations: list[int]) -> Figure
 def wall_time(steps: list) -> Figure:
     fig = Figure(figsize=(8, 0.4 * len(steps) + 1.5))
     ax = fig.subplots()
-    colors = {}
+    colors: dict[str, Any] = {}
     palette = colormaps["tab20"]
     labels = [f"iter{k} {name}" for k, name, _ in steps]
     for row, (_, _, d) in enumerate(steps):

@@ -26,6 +26,7 @@ cli.main(sys.argv[1:])
 """
 
 
+@pytest.mark.integration
 def test_a_crashed_step_logs_its_traceback_and_says_one_line(tmp_path):
     (tmp_path / "crashing_step.py").write_text(CRASH)
     run = tmp_path / "run"

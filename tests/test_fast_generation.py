@@ -44,7 +44,7 @@ def tiny(kind: str, tok, **extra):
 
 
 def hf_greedy(model, tok, prompt: str, max_new: int) -> list[int]:
-    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
     out = model.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return out[0, ids.shape[1] :].tolist()
 
@@ -74,6 +74,32 @@ def test_greedy_matches_hf_generate_token_for_token(tok, kind, extra, monkeypatc
         ref = hf_greedy(model, tok, prompt, 24)
         assert samples == [ref[: m[0]], ref[: m[1]]], prompt
     assert stats["compactions"] >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["bmm", "sdpa", "triton"])
+def test_greedy_on_cuda_under_graphs_matches_hf_generate_token_for_token(tok, attention, monkeypatch):
+    monkeypatch.setattr(backend, "MIN_ROWS", 1)
+    model = tiny("llama", tok, attention_bias=True).cuda()
+    be = StaticGraphBackend(model, tok, batch_size=5, sync_every=4, attention=attention, cuda_graphs=True)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    out, _, stats = be.generate_ids(ids, SamplingParams(n=2, temperature=0.0, max_new_tokens=24))
+    assert stats["cuda_graphs"] is True and stats["attention"] == attention and stats["graphs"] >= 1
+    for prompt, samples in zip(PROMPTS, out):
+        ref = hf_greedy(model, tok, prompt, 24)
+        assert samples == [ref, ref], prompt
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_change_no_sample_and_no_logprob(tok):
+    model = tiny("qwen2", tok).cuda()
+    params = SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=20, seed=7, logprobs=True)
+    graphs = StaticGraphBackend(model, tok, batch_size=8, sync_every=4, cuda_graphs=True).generate(PROMPTS, params)
+    eager = StaticGraphBackend(model, tok, batch_size=8, sync_every=4, cuda_graphs=False).generate(PROMPTS, params)
+    assert graphs.stats["graphs"] >= 1 and eager.stats["graphs"] == 0
+    assert graphs.token_ids == eager.token_ids and graphs.texts == eager.texts
+    for a, b in zip(graphs.logprobs, eager.logprobs):
+        torch.testing.assert_close([torch.tensor(x) for x in a], [torch.tensor(x) for x in b])
 
 
 def test_greedy_texts_and_counts_match_hf_backend(tok):

@@ -269,6 +269,7 @@ def test_run_leaves_a_complete_run_directory(tiny_run):
     assert final.parent.parent.parent.name == "e-step" and AutoModelForCausalLM.from_pretrained(final)
 
 
+@pytest.mark.integration
 def test_rm_init_labels_pairs_sampled_from_the_starting_policy(tmp_path):
     run = tmp_path / "run"
     cfg = prepare_run(str(TINY), [*FAST, "data.pair_source=policy"], run)
