@@ -80,6 +80,9 @@ def test_greedy_matches_hf_generate_token_for_token(tok, kind, extra, monkeypatc
 @pytest.mark.parametrize("attention", ["bmm", "sdpa", "triton"])
 def test_greedy_on_cuda_under_graphs_matches_hf_generate_token_for_token(tok, attention, monkeypatch):
     monkeypatch.setattr(backend, "MIN_ROWS", 1)
+    # tl.dot takes fp32 as tf32 unless told otherwise, and greedy then parts from HF's fp32 within 24
+    # tokens (seen on an H200); in ieee fp32 it is exact. Read when the kernel compiles, in this test.
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     model = tiny("llama", tok, attention_bias=True).cuda()
     be = StaticGraphBackend(model, tok, batch_size=5, sync_every=4, attention=attention, cuda_graphs=True)
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
