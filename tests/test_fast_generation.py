@@ -13,7 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from coevolve.core.fastgen import StaticGraphBackend, UnsupportedModel, backend
 from coevolve.core.fastgen.model import CHUNK
 from coevolve.core.fastgen.sampling import Sampler, row_stats, sequence_key, top_candidates, uniform
-from coevolve.core.generation import SamplingParams, choose_backend, make_backend
+from coevolve.core.config import ConfigError
+from coevolve.core.generation import SamplingParams, backend_class, choose_backend, make_backend, with_logprobs
 
 PROMPTS = ["hello there", "a", "the quick brown fox jumps over", "1 + 1 =", "zz", "once upon a time in a land far away"]
 
@@ -162,6 +163,25 @@ def test_weights_are_reread_each_call(tok):
     after = be.generate(PROMPTS[:2], params).texts
     assert after != before
     assert after == make_backend("hf", model, tok).generate(PROMPTS[:2], params).texts
+
+
+@pytest.mark.parametrize("name", ["hf", "static"])
+def test_update_weights_samples_from_the_new_checkpoint(tok, name):
+    model, other = tiny("qwen2", tok), tiny("qwen2", tok, initializer_range=0.3)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    be = make_backend(name, model, tok)
+    before = be.generate(PROMPTS[:3], params).texts
+    be.update_weights(other.state_dict())
+    after = be.generate(PROMPTS[:3], params).texts
+    assert after != before
+    assert after == make_backend(name, other, tok).generate(PROMPTS[:3], params).texts
+
+
+def test_backends_are_registered_by_name_and_say_what_they_give():
+    assert backend_class("static") is StaticGraphBackend
+    assert with_logprobs() == ["static"]
+    with pytest.raises(ConfigError, match="unknown backend 'vllm'; choose one of \\['hf', 'static'\\]"):
+        backend_class("vllm")
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.8, 0.9), (1.3, 1.0), (0.0, 1.0)])

@@ -2,7 +2,8 @@
 
 A backend turns chat-rendered prompt texts into `n` sampled completions per prompt. `hf` is plain
 `model.generate` (the reference); faster backends implement the same `Backend` protocol and are chosen
-by `generation.backend` in the config (`auto`: `choose_backend`).
+by `generation.backend` in the config (`auto`: `choose_backend`). What a backend declares, how one is
+added, and why `static` is our own engine and not vLLM or SGLang: docs/generation.md.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -62,6 +63,9 @@ class Generations:
 class Backend(Protocol):
     # Called with (items done, items in all) as a call goes on; set per call by the caller.
     progress: Callable[[int, int], None] | None
+    # Whether `generate` gives SamplingParams.logprobs (the sampled tokens' untempered log-probs), which
+    # spare DPO its reference forward (policy/sampled_reference.py); a backend that cannot leaves them None.
+    supports_logprobs: ClassVar[bool]
 
     def __init__(self, model, tokenizer, **settings: Any) -> None: ...
 
@@ -70,6 +74,9 @@ class Backend(Protocol):
         """Why this backend cannot sample `model`, or None."""
 
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations: ...
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Sample from these weights (another checkpoint of the same model) from the next call on."""
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -81,6 +88,8 @@ class HFBackend:
     """Reference backend: left-padded batches through `model.generate`, prompts sorted by length so a
     batch wastes little padding. It returns no log-probs (SamplingParams.logprobs is ignored)."""
 
+    supports_logprobs = False
+
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: Callable[[int, int], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -90,6 +99,9 @@ class HFBackend:
     @staticmethod
     def unsupported_because(model) -> str | None:
         return None  # any causal LM of transformers
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations:
@@ -156,6 +168,11 @@ def choose_backend(name: str, model) -> tuple[str, str]:
         return "hf", "auto: no CUDA"
     why_not = backend_class("static").unsupported_because(model)
     return ("hf", f"auto: {why_not}") if why_not else ("static", "auto")
+
+
+def with_logprobs() -> list[str]:
+    """The backends that give the sampled tokens' log-probs."""
+    return [name for name in BACKENDS if backend_class(name).supports_logprobs]
 
 
 def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:

@@ -48,6 +48,8 @@ class StaticGraphBackend:
     syncs. attention: "auto" (Triton on CUDA when available, else "bmm"), "bmm", "sdpa" or "triton".
     cuda_graphs: default on for CUDA models."""
 
+    supports_logprobs = True
+
     def __init__(
         self,
         model,
@@ -88,6 +90,11 @@ class StaticGraphBackend:
         except UnsupportedModel as err:
             return str(err)
         return None
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        # Copied into the module's own tensors: each call re-reads them (Weights.refresh), and the captured
+        # graphs, which point at them, stay valid.
+        self.model.load_state_dict(state_dict)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations:
