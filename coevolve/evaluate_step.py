@@ -148,7 +148,7 @@ def measure(scored: Path, referee: Referee, kl: float, tmp: Path) -> dict:
 
 
 def main(step: StepRun) -> dict:
-    cfg, k, run = step.cfg, step.iteration, step.run_dir
+    k, run = step.iteration, step.run_dir
     here = (k, step.name)
     policy = step.inputs["policy"] = rundir.require_output(run, "policy", here)
     rm = step.inputs["rm"] = rundir.require_output(run, "rm", here)

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, pstdev
+from typing import Any
 
 from coevolve.core import rundir
 from coevolve.core.config import Config, ConfigError, load_config
@@ -135,7 +136,8 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
     def one(job: tuple[str, int]) -> tuple[str, int, int | str]:
         arm, seed = job
         run = out / arm / f"seed_{seed}"
-        began, code = time.perf_counter(), 0
+        began = time.perf_counter()
+        code: int | str = 0
         if job in starts:
             start, code = shared_start(starts[job])
             if code == 0:
@@ -182,11 +184,11 @@ def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
 
 def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task: str | None) -> dict:
     referee = "gold" if task else "judge"
-    summary = {"bench": "sandbox", "task": task, "device": _device(), "date": dt.date.today().isoformat(),
+    summary: dict[str, Any] = {"bench": "sandbox", "task": task, "device": _device(), "date": dt.date.today().isoformat(),
                "seeds": len(seeds), "iterations": iterations, "arms": {}}
     for arm in arms:
         runs = [run_series(out / arm / f"seed_{s}", iterations) for s in seeds]
-        row = {"stopped_runs": sum(stopped for _, stopped in runs)}
+        row: dict[str, Any] = {"stopped_runs": sum(stopped for _, stopped in runs)}
         for metric in (f"{referee}_mean", *METRICS, *M_STEP_METRICS):
             name = referee if metric == f"{referee}_mean" else metric
             means, stds = [], []

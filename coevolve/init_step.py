@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import TYPE_CHECKING
 
 import datasets
 
@@ -23,8 +24,11 @@ from coevolve.core.step import StepRun
 from coevolve.data.fingerprint import data_files
 from coevolve.data.lengths import fit_prompts
 from coevolve.data.sources import DataError, load_source, select_columns
-from coevolve.data.records import pair_records, split_pairs
-from coevolve.data.store import Store, prompt_id
+from coevolve.data.records import original_pair_records, split_pairs
+from coevolve.data.store import prompt_id
+
+if TYPE_CHECKING:
+    from coevolve.data.tasks import Task
 
 log = logging.getLogger("coevolve")
 
@@ -34,7 +38,7 @@ def _from_source(src, columns: dict[str, str]) -> datasets.Dataset:
     return select_columns(ds, f"{src.path} (split {src.split})", {ours: getattr(src, f"{ours}_column") for ours in columns})
 
 
-def _read_inputs(step: StepRun) -> tuple[dict[str, datasets.Dataset], object]:
+def _read_inputs(step: StepRun) -> tuple[dict[str, datasets.Dataset], Task | None]:
     data = step.cfg.data
     task = None
     if data.task:
@@ -66,7 +70,7 @@ def check(step: StepRun) -> None:
     cfg = step.cfg
     data = cfg.data
     inputs, task = _read_inputs(step)
-    text = []
+    text: list[str] = []
     if cfg.policy.tiny:  # its tokenizer is made from all the text, as materialize makes it
         text = [v for ds in inputs.values() for col in ds.column_names for v in ds[col]] + (task.corpus() if task else [])
     tok, context = policy_reader(cfg.policy, text)
@@ -104,12 +108,12 @@ def build_data(step: StepRun, tmp) -> dict:
     splits = ["select"] * data.select_size + ["eval"] * data.eval_size + ["rm"] * n_rm + ["policy"] * (len(prompts) - held - n_rm)
     records = [{"prompt_id": prompt_id(p), "prompt": p, "split": s, "iteration": 0} for p, s in zip(prompts, splits)]
     datasets.Dataset.from_list(records).save_to_disk(str(tmp / "prompts"))
-    Store(step.run_dir).append("prompts", 0, records)
+    step.store().append("prompts", 0, records)
     metrics = {f"data/prompts_{s}": splits.count(s) for s in ("policy", "rm", "select", "eval")}
     if "pairs" in inputs:
         pairs = split_pairs(inputs["pairs"], data.heldout_pairs, rng)
         pairs.save_to_disk(str(tmp / "pairs"))
-        store_original_pairs(step, pairs)
+        step.store().append("pairs", 0, original_pair_records(pairs, step.name))
         metrics.update({f"data/pairs_{s}": pairs["split"].count(s) for s in ("train", "heldout")})
     if "demos" in inputs:
         inputs["demos"].save_to_disk(str(tmp / "demos"))
@@ -120,11 +124,6 @@ def build_data(step: StepRun, tmp) -> dict:
         if count:
             log.warning(f"{name}: {count} rows with a prompt over {step.checked['limit']} tokens {action} (data.long_prompts, data.max_prompt_tokens)")
     return metrics
-
-
-def store_original_pairs(step: StepRun, pairs: datasets.Dataset) -> None:
-    unscored = pairs.map(lambda r: {"chosen_score": float("nan"), "rejected_score": float("nan")})
-    Store(step.run_dir).append("pairs", 0, pair_records(unscored, 0, step.name, "original"))
 
 
 def corpus(step: StepRun) -> list[str]:

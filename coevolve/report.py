@@ -9,6 +9,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import datasets
 from matplotlib import colormaps
@@ -61,7 +62,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         return write_experiment_report(run_dir)
     steps = rundir.finished_steps(run_dir)
     if not steps:
-        raise FileNotFoundError(f"{run_dir}: no finished step (no iter_*/<step>/DONE.json) to report on")
+        raise rundir.RunDirError(f"{run_dir}: no finished step (no iter_*/<step>/DONE.json) to report on")
     done = {(k, name): d for k, name, d in steps}
     iterations = sorted({k for k, _, _ in steps if k > 0})
     out = Path(out) if out is not None else run_dir / "report"
@@ -338,7 +339,7 @@ def response_lengths(run_dir: Path, done: dict, iterations: list[int]) -> Figure
 def wall_time(steps: list) -> Figure:
     fig = Figure(figsize=(8, 0.4 * len(steps) + 1.5))
     ax = fig.subplots()
-    colors = {}
+    colors: dict[str, Any] = {}
     palette = colormaps["tab20"]
     labels = [f"iter{k} {name}" for k, name, _ in steps]
     for row, (_, _, d) in enumerate(steps):

@@ -58,6 +58,12 @@ def revision_records(rows, iteration: int, step: str, policy: str) -> list[dict]
     return records
 
 
+def original_pair_records(pairs, step: str) -> list[dict]:
+    """The original pairs as iteration 0's stored pairs: no RM has scored them."""
+    unscored = pairs.map(lambda r: {"chosen_score": float("nan"), "rejected_score": float("nan")})
+    return pair_records(unscored, 0, step, "original")
+
+
 def split_pairs(pairs, heldout_share: float, rng):
     """Original pairs with `split` (train | heldout, a `heldout_share` of them held out) and `prompt_id`."""
     from .store import prompt_id

@@ -44,7 +44,7 @@ def difficulty(responses: Dataset) -> dict[str, float]:
     per_prompt: dict[str, list[float]] = defaultdict(list)
     for (it, _, _), scores in rounds.items():
         pids = list(scores)
-        q_mean = _percentiles([np.mean(scores[p]) for p in pids])
+        q_mean = _percentiles([float(np.mean(scores[p])) for p in pids])
         q_margin = _percentiles([max(scores[p]) - min(scores[p]) for p in pids])
         for p, qm, qg in zip(pids, q_mean, q_margin):
             if it == latest[p]:
@@ -104,7 +104,7 @@ def _proportional_sample(weights: list[float], k: int, rng: np.random.Generator)
     PPS sampling); items whose share would exceed 1 are taken for sure, the rest share what is left.
     Plain weighted draws without replacement would under-pick the heaviest items."""
     w = np.asarray(weights, dtype=float)
-    sure = np.zeros(len(w), dtype=bool)
+    sure: np.ndarray = np.zeros(len(w), dtype=bool)
     while True:
         rest = np.flatnonzero(~sure)
         k_rest = k - int(sure.sum())

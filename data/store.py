@@ -30,8 +30,6 @@ from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
-from coevolve.core import distributed
-
 from .ids import normalise, prompt_id
 from .sampling import difficulty
 from .schema import FEATURES, empty, validate
@@ -44,14 +42,17 @@ _ITER = re.compile(r"^(\.?)iter_(\d+)(\.old)?$")
 
 
 class Store:
-    def __init__(self, run_dir: str | Path, max_rows: dict[str, int] | None = None):
+    """`writer=False` for all but one of several processes running a step: their appends do nothing,
+    the one writer appends once for all (StepRun.store)."""
+
+    def __init__(self, run_dir: str | Path, max_rows: dict[str, int] | None = None, writer: bool = True):
         self.root = Path(run_dir) / "stores"
         self.max_rows = max_rows or {}
+        self.writer = writer
 
     def append(self, kind: str, iteration: int, records: list[dict] | Dataset) -> None:
-        """Write `records` as iteration `iteration` of `kind`, replacing what that iteration held. Under
-        several processes (core/distributed.py) the main one writes, once, for all."""
-        if not distributed.is_main():
+        """Write `records` as iteration `iteration` of `kind`, replacing what that iteration held."""
+        if not self.writer:
             return
         rows = validate(kind, iteration, records)
         earlier = self.load(kind, [k for k in self.iterations(kind) if k < iteration])

@@ -36,31 +36,11 @@ from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
 from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, preference_dataset, train_sft, trainer_args
 from coevolve.data.records import pair_records, response_records
-from coevolve.data.sampling import sample_prompts
-from coevolve.data.store import Store
+from coevolve.data.selection import policy_batch
 from coevolve.policy.pairs import RULES
 from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, not_sampled_because, sampled_rows, unusable_because
 
 log = logging.getLogger("coevolve")
-
-
-def iteration_prompts(prompts: datasets.Dataset, split: str, per_iteration: int | None, k: int) -> datasets.Dataset:
-    """This iteration's share of a split: all of it, or the (k-1)-th chunk of `per_iteration` (cycling)."""
-    rows = prompts.filter(lambda r: r["split"] == split)
-    if per_iteration is None or per_iteration >= len(rows):
-        return rows
-    start = ((k - 1) * per_iteration) % len(rows)
-    return rows.select([(start + i) % len(rows) for i in range(per_iteration)])
-
-
-def policy_batch(cfg: Config, run: Path, prompts: datasets.Dataset, k: int) -> datasets.Dataset:
-    """Iteration k's policy-update prompts: its share of the split, mixed with hard past prompts when
-    `stores.hard_fraction` is set. The revise step answers the same batch."""
-    batch = iteration_prompts(prompts, "policy", cfg.e_step.prompts_per_iteration, k)
-    if cfg.stores.hard_fraction > 0:
-        mixed = sample_prompts(batch.to_list(), Store(run, cfg.stores.max_rows), k, len(batch), cfg.stores.hard_fraction, cfg.seed + k, cfg.stores.easy_threshold)
-        batch = datasets.Dataset.from_list(mixed)
-    return batch
 
 
 def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path, logprobs: bool) -> dict:
@@ -283,7 +263,7 @@ def main(step: StepRun) -> dict:
         # The kept revisions are this E-step's RM-ranked pairs; they are in the revisions store already.
         outputs = {"pairs": revised["pairs"]} if "pairs" in revised else {}
     else:
-        store = Store(run, cfg.stores.max_rows)
+        store = step.store()
         scored_rows = datasets.load_from_disk(str(scored))
         store.append("responses", k, response_records(scored_rows, k, step.name, rundir.relative(run, policy), rundir.relative(run, rm)))
         store.append("pairs", k, pair_records(datasets.load_from_disk(str(built / "pairs")), k, step.name, "e-step"))

@@ -16,6 +16,7 @@ from trl import DPOTrainer
 from trl.trainer import dpo_trainer
 
 from coevolve.core.config import Config
+from coevolve.core.generation import with_logprobs
 
 # The pair columns build_pairs adds when the samples came with their log-probs.
 SAMPLED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_logps", "rejected_logps")
@@ -37,7 +38,7 @@ def unusable_because(cfg: Config, same_as_policy: bool, pairs: datasets.Dataset,
     if any(c not in pairs.column_names for c in SAMPLED_COLUMNS):
         if cfg.e_step.mode == "dpo+seft":
             return "the revision pairs mixed in (e_step.mode dpo+seft) were not sampled by the policy"
-        return "the generation backend that sampled them returned no log-probs (hf does not; static does)"
+        return f"the generation backend that sampled them returned no log-probs (those that do: {', '.join(with_logprobs())})"
     if args.ld_alpha is not None or args.truncation_mode != "keep_start":
         return "ld_alpha or truncation_mode keep_end weigh or cut the completions differently from a plain sum"
     return None

@@ -23,8 +23,7 @@ from coevolve.core import rundir
 from coevolve.core.rollout import sample, score
 from coevolve.core.step import StepRun
 from coevolve.data.records import revision_records
-from coevolve.data.store import Store
-from coevolve.policy.e_step import policy_batch
+from coevolve.data.selection import policy_batch
 from coevolve.revision.template import revision_prompt
 
 
@@ -124,5 +123,5 @@ def main(step: StepRun) -> dict:
     decided = step.phase("decide", lambda tmp: write_decisions(datasets.load_from_disk(str(rescored)), tmp))
 
     revisions = datasets.load_from_disk(str(decided / "revisions"))
-    Store(run, cfg.stores.max_rows).append("revisions", k, revision_records(revisions, k, step.name, rundir.relative(run, policy)))
+    step.store().append("revisions", k, revision_records(revisions, k, step.name, rundir.relative(run, policy)))
     return step.finish({name: f"decide/{name}" for name in ("revisions", "sft", "pairs") if (decided / name).exists()})

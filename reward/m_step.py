@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from statistics import mean, pstdev
-from typing import Callable
 
 import datasets
 
@@ -30,9 +30,9 @@ from coevolve.core.scoring import pairwise_accuracy
 from coevolve.core.step import StepRun
 from coevolve.data.records import pair_records
 from coevolve.data.sampling import replay_mix
+from coevolve.data.selection import iteration_prompts
 from coevolve.data.store import Store
 from coevolve.data.tasks import load_task
-from coevolve.policy.e_step import iteration_prompts
 from coevolve.reward.training import accuracy_phase, train_rm
 
 def generate(step: StepRun, new: Path, old: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
@@ -75,7 +75,7 @@ def pseudo_pairs(scored: datasets.Dataset, tmp: Path, gold: Callable[[str, str],
     # datasets cannot load back a saved empty dataset, so an empty set is simply not written.
     if dropped:
         datasets.Dataset.from_list(dropped, features=kept_ds.features).save_to_disk(str(tmp / "dropped"))
-    reasons = {}
+    reasons: dict[str, int] = {}
     for d in dropped:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
     return {
@@ -167,7 +167,7 @@ def main(step: StepRun) -> dict:
 
     dropped = [datasets.load_from_disk(str(pseudo / "dropped"))] if (pseudo / "dropped").exists() else []
     rows = datasets.concatenate_datasets([kept, *dropped])
-    Store(run, cfg.stores.max_rows).append("pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason")))
+    step.store().append("pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason")))
     outputs = {"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "train_mix": "mix"}
     if dropped:
         outputs["dropped"] = "pseudo/dropped"

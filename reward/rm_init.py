@@ -20,9 +20,8 @@ import datasets
 from coevolve.core import rundir
 from coevolve.core.rollout import sample
 from coevolve.core.step import StepRun
-from coevolve.data.records import split_pairs
+from coevolve.data.records import original_pair_records, split_pairs
 from coevolve.data.tasks import load_task
-from coevolve.init_step import store_original_pairs
 from coevolve.reward.training import accuracy_phase, train_rm
 
 
@@ -36,7 +35,7 @@ def sample_pairs(step: StepRun, policy: Path, tmp: Path) -> dict:
         raise RuntimeError(f"rm-init: the starting policy gave no two distinct responses on any of {len(prompts)} prompts; no pairs to label")
     pairs = split_pairs(datasets.Dataset.from_list(rows), data.heldout_pairs, random.Random(f"pair-split-{data.seed}"))
     pairs.save_to_disk(str(tmp))
-    store_original_pairs(step, pairs)
+    step.store().append("pairs", 0, original_pair_records(pairs, step.name))
     return {
         "pairs/prompts": len(prompts),
         "pairs/labelled": len(rows),

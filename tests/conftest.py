@@ -29,6 +29,23 @@ FAST = [
     "e_step.num_samples=3", "e_step.save_steps=2", "e_step.tau=0.0",
 ]
 
+# A test that takes one of these fixtures runs steps or a server: an integration test.
+RUN_FIXTURES = {"prepared_run", "tiny_run", "prefect_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = None
+    for item in items:
+        if RUN_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def step_servers():

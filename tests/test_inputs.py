@@ -111,7 +111,9 @@ def test_conversational_columns_take_the_last_turn(tmp_path):
     from coevolve.data.sources import load_source, select_columns
 
     data = tmp_path / "uf.jsonl"
-    turns = lambda answer: [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
+    def turns(answer: str) -> list[dict]:
+        return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
+
     data.write_text(json.dumps({"prompt": "hi", "chosen": turns("hello"), "rejected": turns("go away")}) + "\n")
     row = select_columns(load_source(str(data)), "uf", {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})[0]
     assert row == {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
@@ -297,6 +299,7 @@ def test_splits_that_do_not_fit_the_file_fail_before_any_model_loads(tmp_path):
         load_config(str(TINY), ["data.select_size=0"])
 
 
+@pytest.mark.integration
 def test_run_stops_at_bad_data_with_the_steps_one_line(tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xff"}\n')

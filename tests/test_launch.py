@@ -75,6 +75,7 @@ def test_a_failing_process_reports_its_last_lines():
     assert message.startswith("step e-step (iteration 1) exited with code 1") and message.endswith("49\nboom")
 
 
+@pytest.mark.integration
 def test_a_preloaded_step_is_forked_with_its_output_and_exit_code(tmp_path, step_servers):
     cmd = [sys.executable, "-m", "coevolve", "step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"]
     plain = run_process(cmd, lambda line: None)
@@ -92,6 +93,7 @@ def test_a_preloaded_step_is_forked_with_its_output_and_exit_code(tmp_path, step
     assert {f: f.read_text() for f in step_servers.glob("*.pid")} == servers != {}
 
 
+@pytest.mark.integration
 def test_a_server_gone_before_it_forked_the_step_is_replaced(tmp_path):
     # As a server ending on idle does: the client's connection waits in the backlog, then the socket
     # is unlinked and the listener closed, and the step never started.
@@ -115,6 +117,7 @@ def test_a_server_gone_before_it_forked_the_step_is_replaced(tmp_path):
         stop_servers(tmp_path / "servers")
 
 
+@pytest.mark.integration
 def test_servers_are_listed_and_stopped_from_the_cli(tmp_path):
     env = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(tmp_path / "servers")}
     cmd = [sys.executable, "-m", "coevolve", "step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"]
@@ -138,6 +141,7 @@ def test_a_step_server_is_keyed_by_the_variables_its_imports_read():
         assert server_key({**env, read: "another value"}) != server_key(env), read
 
 
+@pytest.mark.integration
 def test_clients_differing_in_other_variables_share_a_server_and_keep_their_own(tmp_path):
     # Two flow runs' steps: another PREFECT__FLOW_RUN_ID each, and another run lock token. The step
     # holding the run's token runs under its lock (to the missing config); the other finds the run in use.
@@ -218,6 +222,7 @@ def _ends_within(pid: int, seconds: float) -> bool:
     return False
 
 
+@pytest.mark.integration
 def test_servers_stop_stops_only_this_checkouts_servers(tmp_path):
     from coevolve.core.stepserver import code_location
 
@@ -243,6 +248,7 @@ def test_servers_stop_stops_only_this_checkouts_servers(tmp_path):
             proc.wait()
 
 
+@pytest.mark.integration
 def test_at_most_max_servers_live_and_the_longest_idle_stops_first(tmp_path):
     folder = tmp_path / "servers"
     base = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
@@ -266,6 +272,7 @@ def test_at_most_max_servers_live_and_the_longest_idle_stops_first(tmp_path):
 
 
 
+@pytest.mark.integration
 def test_a_server_running_a_step_is_not_stopped_for_the_cap(tmp_path):
     # The step waits on its config, a FIFO nobody writes: its server is busy while another one starts.
     folder = tmp_path / "servers"
@@ -302,6 +309,7 @@ def test_a_steps_output_has_no_known_third_party_noise_unless_verbose(fresh_run,
     assert seen == (set(NOISE) if verbose else set())
 
 
+@pytest.mark.integration
 def test_prefect_telemetry_is_off_for_the_flow_unless_the_user_set_it():
     # Its heartbeat, sent by the temporary server of `coevolve flow` without a Prefect server, fails on
     # that server's locked sqlite database with a ~130-line traceback.

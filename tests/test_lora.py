@@ -25,6 +25,7 @@ def changed(before: dict, after: dict) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
+@pytest.mark.integration
 def test_lora_trains_only_the_top_layer_and_saves_merged_models(tmp_path):
     run = tmp_path / "run"
     # The static backend: the E-step's DPO then takes its reference (the policy with adapters off) from sampling.

@@ -5,11 +5,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from coevolve.core import distributed, provenance
 from coevolve.core.errors import InputError
@@ -391,7 +393,8 @@ class Config(Strict):
 
 def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
     keys = dotted.split(".")
-    node, model = tree, Config
+    node = tree
+    model: type[BaseModel] | None = Config
     for depth, key in enumerate(keys):
         fields = model.model_fields if model is not None else None
         if fields is not None and key not in fields:
@@ -444,7 +447,7 @@ def build_config(tree: dict, source: str) -> Config:
         raise ConfigError(f"{source}: " + "; ".join(map(_problem, err.errors()))) from None
 
 
-def _problem(error: dict) -> str:
+def _problem(error: ErrorDetails) -> str:
     where = ".".join(str(p) for p in error["loc"])
     if error["type"] == "value_error":
         # Our own rules: their message names the fields; the input would be a whole section.
@@ -453,7 +456,7 @@ def _problem(error: dict) -> str:
     return f"{where or '(top level)'}: {error['msg']} (got {error.get('input')!r})"
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), run_dir: Path | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), run_dir: Path | None = None) -> Config:
     """The run's saved config is the base when it exists, else the YAML at `path`; then overrides."""
     saved = Path(run_dir) / "config.yaml" if run_dir is not None else None
     if saved is not None and saved.exists():

@@ -2,19 +2,20 @@
 
 A backend turns chat-rendered prompt texts into `n` sampled completions per prompt. `hf` is plain
 `model.generate` (the reference); faster backends implement the same `Backend` protocol and are chosen
-by `generation.backend` in the config (`auto`: `choose_backend`).
+by `generation.backend` in the config (`auto`: `choose_backend`). What a backend declares, how one is
+added, and why `static` is our own engine and not vLLM or SGLang: docs/generation.md.
 """
 from __future__ import annotations
 
+import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from coevolve.core.config import ConfigError
-from coevolve.core.fastgen import StaticGraphBackend
-from coevolve.core.fastgen.model import UnsupportedModel, check_supported
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,22 @@ class Generations:
 
 
 class Backend(Protocol):
+    # Called with (items done, items in all) as a call goes on; set per call by the caller.
+    progress: Callable[[int, int], None] | None
+    # Whether `generate` gives SamplingParams.logprobs (the sampled tokens' untempered log-probs), which
+    # spare DPO its reference forward (policy/sampled_reference.py); a backend that cannot leaves them None.
+    supports_logprobs: ClassVar[bool]
+
+    def __init__(self, model, tokenizer, **settings: Any) -> None: ...
+
+    @staticmethod
+    def unsupported_because(model) -> str | None:
+        """Why this backend cannot sample `model`, or None."""
+
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations: ...
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Sample from these weights (another checkpoint of the same model) from the next call on."""
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -72,11 +88,20 @@ class HFBackend:
     """Reference backend: left-padded batches through `model.generate`, prompts sorted by length so a
     batch wastes little padding. It returns no log-probs (SamplingParams.logprobs is ignored)."""
 
+    supports_logprobs = False
+
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: Callable[[int, int], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
+
+    @staticmethod
+    def unsupported_because(model) -> str | None:
+        return None  # any causal LM of transformers
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations:
@@ -121,7 +146,17 @@ def _until_eos(seq: torch.Tensor, eos_id: int) -> torch.Tensor:
     return seq[: int(hits[0]) + 1] if len(hits) else seq
 
 
-BACKENDS = {"hf": HFBackend, "static": StaticGraphBackend}
+# Registered by name and imported when chosen: a backend imports this module's API, never the
+# other way round, and a run pays only for the backend it uses.
+BACKENDS = {"hf": "coevolve.core.generation:HFBackend", "static": "coevolve.core.fastgen:StaticGraphBackend"}
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        module, cls = BACKENDS[name].split(":")
+    except KeyError:
+        raise ConfigError(f"generation.backend: unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+    return getattr(importlib.import_module(module), cls)
 
 
 def choose_backend(name: str, model) -> tuple[str, str]:
@@ -131,21 +166,14 @@ def choose_backend(name: str, model) -> tuple[str, str]:
         return name, "generation.backend"
     if model.device.type != "cuda":
         return "hf", "auto: no CUDA"
-    why_not = static_unsupported_because(model)
+    why_not = backend_class("static").unsupported_because(model)
     return ("hf", f"auto: {why_not}") if why_not else ("static", "auto")
 
 
-def static_unsupported_because(model) -> str | None:
-    try:
-        check_supported(model)
-    except UnsupportedModel as err:
-        return str(err)
-    return None
+def with_logprobs() -> list[str]:
+    """The backends that give the sampled tokens' log-probs."""
+    return [name for name in BACKENDS if backend_class(name).supports_logprobs]
 
 
 def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:
-    try:
-        cls = BACKENDS[name]
-    except KeyError:
-        raise ConfigError(f"generation.backend: unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
-    return cls(model, tokenizer, **kwargs)
+    return backend_class(name)(model, tokenizer, **kwargs)

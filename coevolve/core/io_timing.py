@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 

@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from coevolve.core.config import Config, LaunchConfig
 from coevolve.core.stepserver import ForkedStep
@@ -70,7 +70,7 @@ def run_process(
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     last: deque[str] = deque(maxlen=tail)
     if launch is not None and launch.preload and cmd[:3] == [sys.executable, "-m", "coevolve"]:
-        proc = ForkedStep(cmd[3:], child_env, launch.server_idle_s, launch.max_servers)
+        proc: ForkedStep | subprocess.Popen[str] = ForkedStep(cmd[3:], child_env, launch.server_idle_s, launch.max_servers)
     else:
         # The child stays in our process group: whoever kills this process's group (Prefect cancelling
         # a flow run does) kills the step too. A forked step is not in it, but ends with its client, which is.

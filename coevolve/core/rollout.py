@@ -45,7 +45,7 @@ def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: lis
     out = []
     for i, (policy, seed, label) in enumerate(policies):
         if i > 0:
-            _copy_weights(model, policy)
+            backend.update_weights(_weights(policy, model.dtype))
         backend.progress = Progress(label, len(texts))
         # A process whose share is empty (fewer prompts than processes) still joins the gather.
         params = replace(sampling_params(cfg, n, seed, logprobs), first_prompt=mine.start)
@@ -67,11 +67,10 @@ def _gathered(gens: Generations) -> Generations:
                        max(distributed.gather([gens.seconds])), gens.stats, **optional)
 
 
-def _copy_weights(model, policy: Path) -> None:
+def _weights(policy: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     # Read on the CPU: only one copy of the weights is ever on the GPU.
     with whole_weights():
-        fresh = AutoModelForCausalLM.from_pretrained(policy, dtype=model.dtype)
-    model.load_state_dict(fresh.state_dict())
+        return AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).state_dict()
 
 
 def score(cfg: Config, rm: Path, prompts: list[str], responses: list[str], label: str = "score") -> list[float]:

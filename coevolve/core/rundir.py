@@ -64,7 +64,7 @@ def latest_output(run: Path, key: str, before: tuple[int, str] | None = None, it
 def require_output(run: Path, key: str, before: tuple[int, str]) -> Path:
     path = latest_output(run, key, before)
     if path is None:
-        raise FileNotFoundError(
+        raise RunDirError(
             f"{run}: no finished step before iteration {before[0]} {before[1]} produced {key!r}; run `coevolve step init` first"
         )
     return path

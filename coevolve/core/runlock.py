@@ -17,9 +17,9 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from coevolve.core import distributed
 from coevolve.core.rundir import RunDirError
@@ -79,9 +79,9 @@ def held(run: Path | str, command: str) -> Iterator[None]:
             os.ftruncate(fd, 0)
             # A command that failed before any step wrote anything (a bad config, bad data found by init's
             # checks) leaves no run directory behind: nothing but the config it was refused with.
-            left = set(os.listdir(run)) - {lock_path(run).name}
-            if created and (not left or (failed and left == {"config.yaml"})):
-                for name in left:
+            written = set(os.listdir(run)) - {lock_path(run).name}
+            if created and (not written or (failed and written == {"config.yaml"})):
+                for name in written:
                     os.unlink(run / name)
                 os.unlink(lock_path(run))
                 os.rmdir(run)

@@ -13,13 +13,17 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from coevolve.core import distributed, provenance, rundir, tracking
 from coevolve.core.config import Config
 from coevolve.core.errors import InputError
 from coevolve.core.quiet import quiet_third_party
+
+if TYPE_CHECKING:
+    from coevolve.data.store import Store
 
 log = logging.getLogger("coevolve")
 
@@ -76,7 +80,7 @@ class StepRun:
     def already_done(self) -> bool:
         return rundir.is_done(self.run_dir, self.iteration, self.name) and not self.force
 
-    def __enter__(self) -> "StepRun":
+    def __enter__(self) -> StepRun:
         distributed.init()
         self.provenance = provenance.record(self.run_dir, self.cfg, self.iteration, self.name)
         if distributed.is_main():
@@ -130,6 +134,12 @@ class StepRun:
         """A line for the step's log only: the console carries the step's progress, not bookkeeping."""
         if self._handler is not None:
             self._handler.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
+
+    def store(self) -> Store:
+        """The run's data stores, written by the main process only (core/distributed.py)."""
+        from coevolve.data.store import Store
+
+        return Store(self.run_dir, self.cfg.stores.max_rows, writer=distributed.is_main())
 
     def path(self, name: str) -> Path:
         """Where a finished phase output lives while the step is in progress."""

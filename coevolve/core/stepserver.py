@@ -30,6 +30,7 @@ import importlib
 import json
 import logging
 import os
+import runpy
 import selectors
 import signal
 import site
@@ -314,12 +315,12 @@ def serve(path: Path, idle_s: float) -> None:
     steps: dict[int, socket.socket] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        from coevolve.cli import STEPS
         from coevolve.core.quiet import quiet_third_party
+        from coevolve.core.runner import STEPS
 
         quiet_third_party()  # before the imports, some of which warn
 
-        for module in ("coevolve.cli", *STEPS.values()):
+        for module in STEPS.values():
             importlib.import_module(module)
         print(f"{time.strftime('%F %T')} step server {os.getpid()} ready ({path.name}, exits after {idle_s:g} s idle)", flush=True)
         _loop(listener, steps, idle_s, pid_file)
@@ -365,7 +366,7 @@ def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: floa
                     continue  # the step ended in this same round of events, and its connection with it
                 # Nothing more is ever sent: readable means the client hung up.
                 events.unregister(key.fileobj)
-                hung_up.add(key.fileobj)
+                hung_up.add(steps[pid])
                 os.kill(pid, signal.SIGTERM)
             else:
                 events.unregister(key.fd)
@@ -452,10 +453,10 @@ def _run_step(request: dict, out: int) -> None:
             import torch
 
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        from coevolve.cli import main
-
+        # What the client would have started, `python -m coevolve ARGV`, run as python runs it: the
+        # server serves that command without depending on the CLI that parses it.
         sys.argv = ["coevolve", *request["argv"]]
-        main(request["argv"])
+        runpy.run_module("coevolve", run_name="__main__", alter_sys=True)
     except SystemExit as stop:
         if isinstance(stop.code, int) or stop.code is None:
             code = stop.code or 0

@@ -28,7 +28,7 @@ CHAR_TEMPLATE = (
 def build_tokenizer(kind: str, corpus: list[str]) -> PreTrainedTokenizerFast:
     specials = list(SPECIAL.values()) + ROLE_TOKENS
     if kind == "word":
-        words = sorted({w for text in corpus for w in pre_tokenizers.Whitespace().pre_tokenize_str(text) for w in [w[0]]})
+        words = sorted({piece for text in corpus for piece, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
         vocab = {t: i for i, t in enumerate(specials + [w for w in words if w not in specials])}
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -97,7 +97,7 @@ def start(step) -> None:
     _run = wandb.init(
         project=cfg.tracking.project, group=group, job_type=step.name, name=f"{group}-iter{k}-{step.name}",
         id=f"{dir_id}-iter{k}-{step.name}", resume="allow",
-        config=config, tags=[f"iter{k}"] + ["resumed"] * bool(step.timings), dir=step.run_dir, mode=mode,
+        config=config, tags=[f"iter{k}"] + ["resumed"] * bool(step.timings), dir=step.run_dir, mode=mode,  # type: ignore[arg-type]  # WANDB_MODE's spelling is wandb's to check
         reinit="finish_previous", settings=wandb.Settings(silent=True),
     )
     step.note(f"W&B run {_run.id} ({mode}): {_run.sync_dir}")

@@ -47,7 +47,7 @@ class InstructTask(Task):
 
     def draw_kinds(self, count: int, rng: random.Random) -> list[str]:
         # The first constraint is one a near-empty answer cannot meet, so no prompt rewards saying nothing.
-        kinds = []
+        kinds: list[str] = []
         for i in range(count):
             used = {self.group_of.get(k, k) for k in kinds}
             free = [k for k in self.types if self.group_of.get(k, k) not in used
@@ -195,7 +195,7 @@ class Writer:
     def filler(self, size: int) -> str:
         """A sentence of exactly `size` words: template sentences joined by "and", topped up with
         short extensions."""
-        words = []
+        words: list[str] = []
         while len(words) < size:
             room = size - len(words)
             pieces = [["and", *lower_first(p)] for p in self.sentences] if words else self.sentences

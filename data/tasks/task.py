@@ -122,7 +122,9 @@ class Task(ABC):
         return [first, second]
 
     def _prompts(self, n: int, rng: random.Random) -> list[str]:
-        seen, out, repeats = set(), [], 0
+        seen: set[str] = set()
+        out: list[str] = []
+        repeats = 0
         while len(out) < n:
             prompt = self.draw_prompt(rng)
             if prompt in seen and repeats < MAX_DUPLICATE_DRAWS:

@@ -33,7 +33,7 @@ class ToyTask(Task):
     def __init__(self, spec: dict):
         super().__init__(spec)
         self.categories = {name: list(words) for name, words in spec["categories"].items()}
-        self.category_of = {}
+        self.category_of: dict[str, str] = {}
         for name, words in self.categories.items():
             for word in words:
                 if word in self.category_of:

@@ -16,16 +16,15 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .model import KVCache, DecodeState, Weights, attend_bmm, attend_sdpa, decode_step, prefill
-from .sampling import Sampler, sequence_key
+from coevolve.core.generation import Generations, SamplingParams, truncate_at_stop
 
-if TYPE_CHECKING:
-    from coevolve.core.generation import Generations, SamplingParams
+from .model import KVCache, DecodeState, UnsupportedModel, Weights, attend_bmm, attend_sdpa, check_supported, decode_step, prefill
+from .sampling import Sampler, sequence_key
 
 LEN_BUCKET = 64  # granularity of the attended length (and of max_len)
 MIN_ROWS = 8  # smallest row bucket
@@ -48,6 +47,8 @@ class StaticGraphBackend:
     highest logits top-p/top-k choose from (see sampling.py). sync_every: decode steps between host
     syncs. attention: "auto" (Triton on CUDA when available, else "bmm"), "bmm", "sdpa" or "triton".
     cuda_graphs: default on for CUDA models."""
+
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -81,10 +82,22 @@ class StaticGraphBackend:
         self._pool = None
 
     # -- the public interface -------------------------------------------------------------------------
+    @staticmethod
+    def unsupported_because(model) -> str | None:
+        """Why this backend cannot run `model` (its architecture, attention or rope), or None."""
+        try:
+            check_supported(model)
+        except UnsupportedModel as err:
+            return str(err)
+        return None
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        # Copied into the module's own tensors: each call re-reads them (Weights.refresh), and the captured
+        # graphs, which point at them, stay valid.
+        self.model.load_state_dict(state_dict)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations:
-        from coevolve.core.generation import Generations, truncate_at_stop
-
         tok = self.tokenizer
         start = time.perf_counter()
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]

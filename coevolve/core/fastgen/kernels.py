@@ -17,7 +17,7 @@ import triton.language as tl
 
 @triton.jit
 def _decode_attention(
-    Q, K, V, O, POS, scale, stride_qs, stride_qh, max_len,
+    Q, K, V, OUT, POS, scale, stride_qs, stride_qh, max_len,
     N_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -47,7 +47,7 @@ def _decode_attention(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(O + s * (N_KV * G * D) + heads[:, None] * D + dd[None, :], out.to(O.dtype.element_ty), mask=(g < G)[:, None])
+    tl.store(OUT + s * (N_KV * G * D) + heads[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty), mask=(g < G)[:, None])
 
 
 def attend_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, L: int, scale: float, mask=None) -> torch.Tensor:
@@ -65,7 +65,7 @@ def attend_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torc
     return out
 
 
-attend_triton.needs_mask = False
+attend_triton.needs_mask = False  # type: ignore[attr-defined]  # mypy knows no attributes set on a function
 
 
 @triton.jit

@@ -96,12 +96,12 @@ class Weights:
             gu = [m.gate_proj, m.up_proj]
             self.gu_w.append(self._fuse(f"gu_w{i}", [p.weight for p in gu]))
             self.gu_b.append(self._fuse(f"gu_b{i}", [p.weight for p in gu], [p.bias for p in gu]))
-        self.o_w = [l.self_attn.o_proj.weight.detach() for l in self.layers]
-        self.o_b = [_maybe(l.self_attn.o_proj.bias) for l in self.layers]
-        self.down_w = [l.mlp.down_proj.weight.detach() for l in self.layers]
-        self.down_b = [_maybe(l.mlp.down_proj.bias) for l in self.layers]
-        self.ln1 = [l.input_layernorm.weight.detach() for l in self.layers]
-        self.ln2 = [l.post_attention_layernorm.weight.detach() for l in self.layers]
+        self.o_w = [layer.self_attn.o_proj.weight.detach() for layer in self.layers]
+        self.o_b = [_maybe(layer.self_attn.o_proj.bias) for layer in self.layers]
+        self.down_w = [layer.mlp.down_proj.weight.detach() for layer in self.layers]
+        self.down_b = [_maybe(layer.mlp.down_proj.bias) for layer in self.layers]
+        self.ln1 = [layer.input_layernorm.weight.detach() for layer in self.layers]
+        self.ln2 = [layer.post_attention_layernorm.weight.detach() for layer in self.layers]
         self.norm = self.model.model.norm.weight.detach()
         self.embed = self.model.model.embed_tokens.weight.detach()
         lm = self.model.lm_head.weight.detach()
