@@ -10,6 +10,7 @@ from statistics import mean
 
 import datasets
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from coevolve.cli import run_step
@@ -56,9 +57,11 @@ def test_online_e_step_raises_the_rms_mean_score_on_its_prompts(fresh_run, mode)
     assert "pairs" not in result["outputs"]
 
 
-def test_static_engine_rollouts_sample_the_trainers_current_weights(prepared_run, tmp_path):
+# On a GPU the engine replays CUDA graphs captured at the first rollout, over the trainer's tensors.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
+def test_static_engine_rollouts_sample_the_trainers_current_weights(prepared_run, tmp_path, device):
     run = prepared_run
-    cfg = load_config(None, ["e_step.mode=grpo", "generation.backend=static", *ONLINE], run)
+    cfg = load_config(None, ["e_step.mode=grpo", "generation.backend=static", f"device={device}", *ONLINE], run)
     prompts = list(datasets.load_from_disk(str(run / "iter_0/init/data/prompts")).filter(lambda r: r["split"] == "policy")["prompt"][:12])
     policy, rm = (rundir.latest_output(run, key, iteration_max=0) for key in ("policy", "rm"))
     trainer = online.make_trainer(cfg, policy, rm, prompts, 0, tmp_path)
