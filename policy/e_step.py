@@ -15,6 +15,10 @@ select    on D_MS each checkpoint and policy_{K-1} answer every prompt; the RM j
 kept revisions plus the responses left alone, and hands its kept-revision pairs on to the M-step as
 the RM-ranked pairs; `dpo+seft` adds a phase `mix` after pairs: the kept revisions, chosen over the
 responses they revise (source "revision"), join this step's pairs for DPO.
+
+The online modes `grpo` and `rloo` (policy/online.py) replace generate, score, pairs and DPO by one
+phase train: trl's GRPO or RLOO trainer from policy_{K-1} on this iteration's policy prompts, the
+current RM scoring each rollout; select and the tau stop are as above, and no pairs are handed on.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from coevolve.core.step import StepRun
 from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, preference_dataset, train_sft, trainer_args
 from coevolve.data.records import pair_records, response_records
 from coevolve.data.selection import policy_batch
+from coevolve.policy import online
 from coevolve.policy.pairs import RULES
 from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, not_sampled_because, sampled_rows, unusable_because
 
@@ -160,6 +165,12 @@ def train_seft(step: StepRun, policy: Path, rows: datasets.Dataset, tmp: Path) -
     return {"sft/rows": len(rows), "sft/revised": sum(s == "revision" for s in rows["source"]), **keep_log(trainer, tmp / "train_log.jsonl", "sft")}
 
 
+def train_online(step: StepRun, policy: Path, rm: Path, prompts: list[str], tmp: Path) -> dict:
+    metrics = online.train(step.cfg, policy, rm, prompts, step.cfg.seed * 1000 + step.iteration, tmp)
+    merge_candidates(tmp)
+    return metrics
+
+
 def merge_candidates(tmp: Path) -> None:
     """After LoRA training every candidate needs its adapters merged: it may become the next step's policy."""
     if distributed.is_main():
@@ -208,8 +219,8 @@ def _step_number(path: Path) -> int:
 
 
 def revise_outputs(run: Path, k: int, mode: str) -> dict:
-    """The outputs of iteration k's revise step, which the SEFT modes train on; none in mode dpo."""
-    if mode == "dpo":
+    """The outputs of iteration k's revise step, which the SEFT modes train on; none in the other modes."""
+    if mode not in ("seft", "dpo+seft"):
         return {}
     if not rundir.is_done(run, k, "revise"):
         raise RuntimeError(f"e_step.mode={mode} needs iteration {k}'s revise step finished first (steps.reviser: true)")
@@ -232,6 +243,9 @@ def main(step: StepRun) -> dict:
     if mode == "seft":
         sft = step.inputs["sft"] = run / revised["sft"]
         trained = step.phase("train", lambda tmp: train_seft(step, policy, datasets.load_from_disk(str(sft)), tmp))
+    elif mode in online.TRAINERS:
+        batch = list(policy_batch(cfg, run, prompts, k)["prompt"])
+        trained = step.phase("train", lambda tmp: train_online(step, policy, rm, batch, tmp))
     else:
         initial = rundir.latest_output(run, "policy", iteration_max=0)
         reference = step.inputs["reference"] = policy if cfg.e_step.reference == "iteration_start" else initial
@@ -262,6 +276,8 @@ def main(step: StepRun) -> dict:
     if mode == "seft":
         # The kept revisions are this E-step's RM-ranked pairs; they are in the revisions store already.
         outputs = {"pairs": revised["pairs"]} if "pairs" in revised else {}
+    elif mode in online.TRAINERS:
+        outputs = {}  # the rollouts trained on are the trainer's own; its log keeps their rewards
     else:
         store = step.store()
         scored_rows = datasets.load_from_disk(str(scored))

@@ -153,6 +153,22 @@ def test_greedy_sampling_is_refused_where_several_samples_per_prompt_are_drawn()
     assert load_config(str(TINY), ["sampling.temperature=0", "iterations=0"]).sampling.temperature == 0
 
 
+def test_e_step_mode_names_its_choices_and_online_batches_hold_whole_groups():
+    assert load_config(str(TINY)).e_step.mode == "dpo"
+    assert load_config(str(TINY), ["e_step.mode=rloo"]).e_step.mode == "rloo"
+    bad = [
+        (["e_step.mode=ppo"], r"e_step.mode: Input should be 'dpo', 'seft', 'dpo\+seft', 'grpo' or 'rloo' \(got 'ppo'\)"),
+        # tiny.yaml's 24 rollouts a step are no whole number of groups of 5.
+        (["e_step.mode=grpo", "e_step.num_samples=5"], r"e_step.online.train: .* \(24 x 1\) must be a multiple of e_step.num_samples \(5\)"),
+        (["e_step.mode=rloo", "e_step.reference=initial", "e_step.online.kl=0.1"], r"e_step.reference: the online modes' KL is to the iteration's start"),
+        (["e_step.online.kl=-1"], r"e_step.online.kl: "),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=r"tiny.yaml.*" + message) as err:
+            load_config(str(TINY), overrides)
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("override", ["data.prompts={path: x.jsonl", "e_step.beta.x=1", "data.task.x=1"])
 def test_malformed_overrides_are_one_line_errors(tmp_path, override):
     with pytest.raises(ConfigError, match=re.escape(repr(override))):

@@ -40,21 +40,23 @@ def rm_input_ids(tok, prompt: str, response: str) -> list[int]:
     return list(tok(text=text)["input_ids"])
 
 
+def trl_prompt(tok, prompt: str):
+    """A trl row's prompt for the policy: messages when its tokenizer has a chat template, else the text
+    it is conditioned on (`policy_prompt_text`)."""
+    return prompt_messages(prompt) if has_template(tok) else prompt + "\n"
+
+
+def trl_completion(tok, completion: str):
+    return [{"role": "assistant", "content": completion}] if has_template(tok) else completion
+
+
 def preference_example(tok, prompt: str, chosen: str, rejected: str, for_rm: bool) -> dict:
     """A trl preference row: for the RM, whole conversations; for DPO, prompt + completions."""
     if for_rm:
         return {"chosen": rm_example(tok, prompt, chosen), "rejected": rm_example(tok, prompt, rejected)}
-    if has_template(tok):
-        return {
-            "prompt": prompt_messages(prompt),
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        }
-    return {"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected}
+    return {"prompt": trl_prompt(tok, prompt), "chosen": trl_completion(tok, chosen), "rejected": trl_completion(tok, rejected)}
 
 
 def completion_example(tok, prompt: str, completion: str) -> dict:
     """A trl prompt-completion row for SFT."""
-    if has_template(tok):
-        return {"prompt": prompt_messages(prompt), "completion": [{"role": "assistant", "content": completion}]}
-    return {"prompt": prompt + "\n", "completion": completion}
+    return {"prompt": trl_prompt(tok, prompt), "completion": trl_completion(tok, completion)}

@@ -193,9 +193,29 @@ class RMTrainConfig(TrainConfig):
     gradient_accumulation_steps: Count = 16
 
 
+class OnlineTrainConfig(TrainConfig):
+    # trl's GRPO/RLOO default rate. Batches count completions, e_step.num_samples to a prompt: 80 to a
+    # step, 16 prompts at the default 5 samples. `max_length` is unused: rollouts are as long as sampling says.
+    learning_rate: Positive = 1e-6
+    per_device_train_batch_size: Count = 10
+    gradient_accumulation_steps: Count = 8
+
+
+class OnlineConfig(Strict):
+    """E-step modes grpo and rloo: the policy trained online by trl's GRPOTrainer or RLOOTrainer, each
+    rollout scored by the current RM (policy/online.py)."""
+
+    # Weight of the KL to the iteration's start (trl's `beta`); 0: none, and no reference model is loaded.
+    kl: float = Field(0.0, ge=0)
+    train: OnlineTrainConfig = OnlineTrainConfig()
+
+
 class EStepConfig(Strict):
-    mode: Literal["dpo", "seft", "dpo+seft"] = "dpo"
-    # At least two responses per prompt make a pair.
+    # dpo: the paper's offline iterative DPO; seft, dpo+seft: with the SEFT reviser; grpo, rloo: online RL
+    # against the current RM (`online` below).
+    mode: Literal["dpo", "seft", "dpo+seft", "grpo", "rloo"] = "dpo"
+    # At least two responses per prompt make a pair; in the online modes, the group each rollout is
+    # compared within.
     num_samples: int = Field(5, ge=2)
     # Paper: chosen = shortest response scoring above the prompt's mean, rejected = lowest score.
     pair_rule: Literal["length_controlled", "best_vs_worst"] = "length_controlled"
@@ -217,6 +237,7 @@ class EStepConfig(Strict):
     tau: Share = 0.6
     # Checkpoints that lose model selection are deleted unless kept.
     keep_checkpoints: bool = False
+    online: OnlineConfig = OnlineConfig()
 
 
 class MStepConfig(Strict):
@@ -380,12 +401,24 @@ class Config(Strict):
             raise ValueError("data.select_size: e_step.select picks the E-step's checkpoint on these prompts; give at least 1, or set e_step.select=false")
         if self.steps.evaluate and self.data.eval_size < 1:
             raise ValueError("steps.evaluate: needs held-out prompts; set data.eval_size (e.g. 100)")
+        if self.e_step.mode in ("grpo", "rloo"):
+            self._check_online()
         several = ["e_step.num_samples"] * (self.iterations > 0) + ["evaluate.samples_per_prompt"] * self.steps.evaluate
         several += ["data.pair_source: policy"] * (self.data.pair_source == "policy")
         if self.sampling.temperature == 0 and several:
             raise ValueError(f"sampling.temperature: 0 is greedy decoding, one response per prompt, but {', '.join(several)} "
                              "draw several different ones; use a temperature > 0")
         return self
+
+    def _check_online(self) -> None:
+        # trl checks the batches only once the step has loaded its models; a batch must hold whole groups.
+        e, train = self.e_step, self.e_step.online.train
+        if train.per_device_train_batch_size * train.gradient_accumulation_steps % e.num_samples:
+            raise ValueError(f"e_step.online.train: per_device_train_batch_size x gradient_accumulation_steps ({train.per_device_train_batch_size} x "
+                             f"{train.gradient_accumulation_steps}) must be a multiple of e_step.num_samples ({e.num_samples}), the rollouts per prompt")
+        if e.reference == "initial" and e.online.kl > 0:
+            raise ValueError("e_step.reference: the online modes' KL is to the iteration's start (trl loads its reference from the "
+                             "trained model); set e_step.reference=iteration_start or e_step.online.kl=0")
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

@@ -77,6 +77,9 @@ class Backend(Protocol):
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Sample from these weights (another checkpoint of the same model) from the next call on."""
+    # Completions as token ids from prompts as token ids: out[i][j] is sample j of prompt i (EOS included
+    # when produced); with params.logprobs, where the backend gives them, each token's log-prob; stats.
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[list[int]]], list | None, dict]: ...
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -107,18 +110,24 @@ class HFBackend:
     def generate(self, prompts: list[str], params: SamplingParams) -> Generations:
         tok = self.tokenizer
         encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        texts: list[list[str]] = [[] for _ in prompts]
-        counts: list[list[int]] = [[] for _ in prompts]
+        start = time.perf_counter()
+        tokens, _, _ = self.generate_ids(encoded, params)
+        texts = [[truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), params.stop) for ids in rows] for rows in tokens]
+        return Generations(texts, [[len(ids) for ids in rows] for rows in tokens], time.perf_counter() - start)
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[list[int]]], None, dict]:
+        tok = self.tokenizer
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[list[list[int]]] = [[] for _ in prompts]
         # Seeding once per call makes the whole call reproducible for a seed, whatever the batching.
         torch.manual_seed(params.seed)
         rows_per_batch = max(1, self.batch_size // params.n)
-        start = time.perf_counter()
         device = next(self.model.parameters()).device
         for b in range(0, len(order), rows_per_batch):
             idx = order[b : b + rows_per_batch]
-            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, padding_side="left", return_tensors="pt").to(device)
-            out = self.model.generate(
+            batch = tok.pad({"input_ids": [prompts[i] for i in idx]}, padding_side="left", return_tensors="pt").to(device)
+            generated = self.model.generate(
                 **batch,
                 do_sample=not params.greedy,
                 temperature=params.temperature if not params.greedy else None,
@@ -129,16 +138,13 @@ class HFBackend:
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=self.model.generation_config.eos_token_id or tok.eos_token_id,
             )
-            completions = out[:, batch["input_ids"].shape[1] :]
+            completions = generated[:, batch["input_ids"].shape[1] :]
             for row, seq in enumerate(completions):
-                i = idx[row // params.n]
                 ids = seq[seq != tok.pad_token_id] if tok.pad_token_id != tok.eos_token_id else _until_eos(seq, tok.eos_token_id)
-                text = truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), params.stop)
-                texts[i].append(text)
-                counts[i].append(int(ids.numel()))
+                out[idx[row // params.n]].append(ids.tolist())
             if self.progress:
                 self.progress(min(b + rows_per_batch, len(order)), len(order))
-        return Generations(texts, counts, time.perf_counter() - start)
+        return out, None, {"backend": "hf"}
 
 
 def _until_eos(seq: torch.Tensor, eos_id: int) -> torch.Tensor:

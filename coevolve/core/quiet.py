@@ -15,8 +15,9 @@ def quiet_third_party() -> None:
         return
     # transformers renamed gradient_checkpointing to activation_checkpointing, and trl's configs still
     # set the old name (default True), so every trainer warns whatever our config says; the old name
-    # works until transformers 6.
-    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+    # works until transformers 6. trl's unwrap_model_for_generation (online E-step) reads the old
+    # `is_gradient_checkpointing` the same way.
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     # DeepSpeed, imported by transformers and trl, says on every host without a GPU that it picked the
     # CPU, whether or not the step uses DeepSpeed.
     logging.getLogger("DeepSpeed").addFilter(_not_cpu_accelerator)

@@ -1,6 +1,7 @@
 """What every trl-trained step shares: the trainer config built from ours, and the training log kept."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -37,7 +38,6 @@ def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, 
         lr_scheduler_type=train.lr_scheduler_type,
         # transformers 5 reads a float below 1 as a ratio of the total steps.
         warmup_steps=train.warmup_ratio,
-        max_length=train.max_length,
         gradient_checkpointing=train.gradient_checkpointing,
         bf16=bf16,
         logging_steps=train.logging_steps,
@@ -54,6 +54,9 @@ def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, 
         # unused ones after each backward (transformers' default when not checkpointing).
         ddp_find_unused_parameters=False,
     )
+    # GRPO's and RLOO's configs have none: their sequences are as long as the rollouts.
+    if "max_length" in {f.name for f in dataclasses.fields(config_cls)}:
+        args["max_length"] = train.max_length
     if train.group_by_length:
         # The sampler reads the `length` column of preference_dataset; trl's collators ignore it.
         args.update(train_sampling_strategy="group_by_length", remove_unused_columns=False)
