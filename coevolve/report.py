@@ -84,7 +84,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
             fig.savefig(out / name, dpi=100, bbox_inches="tight")
             plots.append((name, CAPTIONS[name]))
     page = out / "index.html"
-    page.write_text(render(run_dir, steps, done, iterations, plots, os.path.relpath(run_dir, out)))
+    page.write_text(render(run_dir, steps, done, iterations, plots, os.path.relpath(run_dir, out), side_by_side(run_dir, done)))
     return page
 
 
@@ -169,6 +169,30 @@ def before_after(run_dir: Path, examples: int = 3, width: int = 200) -> str | No
             text = " ".join(row["response"].split())
             lines.append(f"  {tag:<6} [{referee} {row['referee']:.2f}] {text[:width]}")
     return "\n".join(lines)
+
+
+def side_by_side(run_dir: Path, done: dict, examples: int = 3) -> str:
+    """Per evaluated iteration, policy_0's and policy_K's first answer to the same held-out prompts (the
+    first few by id, so every iteration shows the same ones), with the referee's and the RM's scores:
+    what the numbers above mean in words."""
+    sections = []
+    for k in sorted(k for k, step in done if step == "evaluate" and k > 0):
+        ds = datasets.load_from_disk(str(rundir.step_dir(run_dir, k, "evaluate") / "score" / "responses"))
+        firsts = {(r["model"], r["prompt_id"]): r for r in ds if r["sample"] == 0}
+        ids = sorted(pid for model, pid in firsts if model == "policy_0" and ("policy_K", pid) in firsts)[:examples]
+        if not ids:
+            continue
+
+        def cell(row: dict) -> str:
+            scores = ("" if math.isnan(row["referee"]) else f"referee {row['referee']:.2f}, ") + f"RM {row['rm_score']:.2f}"
+            return f"<td class='text'>{html.escape(row['response'])}<br><small>{scores}</small></td>"
+
+        rows = "".join(f"<tr><td class='text'>{html.escape(firsts['policy_0', pid]['prompt'])}</td>"
+                       f"{cell(firsts['policy_0', pid])}{cell(firsts['policy_K', pid])}</tr>" for pid in ids)
+        sections.append(f"<h3>Iteration {k}</h3><table><tr><th>held-out prompt</th><th>policy_0</th><th>policy_{k}</th></tr>{rows}</table>")
+    if not sections:
+        return ""
+    return "<h2>Responses side by side</h2><p>The same held-out prompts answered by the starting policy and by each iteration's.</p>" + "".join(sections)
 
 
 def metric(done: dict, k: int, step: str, key: str) -> float:
@@ -362,7 +386,8 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[tuple[str, str]], to_run: str = "..") -> str:
+def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[tuple[str, str]], to_run: str = "..",
+           responses: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in COLUMNS)
     rows = ([0] if any(k == 0 for k, _ in done) else []) + iterations
     body = "".join(
@@ -380,7 +405,7 @@ def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots:
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>coevolve report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} img{{max-width:100%}}</style></head>
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} td.text{{text-align:left;max-width:40em}} img{{max-width:100%}}</style></head>
 <body><h1>coevolve run {html.escape(str(run_dir.resolve()))}</h1>
 <h2>Per iteration</h2>
 <p>The "eval" columns are the evaluate step's, on held-out prompts: the referee's reward (gold or judge) comes first,
@@ -389,6 +414,7 @@ RM (rm_K-1); RM accuracy "before" is rm_K-1, "after" is rm_K, on held-out origin
 on this iteration's pseudo pairs (the policy's current distribution).</p>
 <table><tr><th>iteration</th>{head}</tr>{body}</table>
 {images}
+{responses}
 <h2>Steps</h2>
 <table><tr><th>iteration</th><th>step (log)</th><th>wall time (s)</th><th>stop</th><th>outputs</th></tr>{step_rows}</table>
 </body></html>

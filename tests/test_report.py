@@ -1,8 +1,10 @@
 """`coevolve report RUN_DIR`: an HTML page and PNG plots, from the run directory alone."""
 from __future__ import annotations
 
+import html
 import re
 
+import datasets
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -48,3 +50,23 @@ def test_report_of_a_run_with_nothing_finished_says_so(tmp_path, capsys):
         main(["report", str(tmp_path)])
     assert stop.value.code == 2
     assert "no finished step" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_shows_policy_0_and_policy_k_side_by_side(tiny_run):
+    from coevolve.report import write_report
+
+    text = write_report(tiny_run).read_text()
+    section = text[text.index("<h2>Responses side by side</h2>"):text.index("<h2>Steps</h2>")]
+    for k in (1, 2):
+        ds = datasets.load_from_disk(str(rundir.step_dir(tiny_run, k, "evaluate") / "score" / "responses"))
+        firsts = {(r["model"], r["prompt_id"]): r for r in ds if r["sample"] == 0}
+        pid = min(p for m, p in firsts if m == "policy_0")
+        table = section[section.index(f"<h3>Iteration {k}</h3>"):].split("</table>")[0]
+        assert f"<th>policy_{k}</th>" in table
+        # One row: the prompt, then policy_0's answer and its gold, then policy_K's and its gold.
+        row = re.search(rf"<tr><td class='text'>{re.escape(html.escape(firsts['policy_0', pid]['prompt']))}</td>(.*?)</tr>", table).group(1)
+        before, after = row.split("</td>")[:2]
+        for cell, model in ((before, "policy_0"), (after, "policy_K")):
+            r = firsts[model, pid]
+            assert html.escape(r["response"]) in cell and f"referee {r['referee']:.2f}, RM {r['rm_score']:.2f}" in cell, (model, cell)
