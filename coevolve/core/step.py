@@ -191,6 +191,7 @@ class StepRun:
             "io": self.io,
             "stop": stop,
             "provenance": self.provenance,
+            "wandb": tracking.where(),
             **(extra or {}),
         }
         if not distributed.is_main():
