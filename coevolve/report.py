@@ -71,6 +71,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         raise rundir.RunDirError(f"{out}: cannot write the report there ({err.strerror}); give --out DIR") from None
     figures = {
         "evaluation.png": evaluation(done),
+        "gold_vs_kl.png": gold_vs_kl(done),
         "policy_reward.png": policy_reward(done, iterations),
         "rm_accuracy.png": rm_accuracy(done, iterations),
         "pair_counts.png": pair_counts(done, iterations),
@@ -92,6 +93,9 @@ CAPTIONS = {
     "evaluation.png": "On held-out prompts (the evaluate step, iteration 0 included): the referee's reward (gold or judge) and "
                       "the win rate over policy_0, with the RM's own score beside it as the proxy being optimised; KL to policy_0; "
                       "and the RM's accuracy on the original pairs and on pairs of the current policy's answers (n pairs by each point).",
+    "gold_vs_kl.png": "The referee's reward (solid, left axis) and the RM's score (dashed, right axis) of the policy against "
+                      "sqrt(KL to policy_0), each point labelled with its iteration: a proxy that keeps rising while the "
+                      "referee's reward falls is over-optimisation (Gao et al.).",
     "policy_reward.png": "The E-step as the RM sees it: each iteration's scores come from that iteration's RM, so they compare "
                          "within an iteration only; right, the model-selection win rate of the chosen checkpoint.",
     "rm_accuracy.png": "The M-step: the RM before (rm_K-1) and after (rm_K) retraining, on held-out original pairs and on "
@@ -243,7 +247,8 @@ def evaluation(done: dict) -> Figure | None:
     ks = sorted(k for k, step in done if step == "evaluate")
     if not ks:
         return None
-    fig = Figure(figsize=(15, 3.5))
+    # Constrained: the proxy's axis on the right of the first panel must not run into the second.
+    fig = Figure(figsize=(15, 3.5), layout="constrained")
     left, middle, right = fig.subplots(1, 3)
     _lines(left, ks, {
         "gold reward": series(done, ks, "evaluate", "eval/gold_mean"),
@@ -270,6 +275,30 @@ def evaluation(done: dict) -> Figure | None:
                 right.annotate(f"n={int(n)}", (k, acc), textcoords="offset points", xytext=(3, -10), fontsize=7)
     right.set_title("RM accuracy against the referee")
     right.set_ylim(0, 1.05)
+    return fig
+
+
+def gold_vs_kl(done: dict) -> Figure | None:
+    """Gao et al.'s picture for one run: the referee's reward and the RM's score against sqrt(KL)."""
+    ks = sorted(k for k, step in done if step == "evaluate")
+    kl = series(done, ks, "evaluate", "eval/kl_to_initial")
+    referees = [(label, series(done, ks, "evaluate", key)) for label, key in (("gold reward", "eval/gold_mean"), ("judge reward", "eval/judge_mean"))]
+    referee = next(((label, ys) for label, ys in referees if not all(math.isnan(y) for y in ys)), None)
+    if referee is None or all(math.isnan(x) for x in kl):
+        return None
+    xs = [math.sqrt(x) for x in kl]
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.plot(xs, referee[1], "o-", label=referee[0])
+    for k, x, y in zip(ks, xs, referee[1]):
+        ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("sqrt(KL(policy_K || policy_0))")
+    ax.set_ylabel(referee[0])
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(xs, series(done, ks, "evaluate", "eval/rm_score_mean"), "s--", color="C3", markersize=4)
+    twin.set_ylabel("RM score (proxy)", color="C3")
+    ax.set_title("reward against distance from policy_0")
     return fig
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 
 import datasets
@@ -13,7 +14,7 @@ from tiny_run import tiny_run  # noqa: F401  (the fixture)
 from coevolve.cli import main
 from coevolve.core import rundir
 
-PLOTS = {"policy_reward.png", "rm_accuracy.png", "pair_counts.png", "losses.png", "response_lengths.png", "wall_time.png", "evaluation.png"}
+PLOTS = {"gold_vs_kl.png", "policy_reward.png", "rm_accuracy.png", "pair_counts.png", "losses.png", "response_lengths.png", "wall_time.png", "evaluation.png"}
 
 
 @pytest.mark.slow
@@ -70,3 +71,15 @@ def test_report_shows_policy_0_and_policy_k_side_by_side(tiny_run):
         for cell, model in ((before, "policy_0"), (after, "policy_K")):
             r = firsts[model, pid]
             assert html.escape(r["response"]) in cell and f"referee {r['referee']:.2f}, RM {r['rm_score']:.2f}" in cell, (model, cell)
+
+
+@pytest.mark.slow
+def test_gold_against_sqrt_kl_is_plotted_with_the_proxy_beside_it(tiny_run):
+    from coevolve.report import gold_vs_kl
+
+    done = {(k, name): d for k, name, d in rundir.finished_steps(tiny_run)}
+    evaluated = [done[k, "evaluate"]["metrics"] for k in (0, 1, 2)]
+    ax, twin = gold_vs_kl(done).axes
+    assert ax.lines[0].get_xydata().tolist() == [[math.sqrt(m["eval/kl_to_initial"]), m["eval/gold_mean"]] for m in evaluated]
+    assert twin.lines[0].get_ydata().tolist() == [m["eval/rm_score_mean"] for m in evaluated]
+    assert [t.get_text() for t in ax.texts] == ["0", "1", "2"]
