@@ -386,3 +386,10 @@ def test_a_config_given_for_an_existing_run_is_compared_field_by_field(tmp_path)
 def test_bad_schedules_name_the_field(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(str(TINY), [override])
+
+
+def test_serve_refuses_a_bad_schedule_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "coevolve", "serve", "--run-dir", str(tmp_path / "r"), "--cron", "61 * * * *"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+    assert "--cron: cron '61 * * * *' is not a cron line" in proc.stderr
