@@ -59,9 +59,11 @@ def coevolve(
     """
     run = Path(run_dir.replace("{flow_run_name}", flow_run.name))
     # Named after its run directory, so the runs list reads as the runs on disk, and a re-run on the
-    # directory has the name of the run it continues.
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_name(flow_run.id, run.name)
+    # directory has the name of the run it continues. A directory named from the flow run's name is left
+    # so: renamed, a Retry (the same flow run again) would resolve it to another directory.
+    if "{flow_run_name}" not in run_dir:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_name(flow_run.id, run.name)
     config, overrides = for_this_run(run, config, overrides or [])
     switches = {"iterations": iterations, "e_step.mode": e_step_mode, "steps.m_step": m_step, "steps.reviser": reviser, "steps.evaluate": evaluate}
     # Overrides as YAML scalars, so booleans read back as booleans.
