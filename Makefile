@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml | $(PY)
 # With the evaluate step, the run ends with held-out gold, win rate and KL before and after, side by side.
 demo: $(STAMP)
 	$(VENV)/bin/coevolve run --config configs/tiny.yaml --run-dir $(RUN) steps.evaluate=true data.eval_size=60
+	@echo
+	@echo "The commands (coevolve, prefect, wandb) are in $(VENV)/bin: \`source $(VENV)/bin/activate\` puts them on the PATH."
 
 # One Mutual-Taught iteration on the real SmolLM2-135M-Instruct (CPU, under 10 minutes).
 demo-real: $(STAMP)

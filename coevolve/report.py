@@ -72,6 +72,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         raise rundir.RunDirError(f"{out}: cannot write the report there ({err.strerror}); give --out DIR") from None
     figures = {
         "evaluation.png": evaluation(done),
+        "gold_vs_kl.png": gold_vs_kl(done),
         "policy_reward.png": policy_reward(done, iterations),
         "rm_accuracy.png": rm_accuracy(done, iterations),
         "pair_counts.png": pair_counts(done, iterations),
@@ -85,7 +86,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
             fig.savefig(out / name, dpi=100, bbox_inches="tight")
             plots.append((name, CAPTIONS[name]))
     page = out / "index.html"
-    page.write_text(render(run_dir, steps, done, iterations, plots, os.path.relpath(run_dir, out)))
+    page.write_text(render(run_dir, steps, done, iterations, plots, os.path.relpath(run_dir, out), side_by_side(run_dir, done)))
     return page
 
 
@@ -93,6 +94,9 @@ CAPTIONS = {
     "evaluation.png": "On held-out prompts (the evaluate step, iteration 0 included): the referee's reward (gold or judge) and "
                       "the win rate over policy_0, with the RM's own score beside it as the proxy being optimised; KL to policy_0; "
                       "and the RM's accuracy on the original pairs and on pairs of the current policy's answers (n pairs by each point).",
+    "gold_vs_kl.png": "The referee's reward (solid, left axis) and the RM's score (dashed, right axis) of the policy against "
+                      "sqrt(KL to policy_0), each point labelled with its iteration: a proxy that keeps rising while the "
+                      "referee's reward falls is over-optimisation (Gao et al.).",
     "policy_reward.png": "The E-step as the RM sees it: each iteration's scores come from that iteration's RM, so they compare "
                          "within an iteration only; right, the model-selection win rate of the chosen checkpoint.",
     "rm_accuracy.png": "The M-step: the RM before (rm_K-1) and after (rm_K) retraining, on held-out original pairs and on "
@@ -172,6 +176,30 @@ def before_after(run_dir: Path, examples: int = 3, width: int = 200) -> str | No
     return "\n".join(lines)
 
 
+def side_by_side(run_dir: Path, done: dict, examples: int = 3) -> str:
+    """Per evaluated iteration, policy_0's and policy_K's first answer to the same held-out prompts (the
+    first few by id, so every iteration shows the same ones), with the referee's and the RM's scores:
+    what the numbers above mean in words."""
+    sections = []
+    for k in sorted(k for k, step in done if step == "evaluate" and k > 0):
+        ds = datasets.load_from_disk(str(rundir.step_dir(run_dir, k, "evaluate") / "score" / "responses"))
+        firsts = {(r["model"], r["prompt_id"]): r for r in ds if r["sample"] == 0}
+        ids = sorted(pid for model, pid in firsts if model == "policy_0" and ("policy_K", pid) in firsts)[:examples]
+        if not ids:
+            continue
+
+        def cell(row: dict) -> str:
+            scores = ("" if math.isnan(row["referee"]) else f"referee {row['referee']:.2f}, ") + f"RM {row['rm_score']:.2f}"
+            return f"<td class='text'>{html.escape(row['response'])}<br><small>{scores}</small></td>"
+
+        rows = "".join(f"<tr><td class='text'>{html.escape(firsts['policy_0', pid]['prompt'])}</td>"
+                       f"{cell(firsts['policy_0', pid])}{cell(firsts['policy_K', pid])}</tr>" for pid in ids)
+        sections.append(f"<h3>Iteration {k}</h3><table><tr><th>held-out prompt</th><th>policy_0</th><th>policy_{k}</th></tr>{rows}</table>")
+    if not sections:
+        return ""
+    return "<h2>Responses side by side</h2><p>The same held-out prompts answered by the starting policy and by each iteration's.</p>" + "".join(sections)
+
+
 def metric(done: dict, k: int, step: str, key: str) -> float:
     value = done.get((k, step), {}).get("metrics", {}).get(key, NAN)
     return float(value) if isinstance(value, (int, float)) else NAN
@@ -220,7 +248,8 @@ def evaluation(done: dict) -> Figure | None:
     ks = sorted(k for k, step in done if step == "evaluate")
     if not ks:
         return None
-    fig = Figure(figsize=(15, 3.5))
+    # Constrained: the proxy's axis on the right of the first panel must not run into the second.
+    fig = Figure(figsize=(15, 3.5), layout="constrained")
     left, middle, right = fig.subplots(1, 3)
     _lines(left, ks, {
         "gold reward": series(done, ks, "evaluate", "eval/gold_mean"),
@@ -247,6 +276,30 @@ def evaluation(done: dict) -> Figure | None:
                 right.annotate(f"n={int(n)}", (k, acc), textcoords="offset points", xytext=(3, -10), fontsize=7)
     right.set_title("RM accuracy against the referee")
     right.set_ylim(0, 1.05)
+    return fig
+
+
+def gold_vs_kl(done: dict) -> Figure | None:
+    """Gao et al.'s picture for one run: the referee's reward and the RM's score against sqrt(KL)."""
+    ks = sorted(k for k, step in done if step == "evaluate")
+    kl = series(done, ks, "evaluate", "eval/kl_to_initial")
+    referees = [(label, series(done, ks, "evaluate", key)) for label, key in (("gold reward", "eval/gold_mean"), ("judge reward", "eval/judge_mean"))]
+    referee = next(((label, ys) for label, ys in referees if not all(math.isnan(y) for y in ys)), None)
+    if referee is None or all(math.isnan(x) for x in kl):
+        return None
+    xs = [math.sqrt(x) for x in kl]
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.plot(xs, referee[1], "o-", label=referee[0])
+    for k, x, y in zip(ks, xs, referee[1]):
+        ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("sqrt(KL(policy_K || policy_0))")
+    ax.set_ylabel(referee[0])
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(xs, series(done, ks, "evaluate", "eval/rm_score_mean"), "s--", color="C3", markersize=4)
+    twin.set_ylabel("RM score (proxy)", color="C3")
+    ax.set_title("reward against distance from policy_0")
     return fig
 
 
@@ -363,7 +416,8 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[tuple[str, str]], to_run: str = "..") -> str:
+def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[tuple[str, str]], to_run: str = "..",
+           responses: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in COLUMNS)
     rows = ([0] if any(k == 0 for k, _ in done) else []) + iterations
     body = "".join(
@@ -381,7 +435,7 @@ def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots:
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>coevolve report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} img{{max-width:100%}}</style></head>
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} td.text{{text-align:left;max-width:40em}} img{{max-width:100%}}</style></head>
 <body><h1>coevolve run {html.escape(str(run_dir.resolve()))}</h1>
 <h2>Per iteration</h2>
 <p>The "eval" columns are the evaluate step's, on held-out prompts: the referee's reward (gold or judge) comes first,
@@ -390,6 +444,7 @@ RM (rm_K-1); RM accuracy "before" is rm_K-1, "after" is rm_K, on held-out origin
 on this iteration's pseudo pairs (the policy's current distribution).</p>
 <table><tr><th>iteration</th>{head}</tr>{body}</table>
 {images}
+{responses}
 <h2>Steps</h2>
 <table><tr><th>iteration</th><th>step (log)</th><th>wall time (s)</th><th>stop</th><th>outputs</th></tr>{step_rows}</table>
 </body></html>

@@ -381,3 +381,34 @@ def test_a_missing_dataset_fails_at_once(tmp_path, monkeypatch, path, message):
         _init(tmp_path, [f"data.prompts={json.dumps({'path': path})}"])
     assert time.monotonic() - start < 5
     assert only_config(tmp_path / "run")
+
+
+def test_a_config_given_for_an_existing_run_is_compared_field_by_field(tmp_path):
+    run = tmp_path / "r"
+    prepare_run(str(TINY), ["data.num_prompts=120"], run)
+    other = write_config(tmp_path, "serve: {schedules: [{cron: '0 2 * * *'}]}")
+    proc = subprocess.run([sys.executable, "-m", "coevolve", "run", "--run-dir", str(run), "--config", other],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "differs from it in data.num_prompts (120 in the run, 360 given), serve.schedules ([] in the run, " in proc.stderr
+    assert "leave out --config to continue the run as it is" in proc.stderr and "a new --run-dir" in proc.stderr
+    # The same file as the run's own, or none, continues it.
+    assert prepare_run(str(TINY), ["data.num_prompts=120"], run).data.num_prompts == 120
+    assert prepare_run(None, [], run).data.num_prompts == 120
+
+
+@pytest.mark.parametrize("override, message", [
+    ("serve.schedules=[{cron: '61 * * * *'}]", "serve.schedules.0: cron '61 * * * *' is not a cron line"),
+    ("serve.schedules=[{}]", "serve.schedules.0: give one of cron"),
+    ("serve.schedules=[{interval_s: 0}]", "serve.schedules.0.interval_s: Input should be greater than 0"),
+])
+def test_bad_schedules_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(str(TINY), [override])
+
+
+def test_serve_refuses_a_bad_schedule_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "coevolve", "serve", "--run-dir", str(tmp_path / "r"), "--cron", "61 * * * *"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+    assert "--cron: cron '61 * * * *' is not a cron line" in proc.stderr

@@ -1,8 +1,11 @@
 """`coevolve report RUN_DIR`: an HTML page and PNG plots, from the run directory alone."""
 from __future__ import annotations
 
+import html
+import math
 import re
 
+import datasets
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -11,7 +14,7 @@ from tiny_run import tiny_run  # noqa: F401  (the fixture)
 from coevolve.cli import main
 from coevolve.core import rundir
 
-PLOTS = {"policy_reward.png", "rm_accuracy.png", "pair_counts.png", "losses.png", "response_lengths.png", "wall_time.png", "evaluation.png"}
+PLOTS = {"gold_vs_kl.png", "policy_reward.png", "rm_accuracy.png", "pair_counts.png", "losses.png", "response_lengths.png", "wall_time.png", "evaluation.png"}
 
 
 @pytest.mark.slow
@@ -48,3 +51,35 @@ def test_report_of_a_run_with_nothing_finished_says_so(tmp_path, capsys):
         main(["report", str(tmp_path)])
     assert stop.value.code == 2
     assert "no finished step" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_shows_policy_0_and_policy_k_side_by_side(tiny_run):
+    from coevolve.report import write_report
+
+    text = write_report(tiny_run).read_text()
+    section = text[text.index("<h2>Responses side by side</h2>"):text.index("<h2>Steps</h2>")]
+    for k in (1, 2):
+        ds = datasets.load_from_disk(str(rundir.step_dir(tiny_run, k, "evaluate") / "score" / "responses"))
+        firsts = {(r["model"], r["prompt_id"]): r for r in ds if r["sample"] == 0}
+        pid = min(p for m, p in firsts if m == "policy_0")
+        table = section[section.index(f"<h3>Iteration {k}</h3>"):].split("</table>")[0]
+        assert f"<th>policy_{k}</th>" in table
+        # One row: the prompt, then policy_0's answer and its gold, then policy_K's and its gold.
+        row = re.search(rf"<tr><td class='text'>{re.escape(html.escape(firsts['policy_0', pid]['prompt']))}</td>(.*?)</tr>", table).group(1)
+        before, after = row.split("</td>")[:2]
+        for cell, model in ((before, "policy_0"), (after, "policy_K")):
+            r = firsts[model, pid]
+            assert html.escape(r["response"]) in cell and f"referee {r['referee']:.2f}, RM {r['rm_score']:.2f}" in cell, (model, cell)
+
+
+@pytest.mark.slow
+def test_gold_against_sqrt_kl_is_plotted_with_the_proxy_beside_it(tiny_run):
+    from coevolve.report import gold_vs_kl
+
+    done = {(k, name): d for k, name, d in rundir.finished_steps(tiny_run)}
+    evaluated = [done[k, "evaluate"]["metrics"] for k in (0, 1, 2)]
+    ax, twin = gold_vs_kl(done).axes
+    assert ax.lines[0].get_xydata().tolist() == [[math.sqrt(m["eval/kl_to_initial"]), m["eval/gold_mean"]] for m in evaluated]
+    assert twin.lines[0].get_ydata().tolist() == [m["eval/rm_score_mean"] for m in evaluated]
+    assert [t.get_text() for t in ax.texts] == ["0", "1", "2"]

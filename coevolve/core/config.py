@@ -15,6 +15,7 @@ from pydantic_core import ErrorDetails
 
 from coevolve.core import distributed, provenance
 from coevolve.core.errors import InputError
+from coevolve.core.terms import CLI, Terms
 
 
 class ConfigError(InputError):
@@ -359,6 +360,35 @@ class TrackingConfig(Strict):
     upload: bool = False
 
 
+class Schedule(Strict):
+    """When `coevolve serve`'s run deployment starts a run by itself: a cron line or an interval."""
+
+    cron: str | None = None
+    interval_s: Positive | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.cron is None) == (self.interval_s is None):
+            raise ValueError("give one of cron (e.g. '0 2 * * *') or interval_s (seconds)")
+        if self.cron is not None:
+            # Prefect's own check (prefect is a dependency), so what loads here is what the server takes.
+            from prefect.client.schemas.schedules import CronSchedule
+
+            try:
+                CronSchedule(cron=self.cron)
+            except ValidationError:
+                raise ValueError(f"cron {self.cron!r} is not a cron line (minute hour day month weekday)") from None
+        return self
+
+
+class ServeConfig(Strict):
+    """`coevolve serve`'s deployments. Each start of it registers them anew, with the schedules declared
+    here or on its command line (--cron, --interval): a schedule added in the UI or with `prefect
+    deployment schedule create` does not survive a restart, one declared here does."""
+
+    schedules: list[Schedule] = []
+
+
 class Config(Strict):
     run_name: str = "coevolve"
     seed: int = 0
@@ -381,6 +411,7 @@ class Config(Strict):
     launch: LaunchConfig = LaunchConfig()
     retries: RetriesConfig = RetriesConfig()
     tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -522,17 +553,25 @@ def save_config(cfg: Config, path: Path) -> None:
     tmp.replace(path)
 
 
-def prepare_run(config: str | None, overrides: list[str], run_dir: Path, redo: bool = False) -> Config:
+def prepare_run(config: str | None, overrides: list[str], run_dir: Path, redo: bool = False, terms: Terms = CLI) -> Config:
     """Resolve the config (the run's saved one is the base) and save it; overrides given for an
-    existing run are applied and saved, so later steps see them too. A change to fields that finished
-    steps were made from is refused unless `redo` (those steps then go stale: core/provenance.py)."""
+    existing run are applied and saved, so later steps see them too. A config file given for an existing
+    run must hold what its config.yaml holds (the fields that differ are named); a change to fields that
+    finished steps were made from is refused unless `redo` (those steps then go stale: core/provenance.py).
+    `terms` words the refusals for where the user reads them (the CLI, or the Prefect UI's run form)."""
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
     cfg = load_config(config, overrides, run_dir)
-    if saved.exists() and config is not None and load_config(config, overrides).hash() != cfg.hash():
-        raise ConfigError(f"{run_dir} already has a config.yaml that differs from {config}: use a new --run-dir, or change fields with key=value")
+    if saved.exists() and config is not None:
+        run_fields, given = provenance.flat(cfg), provenance.flat(load_config(config, overrides))
+        differ = provenance.changed(run_fields, given)
+        if differ:
+            shown = ", ".join(f"{key} ({run_fields.get(key)!r} in the run, {given.get(key)!r} given)" for key in differ[:6])
+            shown += f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+            raise ConfigError(f"{run_dir} already has a config.yaml, and {terms.config} ({config}) differs from it in {shown}: "
+                              f"{terms.drop_config}, {terms.overrides}, or use {terms.run_dir}")
     if saved.exists():
-        provenance.check_change(run_dir, load_config(None, [], run_dir), cfg, redo)
+        provenance.check_change(run_dir, load_config(None, [], run_dir), cfg, redo, terms)
     # Under a multi-process launcher every process resolves the same config; one writes it.
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)

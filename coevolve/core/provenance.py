@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from coevolve.core import rundir
 from coevolve.core.rundir import STEP_ORDER, RunDirError
+from coevolve.core.terms import CLI, Terms
 
 if TYPE_CHECKING:
     from coevolve.core.config import Config
@@ -47,8 +48,7 @@ def step_key(k: int, name: str) -> str:
 
 def fields(cfg: Config, name: str) -> dict:
     """The step's config fields by dotted name, as they read in config.yaml."""
-    flat = _flatten(cfg, cfg.model_dump(mode="json"))
-    return {key: value for key, value in flat.items() if any(key == p or key.startswith(p + ".") for p in DEPENDS_ON[name])}
+    return {key: value for key, value in flat(cfg).items() if any(key == p or key.startswith(p + ".") for p in DEPENDS_ON[name])}
 
 
 def changed(made: dict, now: dict) -> list[str]:
@@ -104,7 +104,7 @@ def stale_after(run: Path, cfg: Config, k: int, name: str) -> list[str]:
             if (i, STEP_ORDER.index(s)) > here and stale_because(run, cfg, i, s)]
 
 
-def check_change(run: Path, old: Config, new: Config, redo: bool) -> None:
+def check_change(run: Path, old: Config, new: Config, redo: bool, terms: Terms = CLI) -> None:
     """Refuse a config change that alters fields finished steps were made from, naming the fields and the
     steps it would invalidate (those and every finished step built on them), unless `redo`."""
     named: dict[str, None] = {}  # the changed fields, in order
@@ -124,7 +124,7 @@ def check_change(run: Path, old: Config, new: Config, redo: bool) -> None:
         log.info(f"{run}: {names} changed: {', '.join(affected)} are stale now, redone by `coevolve run`")
         return
     raise RunDirError(f"{run}: changing {names} would invalidate the finished steps {', '.join(affected)}; "
-                      "add --redo to redo them, or use a new --run-dir")
+                      f"{terms.redo}, or use {terms.run_dir}")
 
 
 def restart_if_changed(partial: Path, made: dict) -> None:
@@ -138,14 +138,19 @@ def restart_if_changed(partial: Path, made: dict) -> None:
     path.write_text(json.dumps(made))
 
 
+def flat(cfg: Config) -> dict:
+    """Every field of the config by dotted name, as config.yaml holds it."""
+    return _flatten(cfg, cfg.model_dump(mode="json"))
+
+
 def _flatten(model: BaseModel, tree: dict, prefix: str = "") -> dict:
     """Dotted names down to the schema's leaves; a free-form mapping (stores.replay, train.extra) is one
     value, so that a key it gains or loses is a change."""
-    flat = {}
+    out = {}
     for key, value in tree.items():
         sub = getattr(model, key)
         if isinstance(sub, BaseModel):
-            flat.update(_flatten(sub, value, f"{prefix}{key}."))
+            out.update(_flatten(sub, value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+            out[f"{prefix}{key}"] = value
+    return out

@@ -201,6 +201,7 @@ class StepRun:
             "io": self.io,
             "stop": stop,
             "provenance": self.provenance,
+            "wandb": tracking.where(),
             **(extra or {}),
         }
         if not distributed.is_main():

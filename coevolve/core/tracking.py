@@ -109,6 +109,13 @@ def start(step) -> None:
         _log(step.metrics, step.timings, step.io)
 
 
+def where() -> dict | None:
+    """Where the step's W&B run can be seen, for its DONE.json (the flow's iteration summary links it)."""
+    if _run is None:
+        return None
+    return {"run": _run.name, "group": _run.group, **({"dir": _run.sync_dir} if _run.offline else {"url": _run.url})}
+
+
 def log_phase(name: str, metrics: dict, seconds: float, io: dict) -> None:
     if _run is not None:
         _log(metrics, {name: seconds}, {name: io})
