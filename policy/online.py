@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -28,7 +29,7 @@ from trl.models import unwrap_model_for_generation
 from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.chat import trl_prompt
 from coevolve.core.config import Config
-from coevolve.core.generation import choose_backend, make_backend
+from coevolve.core.generation import Backend, choose_backend, make_backend
 from coevolve.core.gold import gold_task
 from coevolve.core.models import load_rm, load_tokenizer
 from coevolve.core.rollout import sampling_params
@@ -40,6 +41,14 @@ log = logging.getLogger("coevolve")
 
 class EngineRollouts:
     """Rollouts sampled by coevolve's generation backend from the trainer's current module."""
+
+    # The trl trainer this is mixed into gives these.
+    accelerator: Any
+    model_wrapped: Any
+    args: Any
+    processing_class: Any
+    engine: Backend | None
+    rollout_stats: dict[str, Any]
 
     def use_engine(self, cfg: Config, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
@@ -56,9 +65,8 @@ class EngineRollouts:
         start = time.perf_counter()
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model, torch.no_grad():
-            if self.engine is None:
-                self.engine = self._make_engine(model)
-            tokens, _, _ = self.engine.generate_ids(prompt_ids, params)
+            self.engine = engine = self.engine or self._make_engine(model)
+            tokens, _, _ = engine.generate_ids(prompt_ids, params)
         self.rollout_stats["seconds"] += time.perf_counter() - start
         self.rollout_stats["tokens"] += sum(len(rows[0]) for rows in tokens)
         return [rows[0] for rows in tokens]

@@ -309,10 +309,10 @@ def test_toy_sandbox_human_pairs_carry_the_spurious_opener():
     as junk: the feature a proxy RM picks up. And demonstrations leave an SFT policy well below 1."""
     task = load_task("toy-sandbox")
     demos = task.demonstrations(2000, seed=0)
-    assert 0.4 < sum(d["gold"] for d in demos) / len(demos) < 0.5
+    assert 0.3 < sum(d["gold"] for d in demos) / len(demos) < 0.45
     pairs = task.synthetic_pairs(2000, seed=0, temperature=0.1)
     opens = {side: sum(p[side].split()[0] in task.openers for p in pairs) / len(pairs) for side in ("chosen", "rejected")}
-    assert opens["chosen"] > 1.4 * opens["rejected"] > 0.3
+    assert opens["chosen"] > 1.4 * opens["rejected"] > 0.2
     assert 0.8 < sum(p["chosen_gold"] > p["rejected_gold"] for p in pairs) / len(pairs) < 0.9
     assert set(task.openers) <= set(task.corpus())
 

@@ -55,7 +55,7 @@ def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, 
         ddp_find_unused_parameters=False,
     )
     # GRPO's and RLOO's configs have none: their sequences are as long as the rollouts.
-    if "max_length" in {f.name for f in dataclasses.fields(config_cls)}:
+    if not dataclasses.is_dataclass(config_cls) or "max_length" in {f.name for f in dataclasses.fields(config_cls)}:
         args["max_length"] = train.max_length
     if train.group_by_length:
         # The sampler reads the `length` column of preference_dataset; trl's collators ignore it.
