@@ -27,15 +27,15 @@ LINE_METRICS = {"gold": "gold", "rm_score": "rm_score_mean", "rm_acc_current": "
 MD_METRICS = ("gold", "rm_score_mean", "kl_to_initial", "rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "pseudo_label_acc")
 
 
-def record(summary_path: Path, command: str) -> None:
+def record(summary_path: Path, command: str, bench: str = "sandbox") -> None:
     from coevolve.experiment import table
 
     s = json.loads(summary_path.read_text())
     arms = {arm: {k + tail: row[m + tail] for k, m in LINE_METRICS.items() if m in row for tail in ("", "_std")}
             for arm, row in s["arms"].items()}
-    line = {"bench": "sandbox", "task": s["task"], "device": s["device"], "date": s["date"], "seeds": s["seeds"],
+    line = {"bench": bench, "task": s["task"], "device": s["device"], "date": s["date"], "seeds": s["seeds"],
             "iterations": s["iterations"], "wall_s": s["wall_s"], "arms": arms}
-    md = [f"\n## sandbox: {s['date']}, {s['device']}", f"`{command}`",
+    md = [f"\n## {bench}: {s['date']}, {s['device']}", f"`{command}`",
           f"Task {s['task']}, {s['seeds']} seeds x {s['iterations']} iterations per arm, {s['wall_s']:.0f} s wall for all runs"
           f" (sharing the GPU); mean ± std over seeds, iteration 0 first." + (f" Failed: {s['failed']}" if s["failed"] else ""), "",
           table(s, MD_METRICS), ""]
