@@ -12,7 +12,8 @@ import pytest
 from matplotlib.image import imread
 
 from coevolve.cli import main, run_step
-from coevolve.core import rundir
+from coevolve.core import divergence, rundir
+from coevolve.core.divergence import batches
 from coevolve.core.config import ConfigError, load_config, prepare_run
 from coevolve.core.models import load_rm
 from coevolve.core.rollout import score
@@ -90,6 +91,27 @@ def test_evaluate_measures_the_policy_against_policy_0(evaluated):
     assert m1["eval/length_mean"] == pytest.approx(sum(first["num_tokens"]) / len(first))
     eval_prompts = datasets.load_from_disk(str(run / "iter_0/init/data/prompts")).filter(lambda r: r["split"] == "eval")
     assert set(first["prompt_id"]) == set(eval_prompts["prompt_id"])
+
+
+def test_kl_batches_hold_at_most_the_logit_budget():
+    """The KL batches' logits stay within the budget (256 rows of 400 tokens over a 49K vocabulary asked
+    for 15 GiB at once on the GPU), keep every row once, and take as many rows as fit."""
+    lengths = [400, 380, 12, 390, 20, 395] * 50
+    plan = batches(lengths, batch_size=256, vocab_size=49152, budget=2**28)
+    assert sorted(i for idx in plan for i in idx) == list(range(len(lengths)))
+    assert all(len(idx) * max(lengths[i] for i in idx) * 49152 <= 2**28 for idx in plan)
+    assert max(len(idx) for idx in plan) == 100    # the short rows: 2**28 // (20 * 49152) = 273, capped by the 100 there are
+    assert batches([5000], 8, 49152, budget=2**20) == [[0]]    # one row over the budget still goes, alone
+
+
+def test_kl_is_the_same_one_row_at_a_time(evaluated, monkeypatch):
+    run, cfg = evaluated
+    first = datasets.load_from_disk(str(run / "iter_1/evaluate/kl"))
+    inputs = rundir.read_done(run, 1, "evaluate")["inputs"]
+    policy, initial = run / inputs["policy"], run / inputs["policy_0"]
+    monkeypatch.setattr(divergence, "LOGIT_BUDGET", 1)
+    kl = divergence.response_kl(cfg, policy, initial, list(first["prompt"]), list(first["response"]))
+    assert kl == pytest.approx(first["kl"], rel=1e-4, abs=1e-5)
 
 
 def test_gold_reward_stands_in_for_the_rm(tmp_path):

@@ -9,6 +9,11 @@ from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import Config
 from coevolve.core.models import load_policy
 
+# Float32 logit elements one batch may hold (1 GiB each for the policy's and the reference's, and as
+# much again for their log-softmax and its exp): generation's batch of 256 rows at 400 tokens over
+# SmolLM2's 49K vocabulary asked for 15 GiB at once and ran a shared GPU out of memory.
+LOGIT_BUDGET = 2**28
+
 
 @torch.no_grad()
 def response_kl(cfg: Config, policy: Path, reference: Path, prompts: list[str], responses: list[str]) -> list[float]:
@@ -24,12 +29,10 @@ def response_kl(cfg: Config, policy: Path, reference: Path, prompts: list[str], 
         (tok(policy_prompt_text(tok, p), add_special_tokens=False)["input_ids"], tok(r, add_special_tokens=False)["input_ids"])
         for p, r in zip(prompts, responses, strict=True)
     ]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     out = [0.0] * len(rows)
-    batch_size = cfg.generation.batch_size
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        width = max(len(rows[i][0]) + len(rows[i][1]) for i in idx)
+    lengths = [len(head) + len(tail) for head, tail in rows]
+    for idx in batches(lengths, cfg.generation.batch_size, model.config.vocab_size, LOGIT_BUDGET):
+        width = max(lengths[i] for i in idx)
         ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         # Position t predicts token t+1: a response token's distribution sits one position earlier.
@@ -47,4 +50,17 @@ def response_kl(cfg: Config, policy: Path, reference: Path, prompts: list[str], 
         for row, i in enumerate(idx):
             out[i] = sums[row]
     del model, ref
+    return out
+
+
+def batches(lengths: list[int], batch_size: int, vocab_size: int, budget: int) -> list[list[int]]:
+    """Indices of `lengths` in batches of similar length, each at most `batch_size` rows and (but for a
+    single row) at most `budget` logit elements: rows x its longest x `vocab_size`."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Sorted ascending, so row i is the batch's longest.
+        if out and len(out[-1]) < batch_size and (len(out[-1]) + 1) * lengths[i] * vocab_size <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
     return out
