@@ -164,6 +164,8 @@ def before_after(run_dir: Path, examples: int = 3, width: int = 200) -> str | No
         return {r["prompt_id"]: r for r in ds if r["model"] == "policy_K" and r["sample"] == 0}
 
     referee = "gold" if "eval/gold_mean" in last["metrics"] else "judge" if "eval/judge_mean" in last["metrics"] else "-"
+    if referee != "-":
+        lines += ["", verdict(first["metrics"], last["metrics"], referee)]
     before, after = firsts(k0), firsts(k1)
     for pid in sorted(before)[:examples]:
         b, a = before[pid], after.get(pid)
@@ -174,6 +176,26 @@ def before_after(run_dir: Path, examples: int = 3, width: int = 200) -> str | No
             text = " ".join(row["response"].split())
             lines.append(f"  {tag:<6} [{referee} {row['referee']:.2f}] {text[:width]}")
     return "\n".join(lines)
+
+
+def verdict(first: dict, last: dict, referee: str) -> str:
+    """One sentence on whether the policy got better by the referee's measure: its mean up by more than
+    twice its standard error on these prompts, and a win rate over policy_0 above one half."""
+    before, after = first[f"eval/{referee}_mean"], last[f"eval/{referee}_mean"]
+    n = last["eval/prompts"]
+    noise = 2 * last.get(f"eval/{referee}_std", 0.0) / math.sqrt(n)
+    win = last["eval/win_rate_vs_initial"]
+    said = f"{referee} {before:.3f} -> {after:.3f} (noise on {n} prompts: ±{noise:.3f}), win rate vs policy_0 {win:.3f}"
+    if after - before > noise and win > 0.5:
+        return f"Improved: {said}."
+    why = []
+    if after - before <= noise:
+        why.append(f"the {referee} moved by less than its noise" if after > before else f"the {referee} fell")
+    if win <= 0.5:
+        why.append("the new policy does not win most comparisons with policy_0")
+    if last.get("eval/rm_score_mean", 0.0) > first.get("eval/rm_score_mean", 0.0) and after <= before:
+        why.append("the RM's score rose while the referee's did not: the policy learned what the RM rewards, not what the referee does")
+    return f"Not improved: {said}; " + "; ".join(why) + "."
 
 
 def side_by_side(run_dir: Path, done: dict, examples: int = 3) -> str:

@@ -13,6 +13,7 @@ from tiny_run import tiny_run  # noqa: F401  (the fixture)
 
 from coevolve.cli import main
 from coevolve.core import rundir
+from coevolve.report import verdict
 
 PLOTS = {"gold_vs_kl.png", "policy_reward.png", "rm_accuracy.png", "pair_counts.png", "losses.png", "response_lengths.png", "wall_time.png", "evaluation.png"}
 
@@ -83,3 +84,17 @@ def test_gold_against_sqrt_kl_is_plotted_with_the_proxy_beside_it(tiny_run):
     assert ax.lines[0].get_xydata().tolist() == [[math.sqrt(m["eval/kl_to_initial"]), m["eval/gold_mean"]] for m in evaluated]
     assert twin.lines[0].get_ydata().tolist() == [m["eval/rm_score_mean"] for m in evaluated]
     assert [t.get_text() for t in ax.texts] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("after, win, rm_after, expected", [
+    (0.60, 0.62, 1.0, "Improved: gold 0.400 -> 0.600 (noise on 100 prompts: ±0.060), win rate vs policy_0 0.620."),
+    (0.43, 0.55, 1.0, "Not improved: gold 0.400 -> 0.430 (noise on 100 prompts: ±0.060), win rate vs policy_0 0.550; "
+                      "the gold moved by less than its noise."),
+    (0.30, 0.40, 2.0, "Not improved: gold 0.400 -> 0.300 (noise on 100 prompts: ±0.060), win rate vs policy_0 0.400; the gold fell; "
+                      "the new policy does not win most comparisons with policy_0; the RM's score rose while the referee's did not: "
+                      "the policy learned what the RM rewards, not what the referee does."),
+])
+def test_the_run_ends_by_saying_whether_the_policy_improved(after, win, rm_after, expected):
+    first = {"eval/gold_mean": 0.4, "eval/rm_score_mean": 0.5, "eval/win_rate_vs_initial": 0.5, "eval/prompts": 100}
+    last = {"eval/gold_mean": after, "eval/gold_std": 0.3, "eval/rm_score_mean": rm_after, "eval/win_rate_vs_initial": win, "eval/prompts": 100}
+    assert verdict(first, last, "gold") == expected
