@@ -5,7 +5,9 @@ step without a DONE.json. The flow run takes the run directory's name, and each 
 run's report written and a summary of the iteration as a markdown artifact."""
 from __future__ import annotations
 
+import logging
 import re
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -86,11 +88,22 @@ def iteration(cfg: Config, run_dir: str, k: int, steps: list[str], step_deployme
     """Runs the iteration's steps in order; True when its E-step says to stop (the selected checkpoint
     won less than tau), in which case the rest of the run is skipped."""
     for step in steps:
-        run_step.with_options(task_run_name=task_name(k, step), retries=retries(cfg, step))(cfg, run_dir, k, step, step_deployment, gpu_limit)
+        name, started = task_name(k, step), time.monotonic()
+        progress(f"{name}: started")
+        run_step.with_options(task_run_name=name, retries=retries(cfg, step))(cfg, run_dir, k, step, step_deployment, gpu_limit)
+        progress(f"{name}: finished in {time.monotonic() - started:.0f} s")
         if step == "e-step" and rundir.read_done(Path(run_dir), k, step)["stop"]:
-            get_run_logger().info(f"iteration {k}: the E-step's best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy")
+            progress(f"iteration {k}: the E-step's best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy")
             return True
     return False
+
+
+def progress(message: str) -> None:
+    """A line in this iteration's log and in the top-level flow run's: `prefect deployment run --watch`
+    follows that run's own logs, not its iteration subflows'."""
+    get_run_logger().info(message)
+    if parent := flow_run.parent_flow_run_id:
+        logging.getLogger("prefect.flow_runs").info(message, extra={"flow_run_id": parent})
 
 
 def for_this_run(run: Path, config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:

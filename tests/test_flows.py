@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
     LogFilter,
+    LogFilterFlowRunId,
     LogFilterTaskRunId,
 )
 from prefect.client.schemas.sorting import LogSort
@@ -164,6 +165,11 @@ def test_two_iterations_complete_with_artifacts(prefect_server, reference_run):
         last = [r for r in final_task_runs(c, flow_run) if r.name == f"iter{plan[-1][0]}-{plan[-1][1]}"][-1]
         logs = c.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[last.id])), sort=LogSort.TIMESTAMP_DESC)
         assert any(f"{plan[-1][1]}: finished in" in log.message for log in logs), [log.message for log in logs][-20:]
+
+        # Each step's start and end in the top-level run's own log, which `prefect deployment run --watch` follows.
+        top = [log.message for log in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))]
+        for k, step in plan:
+            assert f"iter{k}-{step}: started" in top and any(m.startswith(f"iter{k}-{step}: finished in") for m in top), top
 
         artifacts = c.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
     by_key = {a.key: a for a in artifacts}
