@@ -51,7 +51,8 @@ def coevolve(
         overrides: Config fields as key.sub=value, e.g. e_step.beta=0.1; for an existing run directory,
             those that are not the deployment's defaults change its config.
         iterations: Number of E-step/M-step iterations.
-        e_step_mode: How the E-step improves the policy: dpo, seft (SFT on revised responses) or both.
+        e_step_mode: How the E-step improves the policy: dpo, seft (SFT on revised responses), both, or
+            online with grpo or rloo against the current RM.
         m_step: Refit the reward model each iteration.
         reviser: Train and run the SEFT reviser before each E-step.
         evaluate: Evaluate the policy and RM after each iteration.

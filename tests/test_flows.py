@@ -275,7 +275,7 @@ def test_served_deployment_resumes_its_run_directory_and_keeps_its_schedules(pre
         form = deployment.parameter_openapi_schema["properties"]
         assert {"run_dir", "config", "overrides", "iterations", "e_step_mode", "m_step", "reviser", "evaluate"} <= set(form)
         assert form["iterations"]["description"].startswith("Number of")
-        assert form["e_step_mode"]["anyOf"][0]["enum"] == ["dpo", "seft", "dpo+seft"]
+        assert form["e_step_mode"]["anyOf"][0]["enum"] == ["dpo", "seft", "dpo+seft", "grpo", "rloo"]
         schedules = declared_schedules(deployment)
 
         triggered = prefect_server.prefect(
