@@ -168,7 +168,7 @@ def run_ours(a, work: Path, backend: str, launch: dict | None = None, warmup: bo
 def profile_ours(a, work: Path, backend: str, out: Path) -> None:
     """Where ours' time goes, for `--profile`: the step server's imports in a fresh interpreter
     (`-X importtime`), then the iteration's steps each under torch.profiler (bench/profile_step.py)."""
-    preload = "from coevolve.core.runner import STEPS; import importlib; [importlib.import_module(m) for m in STEPS.values()]"
+    preload = "from coevolve.core.steps import STEPS; import importlib; [importlib.import_module(s.module) for s in STEPS.values()]"
     t = timed([sys.executable, "-X", "importtime", "-c", preload], out / "importtime.log")
     log(f"preload imports: {t:.1f}s (interpreter included)")
     run = init_ours(a, work, backend)

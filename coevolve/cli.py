@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
@@ -11,33 +10,14 @@ from pathlib import Path
 from coevolve.core import rundir, runlock
 from coevolve.core.config import Config, prepare_run
 from coevolve.core.errors import InputError
-from coevolve.core.plan import step_plan, up_to_date
 from coevolve.core.quiet import VERBOSE_ENV, prefect_telemetry_off
-from coevolve.core.runner import STEPS, run_step
+from coevolve.core.runner import run_loop, run_step
 from coevolve.core.step import StepCrashed, setup_logging
+from coevolve.core.steps import STEPS
 
-log = logging.getLogger("coevolve")
 
-
-def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
-    """Every step of the plan, each in its own process (the same command a user would type)."""
-    from coevolve.core.launch import run_process, step_command
-
-    for k, name in step_plan(cfg):
-        # A stale step is redone by its own process, which says why.
-        if not force and up_to_date(run_dir, cfg, k, name):
-            log.info(f"iteration {k} {name}: already done, skipped")
-        else:
-            cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
-            code, tail = run_process(cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True), launch=cfg.launch)
-            if code != 0:
-                step_log = rundir.partial_dir(run_dir, k, name) / "log.txt"
-                if code == 2 and not step_log.exists():
-                    raise SystemExit(2)  # bad input, refused before the step began: its one line is above
-                raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {step_log}")
-        if name == "e-step" and rundir.read_done(run_dir, k, name)["stop"]:
-            log.info(f"iteration {k}: the best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy")
-            break
+def finished(cfg: Config, run_dir: Path) -> None:
+    """Where `coevolve run` left the policy, the RM and the report, and whether the policy improved."""
     final_policy = rundir.latest_output(run_dir, "policy")
     final_rm = rundir.latest_output(run_dir, "rm")
     print(f"\nDone. Run directory: {run_dir}\n  policy: {final_policy}\n  rm:     {final_rm}\n  report: coevolve report {run_dir}")
@@ -55,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_step = sub.add_parser("step", help="run one step in this process")
-    p_step.add_argument("name", help=f"one of {sorted(STEPS)}")
+    p_step.add_argument("name", help=f"one of {', '.join(STEPS)} (coevolve/core/steps.py)")
     p_step.add_argument("--run-dir", required=True, type=Path)
     p_step.add_argument("--iteration", required=True, type=int)
     p_step.add_argument("--config", help="YAML config (needed only when the run directory has none yet)")
@@ -130,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                     run_step(args.name, args.run_dir, args.iteration, cfg, args.force)
                 else:
                     run_loop(cfg, args.run_dir, args.force)
+                    finished(cfg, args.run_dir)
         elif args.command == "experiment":
             from coevolve.experiment import run_experiment
 

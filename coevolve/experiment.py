@@ -27,6 +27,8 @@ from typing import Any
 from coevolve.core import rundir
 from coevolve.core.config import Config, ConfigError, load_config
 from coevolve.core.plan import iteration_steps
+from coevolve.core.runner import stopped as stop_rule
+from coevolve.core.steps import STEPS
 
 ARMS = {
     # Iterative DPO against the RM of iteration 0, never updated.
@@ -170,7 +172,7 @@ def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
     policy and RM on, so its last measurement stands for the iterations it did not run."""
     series, stopped, last = [], False, None
     for k in range(iterations + 1):
-        stopped = stopped or (k > 0 and rundir.is_done(run, k, "e-step") and rundir.read_done(run, k, "e-step")["stop"])
+        stopped = stopped or any(stop_rule(run, k, name) for name in STEPS)
         if rundir.is_done(run, k, "evaluate") and not stopped:
             last = {key.removeprefix("eval/"): v for key, v in rundir.read_done(run, k, "evaluate")["metrics"].items() if key.startswith("eval/")}
             if rundir.is_done(run, k, "m-step"):

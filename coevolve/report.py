@@ -16,36 +16,16 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from coevolve.core import rundir
+from coevolve.core.steps import STEPS, position
 
 NAN = float("nan")
 
-# The per-iteration table: (column, step, metric key as the step writes it in DONE.json).
-COLUMNS = [
-    # What a referee (the sandbox's gold, or a judge) says first; the RM's own view after it.
-    ("eval: gold reward", "evaluate", "eval/gold_mean"),
-    ("eval: judge reward", "evaluate", "eval/judge_mean"),
-    ("eval: win rate vs policy_0", "evaluate", "eval/win_rate_vs_initial"),
-    ("eval: KL to policy_0", "evaluate", "eval/kl_to_initial"),
-    ("eval: RM score (proxy)", "evaluate", "eval/rm_score_mean"),
-    ("eval: RM acc original pairs", "evaluate", "eval/rm_acc_original"),
-    ("eval: RM acc current policy", "evaluate", "eval/rm_acc_current"),
-    ("eval: current policy's pairs (n)", "evaluate", "eval/fresh_pairs"),
-    ("policy score (samples)", "e-step", "score/mean"),
-    ("select win rate", "e-step", "select/best_win_rate"),
-    ("policy_K score (D_MS)", "e-step", "select/best_score_mean"),
-    ("pairs", "e-step", "pairs/count"),
-    ("unpaired prompts", "e-step", "pairs/unpaired"),
-    ("response tokens", "e-step", "generate/length_mean"),
-    ("DPO loss (last)", "e-step", "dpo/loss_last"),
-    ("pseudo kept", "m-step", "pseudo/kept"),
-    ("pseudo dropped", "m-step", "pseudo/dropped"),
-    ("pseudo labels right by gold", "m-step", "pseudo/gold_label_acc"),
-    ("RM loss (last)", "m-step", "rm_train/loss_last"),
-    ("RM acc held-out, before", "m-step", "rm_before/accuracy_heldout"),
-    ("RM acc held-out, after", "m-step", "rm_after/accuracy_heldout"),
-    ("RM acc pseudo, before", "m-step", "rm_before/accuracy_pseudo"),
-    ("RM acc pseudo, after", "m-step", "rm_after/accuracy_pseudo"),
-]
+def columns() -> list[tuple[str, str, str]]:
+    """The per-iteration table, from the registry: (column, step, metric key as the step writes it in
+    DONE.json). The measurements (steps that train nothing) come first, the trainers' own numbers after."""
+    return [(label, step.name, key) for step in sorted(STEPS.values(), key=lambda s: s.trains) for label, key in step.columns]
+
+
 # What `before_after` compares between the first and the last evaluation.
 EVAL_LINES = [
     ("gold reward", "eval/gold_mean"), ("judge reward", "eval/judge_mean"), ("RM score", "eval/rm_score_mean"),
@@ -379,7 +359,7 @@ def losses(run_dir: Path, steps: list) -> Figure | None:
         return None
     fig = Figure(figsize=(4 * len(panels), 3.5))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, curves) in zip(axes, sorted(panels.items(), key=lambda p: rundir.STEP_ORDER.index(p[0]))):
+    for ax, (name, curves) in zip(axes, sorted(panels.items(), key=lambda p: position(p[0]))):
         for label, (xs, ys) in curves.items():
             ax.plot(xs, ys, label=label)
         ax.set_title(titles[name])
@@ -440,10 +420,11 @@ def _fmt(value) -> str:
 
 def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[tuple[str, str]], to_run: str = "..",
            responses: str = "") -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in COLUMNS)
+    table = columns()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in table)
     rows = ([0] if any(k == 0 for k, _ in done) else []) + iterations
     body = "".join(
-        f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(metric(done, k, s, key))}</td>" for _, s, key in COLUMNS) + "</tr>"
+        f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(metric(done, k, s, key))}</td>" for _, s, key in table) + "</tr>"
         for k in rows
     )
     step_rows = "".join(

@@ -18,7 +18,8 @@ from prefect.runtime import deployment, flow_run
 from coevolve.core import rundir, runlock
 from coevolve.core.config import Config, EStepConfig, prepare_run
 from coevolve.core.launch import retries
-from coevolve.core.plan import step_plan
+from coevolve.core.plan import iteration_steps
+from coevolve.core.runner import stop_reason
 from coevolve.core.terms import FLOW
 from coevolve.flows.steps import run_step, task_name
 from coevolve.flows.summary import iteration_summary
@@ -74,10 +75,8 @@ def coevolve(
     # Held for the whole run; the step processes and step jobs it launches run under it (core/runlock.py).
     with runlock.held(run, f"prefect flow run {run.name} (coevolve flow, run_dir={run_dir})"):
         cfg = prepare_run(config, [*overrides, *given], run, terms=FLOW)
-        plan = step_plan(cfg)
-        for k in dict.fromkeys(k for k, _ in plan):
-            steps = [step for i, step in plan if i == k]
-            stopped = iteration(cfg, str(run), k, steps, step_deployment, gpu_limit)
+        for k in range(cfg.iterations + 1):
+            stopped = iteration(cfg, str(run), k, iteration_steps(cfg, k), step_deployment, gpu_limit)
             summarize(run, k, cfg)
             if stopped:
                 break
@@ -86,15 +85,15 @@ def coevolve(
 
 @flow(name="iteration", flow_run_name="iteration-{k}")
 def iteration(cfg: Config, run_dir: str, k: int, steps: list[str], step_deployment: str | None, gpu_limit: str | None) -> bool:
-    """Runs the iteration's steps in order; True when its E-step says to stop (the selected checkpoint
-    won less than tau), in which case the rest of the run is skipped."""
+    """Runs the iteration's steps in order; True when the stop rule (core/runner.py) ends the run after
+    one of them, in which case the rest of the run is skipped."""
     for step in steps:
         name, started = task_name(k, step), time.monotonic()
         progress(f"{name}: started")
         run_step.with_options(task_run_name=name, retries=retries(cfg, step))(cfg, run_dir, k, step, step_deployment, gpu_limit)
         progress(f"{name}: finished in {time.monotonic() - started:.0f} s")
-        if step == "e-step" and rundir.read_done(Path(run_dir), k, step)["stop"]:
-            progress(f"iteration {k}: the E-step's best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy")
+        if stop := stop_reason(Path(run_dir), k, step, cfg):
+            progress(stop)
             return True
     return False
 

@@ -84,7 +84,7 @@ def coevolve_step(run_dir: str, step: str, iteration: int, gpu_limit: str | None
 
     Args:
         run_dir: The run directory, on storage that every host sees.
-        step: The step name (init, sft-warmup, rm-init, reviser-train, revise, e-step, m-step, evaluate).
+        step: The step name, one of coevolve/core/steps.py's (e-step, m-step, ...).
         iteration: The iteration it belongs to (0 for init, sft-warmup, rm-init).
         gpu_limit: The global concurrency limit counting this host's GPUs; the step holds cfg.launch.gpus slots.
         run_lock: The token of the flow run holding the run directory's lock (core/runlock.py), under which

@@ -20,8 +20,10 @@ def main(step):
 RUN = """
 import sys
 sys.path.insert(0, {folder!r})
+import dataclasses
 from coevolve import cli
-cli.STEPS["init"] = "crashing_step"
+from coevolve.core.steps import STEPS
+STEPS["init"] = dataclasses.replace(STEPS["init"], module="crashing_step")
 cli.main(sys.argv[1:])
 """
 

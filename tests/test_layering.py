@@ -114,7 +114,7 @@ def test_the_graph_is_read_from_the_sources():
     graph = import_graph()
     assert {"coevolve.cli", "coevolve.flows.steps", "coevolve.data.store", "coevolve.core.fastgen.backend"} <= graph.keys()
     assert "coevolve.core.runner" in graph["coevolve.cli"]  # lazy and top-level imports alike
-    assert "coevolve.core.launch" in graph["coevolve.cli"]
+    assert "coevolve.report" in graph["coevolve.cli"]
     assert "coevolve.core.fastgen.model" in graph["coevolve.core.fastgen.backend"]  # relative
     assert "coevolve.data.store" not in graph["coevolve.data.sampling"]  # TYPE_CHECKING only
 

@@ -11,12 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coevolve.core.config import Config, LaunchConfig
+from coevolve.core.steps import STEPS
 from coevolve.core.stepserver import ForkedStep
-from coevolve.core.plan import GENERATION_STEPS
-
-# Steps that train a model, the only ones that go through the multi-GPU launcher; `init` only
-# materialises models and data.
-TRAINING_STEPS = frozenset({"sft-warmup", "rm-init", "reviser-train", "e-step", "m-step"})
 
 
 class StepFailed(RuntimeError):
@@ -38,7 +34,7 @@ class StepFailed(RuntimeError):
 
 
 def retries(cfg: Config, step: str) -> int:
-    return cfg.retries.generation if step in GENERATION_STEPS else cfg.retries.training
+    return getattr(cfg.retries, STEPS[step].retry)
 
 
 def step_command(cfg: Config, step: str, run_dir: Path, iteration: int) -> list[str]:
@@ -46,7 +42,7 @@ def step_command(cfg: Config, step: str, run_dir: Path, iteration: int) -> list[
     step_args = ["coevolve", "step", step, "--run-dir", str(run_dir), "--iteration", str(iteration)]
     launch = cfg.launch
     # sys.executable rather than a script on PATH: the child runs in the same environment as its parent.
-    if launch.launcher == "python" or step not in TRAINING_STEPS:
+    if launch.launcher == "python" or not STEPS[step].trains:
         return [sys.executable, "-m", *step_args]
     if launch.launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.gpus)]

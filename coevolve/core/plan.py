@@ -1,13 +1,16 @@
-"""Which steps a run is made of, in order: one list that `coevolve run` and the Prefect flow share; and
-which finished steps a step needs before it may start."""
+"""Which steps a run is made of, in order (read from the registry, core/steps.py): the plan that
+`coevolve run`, the Prefect flow and `coevolve experiment` share; and which finished steps a step needs
+before it may start."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from coevolve.core import provenance, rundir
 from coevolve.core.config import Config
-from coevolve.core.rundir import STEP_ORDER, RunDirError
+from coevolve.core.rundir import RunDirError
+from coevolve.core.steps import STEPS, position
 from coevolve.data.fingerprint import changed_since_init
+
 
 def up_to_date(run: Path, cfg: Config, k: int, name: str) -> bool:
     """Finished, and still what config.yaml and the data files describe: a run skips it."""
@@ -15,17 +18,9 @@ def up_to_date(run: Path, cfg: Config, k: int, name: str) -> bool:
             and not (name == "init" and changed_since_init(run, cfg)))
 
 
-# Steps that sample from a model (retried by default) vs steps that train.
-GENERATION_STEPS = {"revise", "evaluate"}
-
-
 def iteration_steps(cfg: Config, k: int) -> list[str]:
-    if k == 0:
-        return ["init"] + ["sft-warmup"] * cfg.steps.sft_warmup + ["rm-init"] * cfg.steps.rm_init + ["evaluate"] * cfg.steps.evaluate
-    steps = ["reviser-train", "revise"] if cfg.steps.reviser else []
-    steps.append("e-step")
-    steps += ["m-step"] * cfg.steps.m_step + ["evaluate"] * cfg.steps.evaluate
-    return steps
+    """The steps of iteration k, in order."""
+    return [name for name, step in STEPS.items() if step.runs_at(k) and step.enabled(cfg)]
 
 
 def step_plan(cfg: Config) -> list[tuple[int, str]]:
@@ -35,9 +30,9 @@ def step_plan(cfg: Config) -> list[tuple[int, str]]:
 def prerequisites(cfg: Config, k: int, name: str) -> list[tuple[int, str]]:
     """The steps (k, name) reads from: iteration k-1's, and those of iteration k before it. Evaluate
     steps only measure, and nothing waits for them."""
-    order = STEP_ORDER.index(name)
+    order = position(name)
     earlier = [(k - 1, s) for s in iteration_steps(cfg, k - 1)] if k > 0 else []
-    earlier += [(k, s) for s in iteration_steps(cfg, k) if STEP_ORDER.index(s) < order]
+    earlier += [(k, s) for s in iteration_steps(cfg, k) if position(s) < order]
     return [(i, s) for i, s in earlier if s != "evaluate"]
 
 

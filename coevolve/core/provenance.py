@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from coevolve.core import rundir
-from coevolve.core.rundir import STEP_ORDER, RunDirError
+from coevolve.core.rundir import RunDirError
+from coevolve.core.steps import position
 from coevolve.core.terms import CLI, Terms
 
 if TYPE_CHECKING:
@@ -64,9 +65,9 @@ def changed(made: dict, now: dict) -> list[str]:
 
 def built_on(run: Path, k: int, name: str) -> dict[str, str]:
     """The finished steps before (k, name), but evaluate steps, by their `finished` stamps."""
-    before = (k, STEP_ORDER.index(name))
+    before = (k, position(name))
     return {step_key(i, s): done["finished"] for i, s, done in rundir.finished_steps(run)
-            if (i, STEP_ORDER.index(s)) < before and s != "evaluate"}
+            if (i, position(s)) < before and s != "evaluate"}
 
 
 def record(run: Path, cfg: Config, k: int, name: str) -> dict:
@@ -99,9 +100,9 @@ def stale_because(run: Path, cfg: Config, k: int, name: str) -> str | None:
 
 def stale_after(run: Path, cfg: Config, k: int, name: str) -> list[str]:
     """The finished steps after (k, name) that are stale."""
-    here = (k, STEP_ORDER.index(name))
+    here = (k, position(name))
     return [step_key(i, s) for i, s, _ in rundir.finished_steps(run)
-            if (i, STEP_ORDER.index(s)) > here and stale_because(run, cfg, i, s)]
+            if (i, position(s)) > here and stale_because(run, cfg, i, s)]
 
 
 def check_change(run: Path, old: Config, new: Config, redo: bool, terms: Terms = CLI) -> None:

@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 from coevolve.core.errors import InputError
-
-# Order of steps within an iteration; iteration 0 holds the run's starting point.
-STEP_ORDER = ("init", "sft-warmup", "rm-init", "reviser-train", "revise", "e-step", "m-step", "evaluate")
+from coevolve.core.steps import STEPS, position
 
 
 class RunDirError(InputError):
@@ -42,17 +40,17 @@ def finished_steps(run: Path) -> list[tuple[int, str, dict]]:
     for done in Path(run).glob("iter_*/*/DONE.json"):
         k = int(done.parent.parent.name.split("_")[1])
         step = done.parent.name
-        if step in STEP_ORDER:
+        if step in STEPS:
             found.append((k, step, json.loads(done.read_text())))
-    return sorted(found, key=lambda t: (t[0], STEP_ORDER.index(t[1])))
+    return sorted(found, key=lambda t: (t[0], position(t[1])))
 
 
 def latest_output(run: Path, key: str, before: tuple[int, str] | None = None, iteration_max: int | None = None) -> Path | None:
     """The `outputs[key]` of the latest finished step that precedes `before` (or of any step)."""
-    limit = (before[0], STEP_ORDER.index(before[1])) if before else None
+    limit = (before[0], position(before[1])) if before else None
     found = None
     for k, step, done in finished_steps(run):
-        if limit is not None and (k, STEP_ORDER.index(step)) >= limit:
+        if limit is not None and (k, position(step)) >= limit:
             break
         if iteration_max is not None and k > iteration_max:
             break

@@ -1,35 +1,23 @@
-"""One step run in this process: the step modules by name, the checks before a step starts and the
-stale steps it leaves. The CLI's `coevolve step` and the step server's preloading both read it, so
-neither needs the other.
-
-A step module is named, not imported, here: importing this costs none of the libraries the steps
-import, and core imports nothing of the steps above it."""
+"""Running a run: one step in this process (the checks before it starts, the stale steps it leaves),
+the whole loop with each step its own process, and the rule that ends the loop early. `coevolve step`,
+`coevolve run`, the Prefect flow and `coevolve experiment` all go through it; the steps themselves are
+the registry's (core/steps.py)."""
 from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from pathlib import Path
 
 from coevolve.core import provenance, rundir
 from coevolve.core.config import Config, ConfigError
-from coevolve.core.plan import require_ready
+from coevolve.core.launch import run_process, step_command
+from coevolve.core.plan import require_ready, step_plan, up_to_date
 from coevolve.core.step import StepRun
+from coevolve.core.steps import STEPS
 from coevolve.data.fingerprint import init_is_stale
 
 log = logging.getLogger("coevolve")
-
-STEPS = {
-    "init": "coevolve.init_step",
-    "sft-warmup": "coevolve.policy.sft_warmup",
-    "rm-init": "coevolve.reward.rm_init",
-    "reviser-train": "coevolve.revision.reviser_train",
-    "revise": "coevolve.revision.revise",
-    "e-step": "coevolve.policy.e_step",
-    "m-step": "coevolve.reward.m_step",
-    "evaluate": "coevolve.evaluate_step",
-}
-ITERATION_ZERO = {"init", "sft-warmup", "rm-init"}
-ANY_ITERATION = {"evaluate"}
 
 
 def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool = False) -> dict:
@@ -37,8 +25,8 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
         raise ConfigError(f"unknown step {name!r}; steps: {sorted(STEPS)}")
     if iteration < 0:
         raise rundir.RunDirError(f"--iteration {iteration}: iterations are 0 (the starting point) or more")
-    if name not in ANY_ITERATION and (name in ITERATION_ZERO) != (iteration == 0):
-        raise ConfigError(f"step {name!r} runs at iteration {'0' if name in ITERATION_ZERO else '1 or later'}, not {iteration}")
+    if not STEPS[name].runs_at(iteration):
+        raise ConfigError(f"step {name!r} runs at iteration {'0' if STEPS[name].iterations == 'zero' else '1 or later'}, not {iteration}")
     require_ready(run_dir, cfg, iteration, name)
     stale = rundir.is_done(run_dir, iteration, name) and provenance.stale_because(run_dir, cfg, iteration, name)
     if name == "init":
@@ -49,7 +37,7 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
         return rundir.read_done(run_dir, iteration, name)
     if stale:
         log.info(f"iteration {iteration} {name}: stale ({stale}); redoing it")
-    module = importlib.import_module(STEPS[name])
+    module = importlib.import_module(STEPS[name].module)
     # Bad input is found before the step writes anything: the run directory stays as it was.
     if hasattr(module, "check"):
         module.check(step)
@@ -60,3 +48,36 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
     if stale_now:
         log.info(f"iteration {iteration} {name}: built on it, now stale: {', '.join(stale_now)}; `coevolve run` redoes them")
     return done
+
+
+def stopped(run: Path, k: int, name: str) -> bool:
+    """The rule that ends a run early, checked after each step: the E-step's best checkpoint won less
+    than tau (the E-step decides, and writes `stop`), so the run keeps the previous policy."""
+    return name == "e-step" and rundir.is_done(run, k, name) and rundir.read_done(run, k, name)["stop"]
+
+
+def stop_reason(run: Path, k: int, name: str, cfg: Config) -> str | None:
+    """The line that says why the run ends after (k, name), if it does."""
+    if not stopped(run, k, name):
+        return None
+    return f"iteration {k}: the E-step's best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy"
+
+
+def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
+    """Every step of the plan, each in its own process (the same command a user would type), until the
+    plan ends or the stop rule says."""
+    for k, name in step_plan(cfg):
+        # A stale step is redone by its own process, which says why.
+        if not force and up_to_date(run_dir, cfg, k, name):
+            log.info(f"iteration {k} {name}: already done, skipped")
+        else:
+            cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
+            code, tail = run_process(cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True), launch=cfg.launch)
+            if code != 0:
+                step_log = rundir.partial_dir(run_dir, k, name) / "log.txt"
+                if code == 2 and not step_log.exists():
+                    raise SystemExit(2)  # bad input, refused before the step began: its one line is above
+                raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {step_log}")
+        if stop := stop_reason(run_dir, k, name, cfg):
+            log.info(stop)
+            break

@@ -316,12 +316,12 @@ def serve(path: Path, idle_s: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         from coevolve.core.quiet import quiet_third_party
-        from coevolve.core.runner import STEPS
+        from coevolve.core.steps import STEPS
 
         quiet_third_party()  # before the imports, some of which warn
 
-        for module in STEPS.values():
-            importlib.import_module(module)
+        for step in STEPS.values():
+            importlib.import_module(step.module)
         print(f"{time.strftime('%F %T')} step server {os.getpid()} ready ({path.name}, exits after {idle_s:g} s idle)", flush=True)
         _loop(listener, steps, idle_s, pid_file)
     finally:
