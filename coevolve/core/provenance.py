@@ -1,7 +1,7 @@
 """What a finished step was made from, and whether the run directory still describes it.
 
 Each step's DONE.json records `provenance`: the values of the config fields the step's outputs depend
-on (DEPENDS_ON, the one table of them) and the `finished` stamp of every step it was built on (each
+on (each step's `depends_on` in core/steps.py) and the `finished` stamp of every step it was built on (each
 finished step before it, evaluate steps excepted: nothing reads them). Values rather than a hash, so
 that a change is named field by field, and a field the schema gains later (its default keeping the old
 behaviour) changes nothing already made. A step is stale when either no longer holds: its fields
@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from coevolve.core import rundir
 from coevolve.core.rundir import RunDirError
-from coevolve.core.steps import position
+from coevolve.core.steps import STEPS, position
 from coevolve.core.terms import CLI, Terms
 
 if TYPE_CHECKING:
@@ -27,29 +27,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coevolve")
 
-# Config fields (dotted prefixes) that each step's outputs are made from. Fields in no entry change how
-# or how far a run goes, not what its steps compute: iterations, run_name, steps, retries, tracking, and
-# where and how the same distributions are computed (device, launch, generation; the models' dtype
-# after init), so they may change on any run.
-DEPENDS_ON = {
-    "init": ("data", "policy", "rm", "evaluate.judge"),
-    "sft-warmup": ("seed", "sft_warmup"),
-    "rm-init": ("seed", "sampling", "data", "rm", "rm_init"),
-    "reviser-train": ("seed", "reviser"),
-    "revise": ("seed", "sampling", "reviser", "stores"),
-    "e-step": ("seed", "sampling", "e_step", "stores"),
-    "m-step": ("seed", "sampling", "m_step", "stores", "data.task"),
-    "evaluate": ("seed", "sampling", "evaluate", "data.task"),
-}
-
-
 def step_key(k: int, name: str) -> str:
     return f"iter_{k}/{name}"
 
 
 def fields(cfg: Config, name: str) -> dict:
     """The step's config fields by dotted name, as they read in config.yaml."""
-    return {key: value for key, value in flat(cfg).items() if any(key == p or key.startswith(p + ".") for p in DEPENDS_ON[name])}
+    return {key: value for key, value in flat(cfg).items() if any(key == p or key.startswith(p + ".") for p in STEPS[name].depends_on)}
 
 
 def changed(made: dict, now: dict) -> list[str]:

@@ -26,6 +26,11 @@ class Step:
     retry: Literal["training", "generation"]
     # The `steps.*` switch of the config that adds it to the plan; None: always in it.
     switch: str | None = None
+    # Config fields (dotted prefixes) its outputs are made from (core/provenance.py): changed, they make
+    # it stale. Fields in no step's list change how or how far a run goes, not what its steps compute:
+    # iterations, run_name, steps, retries, tracking, and where and how the same distributions are
+    # computed (device, launch, generation; the models' dtype after init).
+    depends_on: tuple[str, ...] = ()
     # The report's per-iteration table: (column, metric key as the step writes it in DONE.json).
     columns: tuple[tuple[str, str], ...] = ()
 
@@ -43,12 +48,18 @@ def position(name: str) -> int:
 
 STEPS = {step.name: step for step in (
     # `init` only materialises models and data: it trains nothing, but a failure there is no sampling one.
-    Step("init", "coevolve.init_step", "zero", trains=False, retry="training"),
-    Step("sft-warmup", "coevolve.policy.sft_warmup", "zero", trains=True, retry="training", switch="sft_warmup"),
-    Step("rm-init", "coevolve.reward.rm_init", "zero", trains=True, retry="training", switch="rm_init"),
-    Step("reviser-train", "coevolve.revision.reviser_train", "later", trains=True, retry="training", switch="reviser"),
-    Step("revise", "coevolve.revision.revise", "later", trains=False, retry="generation", switch="reviser"),
-    Step("e-step", "coevolve.policy.e_step", "later", trains=True, retry="training", columns=(
+    Step("init", "coevolve.init_step", "zero", trains=False, retry="training",
+         depends_on=("data", "policy", "rm", "evaluate.judge")),
+    Step("sft-warmup", "coevolve.policy.sft_warmup", "zero", trains=True, retry="training", switch="sft_warmup",
+         depends_on=("seed", "sft_warmup")),
+    Step("rm-init", "coevolve.reward.rm_init", "zero", trains=True, retry="training", switch="rm_init",
+         depends_on=("seed", "sampling", "data", "rm", "rm_init")),
+    Step("reviser-train", "coevolve.revision.reviser_train", "later", trains=True, retry="training", switch="reviser",
+         depends_on=("seed", "reviser")),
+    Step("revise", "coevolve.revision.revise", "later", trains=False, retry="generation", switch="reviser",
+         depends_on=("seed", "sampling", "reviser", "stores")),
+    Step("e-step", "coevolve.policy.e_step", "later", trains=True, retry="training",
+         depends_on=("seed", "sampling", "e_step", "stores"), columns=(
         ("policy score (samples)", "score/mean"),
         ("select win rate", "select/best_win_rate"),
         ("policy_K score (D_MS)", "select/best_score_mean"),
@@ -57,7 +68,8 @@ STEPS = {step.name: step for step in (
         ("response tokens", "generate/length_mean"),
         ("DPO loss (last)", "dpo/loss_last"),
     )),
-    Step("m-step", "coevolve.reward.m_step", "later", trains=True, retry="training", switch="m_step", columns=(
+    Step("m-step", "coevolve.reward.m_step", "later", trains=True, retry="training", switch="m_step",
+         depends_on=("seed", "sampling", "m_step", "stores", "data.task"), columns=(
         ("pseudo kept", "pseudo/kept"),
         ("pseudo dropped", "pseudo/dropped"),
         ("pseudo labels right by gold", "pseudo/gold_label_acc"),
@@ -67,7 +79,8 @@ STEPS = {step.name: step for step in (
         ("RM acc pseudo, before", "rm_before/accuracy_pseudo"),
         ("RM acc pseudo, after", "rm_after/accuracy_pseudo"),
     )),
-    Step("evaluate", "coevolve.evaluate_step", "any", trains=False, retry="generation", switch="evaluate", columns=(
+    Step("evaluate", "coevolve.evaluate_step", "any", trains=False, retry="generation", switch="evaluate",
+         depends_on=("seed", "sampling", "evaluate", "data.task"), columns=(
         # What a referee (the sandbox's gold, or a judge) says first; the RM's own view after it.
         ("eval: gold reward", "eval/gold_mean"),
         ("eval: judge reward", "eval/judge_mean"),
