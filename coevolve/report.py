@@ -22,8 +22,8 @@ NAN = float("nan")
 
 def columns() -> list[tuple[str, str, str]]:
     """The per-iteration table, from the registry: (column, step, metric key as the step writes it in
-    DONE.json). The measurements (steps that train nothing) come first, the trainers' own numbers after."""
-    return [(label, step.name, key) for step in sorted(STEPS.values(), key=lambda s: s.trains) for label, key in step.columns]
+    DONE.json). What the steps that only measure say comes first, the other steps' own numbers after."""
+    return [(label, step.name, key) for step in sorted(STEPS.values(), key=lambda s: not s.measures) for label, key in step.columns]
 
 
 # What `before_after` compares between the first and the last evaluation.

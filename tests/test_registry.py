@@ -65,7 +65,7 @@ def test_the_plan_the_launch_the_cli_and_the_report_read_the_registry(capsys):
         main(["step", "--help"])
     assert ", ".join(STEPS) in " ".join(capsys.readouterr().out.split())
 
-    assert report.columns() == [(label, s.name, key) for s in sorted(STEPS.values(), key=lambda s: s.trains) for label, key in s.columns]
+    assert report.columns() == [(label, s.name, key) for s in sorted(STEPS.values(), key=lambda s: not s.measures) for label, key in s.columns]
     assert {s for _, s, _ in report.columns()} == {name for name, s in STEPS.items() if s.columns}
 
 

@@ -28,12 +28,12 @@ def step_plan(cfg: Config) -> list[tuple[int, str]]:
 
 
 def prerequisites(cfg: Config, k: int, name: str) -> list[tuple[int, str]]:
-    """The steps (k, name) reads from: iteration k-1's, and those of iteration k before it. Evaluate
-    steps only measure, and nothing waits for them."""
+    """The steps (k, name) reads from: iteration k-1's, and those of iteration k before it, but those
+    that only measure (evaluate): nothing waits for them."""
     order = position(name)
     earlier = [(k - 1, s) for s in iteration_steps(cfg, k - 1)] if k > 0 else []
     earlier += [(k, s) for s in iteration_steps(cfg, k) if position(s) < order]
-    return [(i, s) for i, s in earlier if s != "evaluate"]
+    return [(i, s) for i, s in earlier if not STEPS[s].measures]
 
 
 def require_ready(run: Path, cfg: Config, k: int, name: str) -> None:

@@ -2,7 +2,7 @@
 
 Each step's DONE.json records `provenance`: the values of the config fields the step's outputs depend
 on (each step's `depends_on` in core/steps.py) and the `finished` stamp of every step it was built on (each
-finished step before it, evaluate steps excepted: nothing reads them). Values rather than a hash, so
+finished step before it, those that only measure (evaluate) excepted: nothing reads them). Values rather than a hash, so
 that a change is named field by field, and a field the schema gains later (its default keeping the old
 behaviour) changes nothing already made. A step is stale when either no longer holds: its fields
 changed since (accepted with --redo or --force), or a step it was built on was redone. Stale steps are
@@ -48,10 +48,10 @@ def changed(made: dict, now: dict) -> list[str]:
 
 
 def built_on(run: Path, k: int, name: str) -> dict[str, str]:
-    """The finished steps before (k, name), but evaluate steps, by their `finished` stamps."""
+    """The finished steps before (k, name), but those that only measure, by their `finished` stamps."""
     before = (k, position(name))
     return {step_key(i, s): done["finished"] for i, s, done in rundir.finished_steps(run)
-            if (i, position(s)) < before and s != "evaluate"}
+            if (i, position(s)) < before and not STEPS[s].measures}
 
 
 def record(run: Path, cfg: Config, k: int, name: str) -> dict:

@@ -24,6 +24,8 @@ class Step:
     trains: bool
     # The field of cfg.retries that applies when its process fails; sampling fails in other ways than training.
     retry: Literal["training", "generation"]
+    # Only measures: no step reads its outputs, so none waits for it or is built on it.
+    measures: bool = False
     # The `steps.*` switch of the config that adds it to the plan; None: always in it.
     switch: str | None = None
     # Config fields (dotted prefixes) its outputs are made from (core/provenance.py): changed, they make
@@ -79,7 +81,7 @@ STEPS = {step.name: step for step in (
         ("RM acc pseudo, before", "rm_before/accuracy_pseudo"),
         ("RM acc pseudo, after", "rm_after/accuracy_pseudo"),
     )),
-    Step("evaluate", "coevolve.evaluate_step", "any", trains=False, retry="generation", switch="evaluate",
+    Step("evaluate", "coevolve.evaluate_step", "any", trains=False, measures=True, retry="generation", switch="evaluate",
          depends_on=("seed", "sampling", "evaluate", "data.task"), columns=(
         # What a referee (the sandbox's gold, or a judge) says first; the RM's own view after it.
         ("eval: gold reward", "eval/gold_mean"),
