@@ -135,7 +135,8 @@ class StaticGraphBackend:
         self.sampler.configure(params.temperature, params.top_p, params.top_k, eos, params.logprobs)
         run = _Run(self, prompts, lengths, params, stats)
         run.loop()
-        stats.update(max_len=self.cache.max_len, kv_cache_gib=round(self.cache.nbytes / 2**30, 3), graphs=len(self._graphs))
+        # Draws past the exact fallback's budget under graphs (see sampling.py); 0 means every draw was exact.
+        stats.update(inexact_draws=int(self.sampler.inexact), max_len=self.cache.max_len, kv_cache_gib=round(self.cache.nbytes / 2**30, 3), graphs=len(self._graphs))
         logprobs = [[s.logprobs for s in row] for row in run.seqs] if params.logprobs else None
         return run.outputs(), logprobs, stats
 
