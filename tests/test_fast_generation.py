@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from coevolve.core.fastgen import StaticGraphBackend, UnsupportedModel, backend
+from coevolve.core.fastgen import StaticGraphBackend, UnsupportedModel, backend, sampling
 from coevolve.core.fastgen.model import CHUNK
 from coevolve.core.fastgen.sampling import Sampler, row_stats, sequence_key, top_candidates, uniform
 from coevolve.core.config import ConfigError
@@ -217,6 +217,7 @@ class _State:
     def __init__(self, n):
         self.key = torch.tensor([sequence_key(0, i, 0) for i in range(n)])
         self.step = torch.zeros(n, dtype=torch.long)
+        self.done = torch.zeros(n, dtype=torch.bool)
 
 
 @pytest.mark.parametrize("top_p, top_k", [(0.8, 0), (0.95, 5), (1.0, 0)])
@@ -240,6 +241,47 @@ def test_sampler_draws_from_the_nucleus_distribution(top_p, top_k):
     assert (got - want).abs().sum() / 2 < 0.03  # total variation; sampling noise is ~0.01 here
     assert got[want == 0].sum() == 0
     assert not truncated.any()
+
+
+def _exact_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    probs = torch.softmax(logits.double(), -1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+    want = torch.zeros_like(probs)
+    want[order[keep]] = sorted_p[keep] / sorted_p[keep].sum()
+    return want
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_a_nucleus_wider_than_the_candidates_is_drawn_exactly(capturing, monkeypatch):
+    # A flat row (a nucleus of ~230 tokens, >> 64 candidates) next to a peaked one that fits. Eagerly every
+    # flagged row is redrawn; under a graph only `fallback_rows` of them, the rest counted as inexact.
+    monkeypatch.setattr(sampling, "_capturing", lambda t: capturing)
+    torch.manual_seed(3)
+    V, n, top_p = 2 * CHUNK, 40000, 0.95
+    flat, peaked = torch.randn(V) * 0.3, torch.randn(V) * 6
+    rows = torch.stack([flat, peaked]).repeat(n, 1)
+    sampler = Sampler(torch.device("cpu"), candidates=64, fallback_rows=n // 2 if capturing else 16)
+    sampler.configure(temperature=1.0, top_p=top_p, top_k=0, eos_ids=[])
+    draws, truncated, _ = sampler(rows, _State(2 * n), 2 * n)
+    assert truncated[0::2].all() and not truncated[1::2].any()
+    want = _exact_top_p(flat, top_p)
+    assert (want > 0).sum() > 3 * 64
+    if capturing:  # the budget covers half the flagged rows: those are exact, the others are counted
+        assert int(sampler.inexact) == n // 2
+        draws = draws[0 : n : 2]
+    else:
+        assert int(sampler.inexact) == 0
+        draws = draws[0::2]
+    got = torch.bincount(draws, minlength=V).double() / len(draws)
+    assert got[want == 0].sum() == 0
+    assert (got - want).abs().sum() / 2 < 0.08  # total variation; sampling noise is ~0.04 at this support
+    # The rows that fit are drawn as without the fallback: the same tokens from the same uniforms.
+    alone = Sampler(torch.device("cpu"), candidates=64)
+    alone.configure(temperature=1.0, top_p=top_p, top_k=0, eos_ids=[])
+    state = _State(2 * n)
+    state.key, state.step = state.key[1::2], state.step[1::2]
+    assert torch.equal(alone(peaked.expand(n, V), state, n)[0], sampler(rows, _State(2 * n), 2 * n)[0][1::2])
 
 
 def test_uniform_is_uniform_and_keyed():

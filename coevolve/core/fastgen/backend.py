@@ -44,7 +44,9 @@ class StaticGraphBackend:
 
     batch_size: rows decoded together (KV-cache slots). max_len: smallest cache length (positions); the
     cache grows to fit each call's longest prompt plus max_new_tokens. candidates: how many of the
-    highest logits top-p/top-k choose from (see sampling.py). sync_every: decode steps between host
+    highest logits top-p/top-k choose from (see sampling.py). fallback_rows: under CUDA graphs, how many
+    rows a step may redraw from their exact nucleus when it does not fit the candidates (a sort of that
+    many rows of logits each step; see sampling.py). sync_every: decode steps between host
     syncs. attention: "auto" (Triton on CUDA when available, else "bmm"), "bmm", "sdpa" or "triton".
     cuda_graphs: default on for CUDA models."""
 
@@ -57,6 +59,7 @@ class StaticGraphBackend:
         batch_size: int = 256,
         max_len: int = 0,
         candidates: int = 64,
+        fallback_rows: int = 64,
         sync_every: int = 16,
         attention: str = "auto",
         cuda_graphs: bool | None = None,
@@ -74,7 +77,7 @@ class StaticGraphBackend:
         cuda = self.w.device.type == "cuda"
         self.use_graphs = cuda if cuda_graphs is None else cuda_graphs
         self.attention = _pick_attention(attention, cuda)
-        self.sampler = Sampler(self.w.device, candidates)
+        self.sampler = Sampler(self.w.device, candidates, fallback_rows)
         self.cache: KVCache | None = None
         self.state: DecodeState | None = None
         self.cos = self.sin = None
@@ -135,7 +138,8 @@ class StaticGraphBackend:
         self.sampler.configure(params.temperature, params.top_p, params.top_k, eos, params.logprobs)
         run = _Run(self, prompts, lengths, params, stats)
         run.loop()
-        stats.update(max_len=self.cache.max_len, kv_cache_gib=round(self.cache.nbytes / 2**30, 3), graphs=len(self._graphs))
+        # Draws past the exact fallback's budget under graphs (see sampling.py); 0 means every draw was exact.
+        stats.update(inexact_draws=int(self.sampler.inexact), max_len=self.cache.max_len, kv_cache_gib=round(self.cache.nbytes / 2**30, 3), graphs=len(self._graphs))
         logprobs = [[s.logprobs for s in row] for row in run.seqs] if params.logprobs else None
         return run.outputs(), logprobs, stats
 
