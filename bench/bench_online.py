@@ -6,13 +6,16 @@ after the other in one process.
 Workload: a Qwen2-0.5B-shaped model (random weights, saved in bf16 and loaded by trl in fp32 with bf16
 autocast, as our steps do), a word-level tokenizer over its ids, prompts of 64 random tokens, 16 prompts
 x 8 rollouts of 256 new tokens per step (random weights almost never sample EOS, so every rollout is
-full length), no KL term. The reward is a cheap function of the text (distinct words over words): the
-RM's time is the same for both and is not what is compared. Each trainer runs `--warmup` steps (the
+full length), no KL term. Both sample the trainer's own fp32 weights, as the online E-step does (ours
+reads them in place; trl unwraps the model for `generate`). The reward is a cheap function of the text
+(distinct words over words): the RM's time is the same for both and is not what is compared. Each trainer runs `--warmup` steps (the
 first includes the static engine's CUDA graph capture), then `--steps` timed ones; step time is wall
 time from trl's step begin to step end, generation time that of `_generate_single_turn`, both synced.
 tok/s counts sampled completion tokens per second of step time.
 
-On the GPU machine:
+On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:. && bash bench/device_layout.sh
     python3 bench/bench_online.py --out OUT                     # ~100 s on an H200
     python3 bench/bench_online.py --device cpu --tiny           # a smoke run
     python3 bench/bench_online.py --record OUT/result.json      # here: RESULTS.md, results.jsonl
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 import sys
@@ -108,6 +112,7 @@ def run_one(name: str, folder: Path, tok, prompts: list[str], a, device: str) ->
            "gen_s": round(gen_s, 3), "gen_share": round(gen_s / step_s, 3), "tok_s": round(statistics.median(trainer.gen_tokens[steady]) / step_s, 1),
            "steps_s": [round(s, 3) for s in trainer.step_s], "gen_tokens": trainer.gen_tokens}
     del trainer
+    gc.collect()  # the step callback and the trainer refer to each other
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
