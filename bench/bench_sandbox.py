@@ -5,6 +5,8 @@ On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:. && bash bench/device_layout.sh
     python3 bench/bench_sandbox.py --out OUT --runs /tmp/runs        # the experiment; OUT/sandbox/experiment.json
+    python3 bench/bench_sandbox.py --arms frozen-rm,mutual-taught,oracle,frozen-rm-online,mutual-taught-online,oracle-online \
+        --out OUT --runs /tmp/runs --parallel 30 --deadline-s 545  # offline and online (GRPO) E-steps side by side
     python3 bench/bench_sandbox.py --record OUT/sandbox/experiment.json --command "..."   # here: RESULTS.md, results.jsonl
 """
 from __future__ import annotations

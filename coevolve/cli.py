@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     p_exp = sub.add_parser("experiment", help="the loop under several arms and seeds, and a table of the evaluate step's measurements")
     p_exp.add_argument("--config", required=True)
     p_exp.add_argument("--run-dir", required=True, type=Path, help="one run per arm and seed goes in RUN/ARM/seed_S")
-    p_exp.add_argument("--arms", default="frozen-rm,mutual-taught", help="comma-separated; frozen-rm, mutual-taught, mutual-taught+seft, oracle")
+    p_exp.add_argument("--arms", default="frozen-rm,mutual-taught", help="comma-separated; frozen-rm, mutual-taught, mutual-taught+seft, oracle, "
+                       "their -online versions (GRPO E-step), mt-no-selection, mt-no-filter, mt-original-pairs")
     p_exp.add_argument("--seeds", type=int, default=1)
     p_exp.add_argument("--parallel", type=int, default=1, help="runs at once (e.g. several small runs sharing one GPU)")
     p_exp.add_argument("--deadline-s", type=float, help="stop runs still going after this many seconds; the table keeps what they finished")

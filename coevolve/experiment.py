@@ -46,6 +46,9 @@ ARMS = {
     # As many original "human" pairs as pseudo pairs mixed into every M-step's training set.
     "mt-original-pairs": ["steps.m_step=true", "m_step.original_pairs_ratio=1.0"],
 }
+# The same arms with the E-step trained online by GRPO against the RM (the config's `e_step.online`), for
+# gold against KL of online and offline optimisation side by side (Gao et al. 2022).
+ARMS.update({f"{arm}-online": [*ARMS[arm], "e_step.mode=grpo"] for arm in ("frozen-rm", "mutual-taught", "oracle")})
 # Evaluate-step metrics in the table, in order; the referee's reward (gold or judge) comes first.
 METRICS = ("rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "kl_to_initial", "length_mean", "rm_score_mean")
 # The M-step's own measurements, by the name the table gives them: how often its pseudo labels ("the

@@ -227,3 +227,14 @@ def test_the_ablation_arms_are_the_papers():
     for arm in ("mt-no-selection", "mt-no-filter", "mt-original-pairs"):
         cfg = load_config(ROOT / "configs" / "sandbox-gpu.yaml", arm_overrides(arm, 0, "x"))
         assert cfg.steps.m_step and cfg.steps.evaluate
+
+
+@pytest.mark.parametrize("arm", ["frozen-rm", "mutual-taught", "oracle"])
+def test_the_online_arms_are_the_offline_ones_trained_by_grpo(arm):
+    cfg = load_config(ROOT / "configs" / "sandbox-gpu.yaml", arm_overrides(f"{arm}-online", 0, "x"))
+    offline = load_config(ROOT / "configs" / "sandbox-gpu.yaml", arm_overrides(arm, 0, "x"))
+    assert cfg.e_step.mode == "grpo" and cfg.steps.evaluate
+    assert cfg.model_dump(exclude={"e_step", "run_name"}) == offline.model_dump(exclude={"e_step", "run_name"})
+    # Whole groups of rollouts in a batch, and a rate that moves the sandbox's models.
+    train = cfg.e_step.online.train
+    assert train.per_device_train_batch_size % cfg.e_step.num_samples == 0 and train.learning_rate == 1e-4
