@@ -14,15 +14,16 @@ batch spends when its longest row ends last).
 Also checked on the GPU: greedy tokens vs HF generate (bf16, and fp32 where they should agree exactly),
 the three attention variants against each other, and that the same seed gives the same samples.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
-from dataclasses import replace
 import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import MODELS, append_result, log, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
+
 from coevolve.core.fastgen import StaticGraphBackend  # noqa: E402
 from coevolve.core.generation import SamplingParams  # noqa: E402
-
-from common import MODELS, append_result, log, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 
 def build_model(name: str, device: str, dtype=torch.bfloat16):
@@ -86,9 +87,18 @@ def hf_generate(model, prompts, new, params: SamplingParams, static: bool, devic
     sync(device)
     t0 = time.perf_counter()
     out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=params.temperature,
-        top_p=params.top_p, top_k=0, max_new_tokens=steps, min_new_tokens=steps, num_return_sequences=params.n,
-        pad_token_id=0, logits_processor=LogitsProcessorList([clock]), **kw,
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        do_sample=True,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=0,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        num_return_sequences=params.n,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([clock]),
+        **kw,
     )
     sync(device)
     wall = time.perf_counter() - t0
@@ -97,8 +107,12 @@ def hf_generate(model, prompts, new, params: SamplingParams, static: bool, devic
     step_s = statistics.median(intervals[len(intervals) // 4 :]) if intervals else wall
     useful = sum(sum(row) for row in new)
     return {
-        "rows": len(prompts) * params.n, "steps": steps, "wall_s": round(wall, 3), "median_step_ms": round(step_s * 1e3, 2),
-        "useful_tokens": useful, "raw_tokens": len(prompts) * params.n * steps,
+        "rows": len(prompts) * params.n,
+        "steps": steps,
+        "wall_s": round(wall, 3),
+        "median_step_ms": round(step_s * 1e3, 2),
+        "useful_tokens": useful,
+        "raw_tokens": len(prompts) * params.n * steps,
         "tok_s_wall": round(useful / wall, 1),
         # steady state: the median step times the steps (no prefill, no compile): generous to HF
         "tok_s_steady": round(useful / (step_s * steps), 1),
@@ -114,12 +128,22 @@ def greedy_check(model, prompts, max_new: int, attention: str):
     device = model.device
     prefixes = []
     for p, o in zip(prompts, ours):
-        ref = model.generate(torch.tensor([p], device=device), do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0)[0, len(p) :].tolist()
+        ref = model.generate(
+            torch.tensor([p], device=device),
+            do_sample=False,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
         o = o[0]
         prefixes.append(next((i for i, (a, b) in enumerate(zip(o, ref)) if a != b), len(ref)))
     return {
-        "prompts": len(prompts), "new_tokens": max_new, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "attention": attention, "identical": sum(p == max_new for p in prefixes), "matching_prefix": prefixes,
+        "prompts": len(prompts),
+        "new_tokens": max_new,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "attention": attention,
+        "identical": sum(p == max_new for p in prefixes),
+        "matching_prefix": prefixes,
         "prefix_match_rate": round(sum(prefixes) / (len(prompts) * max_new), 4),
     }
 
@@ -137,7 +161,13 @@ def logprob_check(model, prompts, max_new: int, attention: str, fp32_model=None)
         x = torch.tensor([p + ids], device=m.device)
         with torch.no_grad():
             logits = m(x).logits[0, len(p) - 1 : -1].float()
-        return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids, device=m.device)[:, None]).squeeze(1).double().cpu()
+        return (
+            torch.log_softmax(logits, -1)
+            .gather(1, torch.tensor(ids, device=m.device)[:, None])
+            .squeeze(1)
+            .double()
+            .cpu()
+        )
 
     per_token, per_seq, ref_token, ref_seq = [], [], [], []
     for p, rows, lps in zip(prompts, tokens, logps):
@@ -150,12 +180,20 @@ def logprob_check(model, prompts, max_new: int, attention: str, fp32_model=None)
                 exact = forward(fp32_model, p, ids)
                 ref_token.append((want - exact).abs())
                 ref_seq.append(abs(float((want - exact).sum())))
-    out = {"completions": len(per_seq), "tokens_each": max_new, "dtype": str(model.dtype).replace("torch.", ""),
-           "token_abs_diff_mean": round(float(torch.cat(per_token).mean()), 5), "token_abs_diff_max": round(float(torch.cat(per_token).max()), 4),
-           "sum_abs_diff_mean": round(statistics.mean(per_seq), 4), "sum_abs_diff_max": round(max(per_seq), 4)}
+    out = {
+        "completions": len(per_seq),
+        "tokens_each": max_new,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "token_abs_diff_mean": round(float(torch.cat(per_token).mean()), 5),
+        "token_abs_diff_max": round(float(torch.cat(per_token).max()), 4),
+        "sum_abs_diff_mean": round(statistics.mean(per_seq), 4),
+        "sum_abs_diff_max": round(max(per_seq), 4),
+    }
     if ref_token:
-        out.update(bf16_vs_fp32_forward_token_abs_diff_mean=round(float(torch.cat(ref_token).mean()), 5),
-                   bf16_vs_fp32_forward_sum_abs_diff_mean=round(statistics.mean(ref_seq), 4))
+        out.update(
+            bf16_vs_fp32_forward_token_abs_diff_mean=round(float(torch.cat(ref_token).mean()), 5),
+            bf16_vs_fp32_forward_sum_abs_diff_mean=round(statistics.mean(ref_seq), 4),
+        )
     return out
 
 
@@ -183,7 +221,9 @@ def attention_check(model, device):
         cmax, lse, lse_raw = row_stats(logits, 128, temp)
         out["row_stats_chunk_max_equal"] = bool(torch.equal(cmax, logits.view(512, -1, 128).amax(-1).float()))
         out["row_stats_lse_max_abs_err"] = float((lse.double() - torch.logsumexp(logits.double(), -1)).abs().max())
-        out["row_stats_untempered_lse_max_abs_err"] = float((lse_raw.double() - torch.logsumexp(logits.double() * 0.8, -1)).abs().max())
+        out["row_stats_untempered_lse_max_abs_err"] = float(
+            (lse_raw.double() - torch.logsumexp(logits.double() * 0.8, -1)).abs().max()
+        )
     return out
 
 
@@ -201,7 +241,15 @@ def time_ours(model, prompts, new, params, slots: int, attention: str, sync_ever
         wall = time.perf_counter() - t0
         produced = sum(len(t) for row in out for t in row)
         assert produced == useful, (produced, useful)
-        runs.append({"call": label, "wall_s": round(wall, 3), "tok_s": round(useful / wall, 1), "logprobs": params.logprobs, **stats})
+        runs.append(
+            {
+                "call": label,
+                "wall_s": round(wall, 3),
+                "tok_s": round(useful / wall, 1),
+                "logprobs": params.logprobs,
+                **stats,
+            }
+        )
         outs.append(out)
         log(f"  ours[{attention}] {label}: {useful} tokens in {wall:.2f}s = {useful / wall:,.0f} tok/s  {stats}")
     return be, runs, outs[0] == outs[1]
@@ -285,10 +333,18 @@ def main():
     ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=512)
-    ap.add_argument("--slots", default="512", help="slot counts; the first is the headline, others are timed with the first attention")
+    ap.add_argument(
+        "--slots",
+        default="512",
+        help="slot counts; the first is the headline, others are timed with the first attention",
+    )
     ap.add_argument("--sync-every", type=int, default=16)
-    ap.add_argument("--logprobs", action="store_true", help="also time the headline attention taking each sampled token's log-prob "
-                    "(what the e-step asks for when DPO's reference is the sampler)")
+    ap.add_argument(
+        "--logprobs",
+        action="store_true",
+        help="also time the headline attention taking each sampled token's log-prob "
+        "(what the e-step asks for when DPO's reference is the sampler)",
+    )
     ap.add_argument("--attention", default="triton,bmm,sdpa", help="variants to time; the first is the headline")
     ap.add_argument("--hf-prompts", type=int, default=64, help="prompts (x n rows) in HF's one padded batch")
     ap.add_argument("--hf-max-new", type=int, default=0, help="cap HF's response lengths (0: the workload's)")
@@ -298,7 +354,9 @@ def main():
     ap.add_argument("--greedy-prompts", type=int, default=8)
     ap.add_argument("--greedy-new", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--record", type=Path, default=None, help="append a saved result.json to bench/RESULTS.md and results.jsonl")
+    ap.add_argument(
+        "--record", type=Path, default=None, help="append a saved result.json to bench/RESULTS.md and results.jsonl"
+    )
     args = ap.parse_args()
     if args.record:
         return record(json.loads(args.record.read_text()))
@@ -307,21 +365,32 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t_start = time.perf_counter()
     res = {
-        "bench": "generation", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-        "command": "python3 bench/bench_generation.py " + " ".join(sys.argv[1:]), "errors": {},
+        "bench": "generation",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "command": "python3 bench/bench_generation.py " + " ".join(sys.argv[1:]),
+        "errors": {},
     }
     import transformers
 
     res["transformers"] = transformers.__version__
     model = build_model(args.model, device, torch.bfloat16 if device == "cuda" else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
-    res["model"] = f"{args.model} shape, random weights, {n_params / 1e6:.0f}M params, {str(model.dtype).replace('torch.', '')}"
+    res["model"] = (
+        f"{args.model} shape, random weights, {n_params / 1e6:.0f}M params, {str(model.dtype).replace('torch.', '')}"
+    )
     params = SamplingParams(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new, seed=0)
     prompts, new = workload(model.config.vocab_size, args.prompts, args.n, args.max_new)
     res["workload"] = {
-        "prompts": args.prompts, "n": args.n, "prompt_len": "32-128", "response_len": f"1-{args.max_new} uniform",
-        "useful_tokens": sum(sum(r) for r in new), "T": params.temperature, "top_p": params.top_p, "slots": slots[0],
+        "prompts": args.prompts,
+        "n": args.n,
+        "prompt_len": "32-128",
+        "response_len": f"1-{args.max_new} uniform",
+        "useful_tokens": sum(sum(r) for r in new),
+        "T": params.temperature,
+        "top_p": params.top_p,
+        "slots": slots[0],
     }
     log(json.dumps(res, indent=1))
 
@@ -333,6 +402,7 @@ def main():
     if gp:
         res["greedy_bf16"] = section("greedy vs HF", lambda: greedy_check(model, gp, args.greedy_new, variants[0]))
     if device == "cuda" and gp:
+
         def fp32_check():
             m32 = build_model(args.model, device, torch.float32)
             try:
@@ -343,6 +413,7 @@ def main():
 
         res["greedy_fp32"] = section("greedy vs HF fp32", fp32_check)
     if args.logprobs and gp:
+
         def logprobs_vs_forward():
             m32 = build_model(args.model, device, torch.float32) if device == "cuda" else None
             try:
@@ -359,7 +430,10 @@ def main():
     for v, n_slots, logprobs in plan + ([(variants[0], slots[0], True)] if args.logprobs else []):
         label = (v if n_slots == slots[0] else f"{v}, {n_slots} slots") + (", logprobs" if logprobs else "")
         p = replace(params, logprobs=logprobs)
-        out = section(f"ours {label}", lambda v=v, n_slots=n_slots, p=p: time_ours(model, prompts, new, p, n_slots, v, args.sync_every))
+        out = section(
+            f"ours {label}",
+            lambda v=v, n_slots=n_slots, p=p: time_ours(model, prompts, new, p, n_slots, v, args.sync_every),
+        )
         if out is None:
             continue
         be, runs, deterministic = out
@@ -377,7 +451,9 @@ def main():
     hp, hn = prompts[: args.hf_prompts], new[: args.hf_prompts]
     if args.hf_max_new:
         hn = [[min(m, args.hf_max_new) for m in row] for row in hn]
-    res["hf_workload"] = f"first {len(hp)} prompts x {args.n} = {len(hp) * args.n} rows in one left-padded batch, {max(max(r) for r in hn)} steps"
+    res["hf_workload"] = (
+        f"first {len(hp)} prompts x {args.n} = {len(hp) * args.n} rows in one left-padded batch, {max(max(r) for r in hn)} steps"
+    )
     if not args.skip_hf:
         res["hf_generate"] = section("hf generate", lambda: hf_generate(model, hp, hn, params, False, device, 0))
     if args.skip_hf or args.skip_hf_static:
@@ -410,13 +486,23 @@ def table(res) -> str:
     for r in (res.get("ours") or {}).values():
         for run in r["runs"]:
             logprobs = ", log-probs taken" if run.get("logprobs") else ""
-            rows.append((f"ours ({run['attention']} attention, {run['slots']} slots{logprobs}, {run['call']} call)", f"{run['tok_s']:,.0f}",
-                         f"{run['wall_s']}s, {run.get('decode_steps')} steps, {run.get('graphs')} graphs"))
+            rows.append(
+                (
+                    f"ours ({run['attention']} attention, {run['slots']} slots{logprobs}, {run['call']} call)",
+                    f"{run['tok_s']:,.0f}",
+                    f"{run['wall_s']}s, {run.get('decode_steps')} steps, {run.get('graphs')} graphs",
+                )
+            )
     for key, label in (("hf_generate", "HF generate, padded"), ("hf_static", "HF generate, static cache, compiled")):
         h = res.get(key)
         if h:
-            rows.append((label, f"{h['tok_s_wall']:,.0f} (wall) / {h['tok_s_steady']:,.0f} (steady)",
-                         f"{h['rows']} rows x {h['steps']} steps, {h['median_step_ms']} ms/step, first step {h['first_step_s']}s"))
+            rows.append(
+                (
+                    label,
+                    f"{h['tok_s_wall']:,.0f} (wall) / {h['tok_s_steady']:,.0f} (steady)",
+                    f"{h['rows']} rows x {h['steps']} steps, {h['median_step_ms']} ms/step, first step {h['first_step_s']}s",
+                )
+            )
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["| " + " | ".join(c.ljust(width[i]) for i, c in enumerate(r)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
@@ -426,14 +512,19 @@ def table(res) -> str:
 def record(res) -> None:
     """Append one result to bench/RESULTS.md (human) and bench/results.jsonl (one line)."""
     bench = ROOT / "bench"
-    line = {k: res.get(k) for k in ("bench", "device", "date", "model", "ours_tok_s", "hf_generate_tok_s", "hf_static_tok_s")}
+    line = {
+        k: res.get(k)
+        for k in ("bench", "device", "date", "model", "ours_tok_s", "hf_generate_tok_s", "hf_static_tok_s")
+    }
     line.update({k: v for k, v in res.items() if k not in line})
     p = res.get("profile") or {}
     md = [
         f"\n## generation: {res['date']}, {res['device']}",
         f"`{res['command']}` (torch {res['torch']}, transformers {res.get('transformers')})",
         f"Model: {res['model']}. Workload: {json.dumps(res['workload'])}. HF: {res.get('hf_workload')}.",
-        "", table(res), "",
+        "",
+        table(res),
+        "",
         f"Greedy vs HF generate: bf16 {json.dumps(res.get('greedy_bf16'))}; fp32 {json.dumps(res.get('greedy_fp32'))}.",
         f"Decode step profile: {json.dumps(p)}.",
     ]

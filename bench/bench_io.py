@@ -9,6 +9,7 @@ On the GPU machine (see bench_iteration.py for the setup):
     python3 bench/bench_io.py --model tiny             # CPU smoke run
     python3 bench/bench_io.py --record OUT/io.json --command "..."   # here: RESULTS.md, results.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,28 +62,47 @@ def cases(work: Path, device: str) -> dict:
         "tokenizer load": lambda: AutoTokenizer.from_pretrained(policy),
         "tokenizer save": lambda: tok.save_pretrained(fresh("tok")),
         # a policy or RM read on the CPU, then moved (load_policy/load_rm did so until they took device_map)
-        "bf16 load, then .to(device)": lambda: AutoModelForCausalLM.from_pretrained(policy, dtype=torch.bfloat16).to(device),
-        "bf16 load, device_map": lambda: AutoModelForCausalLM.from_pretrained(policy, dtype=torch.bfloat16, device_map=device),
+        "bf16 load, then .to(device)": lambda: AutoModelForCausalLM.from_pretrained(policy, dtype=torch.bfloat16).to(
+            device
+        ),
+        "bf16 load, device_map": lambda: AutoModelForCausalLM.from_pretrained(
+            policy, dtype=torch.bfloat16, device_map=device
+        ),
         # selection reading a candidate checkpoint (saved fp32 by the trainer) for sampling
-        "fp32 ckpt as bf16, then .to(device)": lambda: AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).to(device),
-        "fp32 ckpt as bf16, device_map": lambda: AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16, device_map=device),
+        "fp32 ckpt as bf16, then .to(device)": lambda: AutoModelForCausalLM.from_pretrained(
+            fp32, dtype=torch.bfloat16
+        ).to(device),
+        "fp32 ckpt as bf16, device_map": lambda: AutoModelForCausalLM.from_pretrained(
+            fp32, dtype=torch.bfloat16, device_map=device
+        ),
         # trl's own load of the model it trains (fp32 weights, bf16 autocast), moved by the trainer
-        "fp32 load, then .to(device)": lambda: AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).to(device),
+        "fp32 load, then .to(device)": lambda: AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).to(
+            device
+        ),
         # a trainer's checkpoint save (fp32 weights on the GPU)
         "fp32 save_pretrained": lambda: on_gpu.save_pretrained(fresh("save")),
         # its parts: the copy to the host, and safetensors writing host tensors
         "fp32 state to host": state_to_cpu,
-        "fp32 safetensors save_file (host tensors)": (lambda cpu: lambda: save_file(cpu, str(fresh("st")) + ".safetensors"))(state_to_cpu()),
+        "fp32 safetensors save_file (host tensors)": (
+            lambda cpu: lambda: save_file(cpu, str(fresh("st")) + ".safetensors")
+        )(state_to_cpu()),
     }
 
 
 def record(path: Path, command: str) -> None:
     r = json.loads(path.read_text())
     rows = [f"| {name} | {v['median_s']:.3f} | {v['first_s']:.3f} |" for name, v in r["cases"].items()]
-    md = [f"\n## io: {r['date']}, {r['device']}", f"`{command}`",
-          f"Model: {r['model']} shape, random weights, {r['params'] / 1e6:.0f}M params, saved bf16 (the fp32 cases: "
-          f"a copy saved fp32, as the trainers save); files in the page cache; {r['repeat']} runs each.", "",
-          "| case | median s | first s |", "|---|---|---|", *rows, ""]
+    md = [
+        f"\n## io: {r['date']}, {r['device']}",
+        f"`{command}`",
+        f"Model: {r['model']} shape, random weights, {r['params'] / 1e6:.0f}M params, saved bf16 (the fp32 cases: "
+        f"a copy saved fp32, as the trainers save); files in the page cache; {r['repeat']} runs each.",
+        "",
+        "| case | median s | first s |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
     line = {k: r[k] for k in ("bench", "device", "date", "model", "params", "cases")}
     append_result(ROOT / "bench", line, md)
     log("\n".join(md))
@@ -105,9 +125,15 @@ def main() -> None:
     work, out = folders(a, "io")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = save_model(a.model, build_tokenizer(MODELS[a.model]["vocab_size"]), work / "policy", model_type="llama")
-    result = {"bench": "io", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "model": a.model, "params": params, "repeat": a.repeat, "cases": {}}
+    result = {
+        "bench": "io",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": a.model,
+        "params": params,
+        "repeat": a.repeat,
+        "cases": {},
+    }
     for name, fn in cases(work, device).items():
         result["cases"][name] = timed(fn, a.repeat)
         log(f"{name}: {result['cases'][name]}")

@@ -28,6 +28,7 @@ On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
     python3 bench/bench_iteration.py --model tiny --prompts 24 --select 4 --num-samples 3 --new-tokens 8   # CPU smoke run
     python3 bench/bench_iteration.py --record OUT/iteration.json --command "..."   # here: RESULTS.md, results.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,17 @@ from bench_training import build_tokenizer, save_model  # noqa: E402
 from common import MODELS, append_result, folders, log, record_args  # noqa: E402
 
 # Phase names of the e-step and m-step (policy/e_step.py, reward/m_step.py) by what they spend time on.
-PHASE_KINDS = {"generate": "generation", "score": "scoring", "train": "training", "select": "selection",
-               "pairs": "data", "mix": "data", "pseudo": "data", "before": "measurement", "after": "measurement"}
+PHASE_KINDS = {
+    "generate": "generation",
+    "score": "scoring",
+    "train": "training",
+    "select": "selection",
+    "pairs": "data",
+    "mix": "data",
+    "pseudo": "data",
+    "before": "measurement",
+    "after": "measurement",
+}
 # Ours' wall time that is not the phases' work: their loads and saves of models and tokenizers, and the
 # time outside them, in two parts: until the first step starts (the process, and the step server's
 # imports if none is up), and the rest (each step's start, orchestration).
@@ -102,21 +112,40 @@ def write_prompts(n: int, vocab: int, path: Path) -> None:
     rng = random.Random(0)
     with open(path, "w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": " ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(rng.randint(32, 128)))}) + "\n")
+            f.write(
+                json.dumps({"prompt": " ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(rng.randint(32, 128)))})
+                + "\n"
+            )
 
 
 def ours_config(a, work: Path, backend: str, launch: dict | None = None) -> dict:
-    train = lambda batch, lr: {"learning_rate": lr, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,  # noqa: E731
-                               "max_length": a.max_length, "logging_steps": 10, "group_by_length": True}
+    def train(batch: int, lr: float) -> dict:
+        return {
+            "learning_rate": lr,
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": 1,
+            "max_length": a.max_length,
+            "logging_steps": 10,
+            "group_by_length": True,
+        }
+
     return {
-        "run_name": "bench-iteration", "iterations": 0,
-        "policy": {"name_or_path": str(work / "policy")}, "rm": {"name_or_path": str(work / "rm")},
+        "run_name": "bench-iteration",
+        "iterations": 0,
+        "policy": {"name_or_path": str(work / "policy")},
+        "rm": {"name_or_path": str(work / "rm")},
         "data": {"prompts": {"path": str(work / "prompts.jsonl")}, "select_size": a.select},
         "sampling": {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": a.new_tokens},
         "generation": {"backend": backend, "batch_size": a.batch_rows},
         "steps": {"sft_warmup": False, "rm_init": False, "m_step": True, "evaluate": False},
         # tau 0: random weights win model selection by chance; the iteration must go on to the m-step.
-        "e_step": {"num_samples": a.num_samples, "beta": 0.01, "save_steps": a.save_steps, "tau": 0.0, "train": train(a.dpo_batch, 7e-7)},
+        "e_step": {
+            "num_samples": a.num_samples,
+            "beta": 0.01,
+            "save_steps": a.save_steps,
+            "tau": 0.0,
+            "train": train(a.dpo_batch, 7e-7),
+        },
         "m_step": {"train": train(a.rm_batch, 2e-6)},
         "tracking": {"mode": "disabled"},
         **({"launch": launch} if launch else {}),
@@ -131,11 +160,16 @@ def init_ours(a, work: Path, backend: str, name: str = "ours", launch: dict | No
     run = work / name
     # A run left by an earlier call (a warm machine keeps /tmp) has iteration 1 done already.
     shutil.rmtree(run, ignore_errors=True)
-    timed([sys.executable, "-m", "coevolve", "run", "--config", str(work / "ours.yaml"), "--run-dir", str(run)], work / "ours.log")
+    timed(
+        [sys.executable, "-m", "coevolve", "run", "--config", str(work / "ours.yaml"), "--run-dir", str(run)],
+        work / "ours.log",
+    )
     return run
 
 
-def run_ours(a, work: Path, backend: str, launch: dict | None = None, warmup: bool = True) -> tuple[float, dict, float | None]:
+def run_ours(
+    a, work: Path, backend: str, launch: dict | None = None, warmup: bool = True
+) -> tuple[float, dict, float | None]:
     """Ours' iteration 1: its wall time, the time by kind, and the untimed first run's wall time (None
     without `warmup`); `launch` is the config's section."""
     # The first run leaves the machine's compile caches (the Triton kernels of trl's fused LM head and of
@@ -144,7 +178,9 @@ def run_ours(a, work: Path, backend: str, launch: dict | None = None, warmup: bo
     first_s = None
     if warmup:
         first = init_ours(a, work, backend, "warmup", launch)
-        first_s = timed([sys.executable, "-m", "coevolve", "run", "--run-dir", str(first), "iterations=1"], work / "ours.log")
+        first_s = timed(
+            [sys.executable, "-m", "coevolve", "run", "--run-dir", str(first), "iterations=1"], work / "ours.log"
+        )
     run = init_ours(a, work, backend, launch=launch)
     start = time.time()
     wall = timed([sys.executable, "-m", "coevolve", "run", "--run-dir", str(run), "iterations=1"], work / "ours.log")
@@ -160,7 +196,9 @@ def run_ours(a, work: Path, backend: str, launch: dict | None = None, warmup: bo
     # DONE.json's start and end of each step (to the millisecond) split the time outside the phases.
     when = lambda step, key: datetime.datetime.fromisoformat(done[step][key]).timestamp()  # noqa: E731
     kinds[ONE_OFF] = min(max(when("e-step", "started") - start, 0.0), outside)
-    kinds[IN_STEPS] = sum(when(s, "finished") - when(s, "started") - sum(d["timings"].values()) for s, d in done.items())
+    kinds[IN_STEPS] = sum(
+        when(s, "finished") - when(s, "started") - sum(d["timings"].values()) for s, d in done.items()
+    )
     kinds[OUTSIDE] = outside - kinds[ONE_OFF] - kinds[IN_STEPS]
     return wall, {k: round(v, 2) for k, v in kinds.items()}, first_s
 
@@ -173,7 +211,21 @@ def profile_ours(a, work: Path, backend: str, out: Path) -> None:
     log(f"preload imports: {t:.1f}s (interpreter included)")
     run = init_ours(a, work, backend)
     for step in ("e-step", "m-step"):
-        timed([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--run-dir", str(run), "--step", step, "--iteration", "1", "--out", str(out)], out / "profile.log")
+        timed(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "profile_step.py"),
+                "--run-dir",
+                str(run),
+                "--step",
+                step,
+                "--iteration",
+                "1",
+                "--out",
+                str(out),
+            ],
+            out / "profile.log",
+        )
     log((out / "profile.log").read_text())
 
 
@@ -188,29 +240,81 @@ def run_naive(a, work: Path, stages: dict, save) -> None:
         (naive / model).symlink_to(work / model)
     prompts = datasets.load_from_disk(str(work / "ours" / "iter_0" / "init" / "data" / "prompts"))
     split = lambda name: [r["prompt"] for r in prompts if r["split"] == name]  # noqa: E731
-    settings = {"policy_prompts": split("policy"), "rm_prompts": split("rm"), "select_prompts": split("select"),
-                "num_samples": a.num_samples, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": a.new_tokens,
-                "batch_rows": a.batch_rows, "max_length": a.max_length, "beta": 0.01, "save_steps": a.save_steps,
-                "dpo_lr": 7e-7, "dpo_batch": a.dpo_batch, "rm_lr": 2e-6, "rm_batch": a.rm_batch}
+    settings = {
+        "policy_prompts": split("policy"),
+        "rm_prompts": split("rm"),
+        "select_prompts": split("select"),
+        "num_samples": a.num_samples,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_new_tokens": a.new_tokens,
+        "batch_rows": a.batch_rows,
+        "max_length": a.max_length,
+        "beta": 0.01,
+        "save_steps": a.save_steps,
+        "dpo_lr": 7e-7,
+        "dpo_batch": a.dpo_batch,
+        "rm_lr": 2e-6,
+        "rm_batch": a.rm_batch,
+    }
     (naive / "settings.json").write_text(json.dumps(settings))
     for stage in NAIVE_STAGES:
-        stages[stage] = round(timed([sys.executable, str(ROOT / "bench" / "naive_iteration.py"), stage, "--work", str(naive)], work / "naive.log"), 2)
+        stages[stage] = round(
+            timed(
+                [sys.executable, str(ROOT / "bench" / "naive_iteration.py"), stage, "--work", str(naive)],
+                work / "naive.log",
+            ),
+            2,
+        )
         save()
 
 
 def record(path: Path, command: str) -> None:
     r = json.loads(path.read_text())
-    line = {k: r.get(k) for k in ("bench", "device", "date", "model", "params", "workload", "ours_s", "ours_first_s", "naive_s", "speedup", "overhead_frac", "io")}
-    rows = [f"| ours: {k} | {v:.1f} |" for k, v in r["ours_breakdown"].items()] + [f"| naive: {k} | {v:.1f} |" for k, v in r["naive_breakdown"].items()]
-    against = (f"naive TRL scripts {r['naive_s']:.1f} s: **{r['speedup']:.2f}x**" if r.get("naive_s")
-               else "naive TRL scripts not run (--ours-only)")
-    first = f"Ours' first run (compile caches cold): {r['ours_first_s']:.1f} s. " if r["ours_first_s"] else "Ours timed on its first run of this call (--no-warmup). "
-    md = [f"\n## iteration: {r['date']}, {r['device']}", f"`{command}`",
-          f"Model: {r['model']} shape, random weights, {r['params'] / 1e6:.0f}M params. Workload: {json.dumps(r['workload'])}.", "",
-          "| part | seconds |", "|---|---|", *rows, "",
-          f"One Mutual-Taught iteration: ours {r['ours_s']:.1f} s, {against}. "
-          f"Loads and saves, process start and orchestration: {100 * r['overhead_frac']:.1f}% of ours. {first}"
-          f"Policy checkpoint: save {r['io']['save_s']} s, load {r['io']['load_s']} s.", ""]
+    line = {
+        k: r.get(k)
+        for k in (
+            "bench",
+            "device",
+            "date",
+            "model",
+            "params",
+            "workload",
+            "ours_s",
+            "ours_first_s",
+            "naive_s",
+            "speedup",
+            "overhead_frac",
+            "io",
+        )
+    }
+    rows = [f"| ours: {k} | {v:.1f} |" for k, v in r["ours_breakdown"].items()] + [
+        f"| naive: {k} | {v:.1f} |" for k, v in r["naive_breakdown"].items()
+    ]
+    against = (
+        f"naive TRL scripts {r['naive_s']:.1f} s: **{r['speedup']:.2f}x**"
+        if r.get("naive_s")
+        else "naive TRL scripts not run (--ours-only)"
+    )
+    first = (
+        f"Ours' first run (compile caches cold): {r['ours_first_s']:.1f} s. "
+        if r["ours_first_s"]
+        else "Ours timed on its first run of this call (--no-warmup). "
+    )
+    md = [
+        f"\n## iteration: {r['date']}, {r['device']}",
+        f"`{command}`",
+        f"Model: {r['model']} shape, random weights, {r['params'] / 1e6:.0f}M params. Workload: {json.dumps(r['workload'])}.",
+        "",
+        "| part | seconds |",
+        "|---|---|",
+        *rows,
+        "",
+        f"One Mutual-Taught iteration: ours {r['ours_s']:.1f} s, {against}. "
+        f"Loads and saves, process start and orchestration: {100 * r['overhead_frac']:.1f}% of ours. {first}"
+        f"Policy checkpoint: save {r['io']['save_s']} s, load {r['io']['load_s']} s.",
+        "",
+    ]
     append_result(ROOT / "bench", line, md)
     log("\n".join(md))
 
@@ -234,16 +338,31 @@ def workload_args(ap: argparse.ArgumentParser, model: str = "qwen2-0.5b") -> Non
 
 
 def workload(a, backend: str) -> dict:
-    return {"prompts": a.prompts, "select": a.select, "num_samples": a.num_samples, "new_tokens": a.new_tokens,
-            "batch_rows": a.batch_rows, "dpo_batch": a.dpo_batch, "rm_batch": a.rm_batch, "save_steps": a.save_steps, "backend": backend}
+    return {
+        "prompts": a.prompts,
+        "select": a.select,
+        "num_samples": a.num_samples,
+        "new_tokens": a.new_tokens,
+        "batch_rows": a.batch_rows,
+        "dpo_batch": a.dpo_batch,
+        "rm_batch": a.rm_batch,
+        "save_steps": a.save_steps,
+        "backend": backend,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     workload_args(ap)
-    ap.add_argument("--profile", action="store_true", help="only ours' steps, each under torch.profiler (see profile_ours)")
+    ap.add_argument(
+        "--profile", action="store_true", help="only ours' steps, each under torch.profiler (see profile_ours)"
+    )
     ap.add_argument("--ours-only", action="store_true", help="leave the naive scripts out (no ratio)")
-    ap.add_argument("--no-warmup", action="store_true", help="time ours' first run: for a call whose earlier run filled the compile caches")
+    ap.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="time ours' first run: for a call whose earlier run filled the compile caches",
+    )
     record_args(ap, "iteration.json", "bench_iteration.py")
     a = ap.parse_args()
     if a.record:
@@ -262,11 +381,18 @@ def main() -> None:
     ours_s, ours_parts, first_s = run_ours(a, work, backend, warmup=not a.no_warmup)
     log(f"ours: {ours_s:.1f}s {ours_parts} (first run: {first_s and round(first_s, 1)}s)")
     result = {
-        "bench": "iteration", "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": a.model, "params": params,
+        "bench": "iteration",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": a.model,
+        "params": params,
         "workload": workload(a, backend),
-        "ours_s": round(ours_s, 1), "ours_first_s": first_s and round(first_s, 1), "overhead_frac": round(sum(ours_parts[k] for k in OVERHEAD) / ours_s, 3),
-        "ours_breakdown": ours_parts, "naive_breakdown": {}, "io": io,
+        "ours_s": round(ours_s, 1),
+        "ours_first_s": first_s and round(first_s, 1),
+        "overhead_frac": round(sum(ours_parts[k] for k in OVERHEAD) / ours_s, 3),
+        "ours_breakdown": ours_parts,
+        "naive_breakdown": {},
+        "io": io,
     }
 
     def save() -> None:

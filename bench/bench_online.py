@@ -20,6 +20,7 @@ On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
     python3 bench/bench_online.py --device cpu --tiny           # a smoke run
     python3 bench/bench_online.py --record OUT/result.json      # here: RESULTS.md, results.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,29 +89,62 @@ def distinct_words(completions, **_) -> list[float]:
 
 def run_one(name: str, folder: Path, tok, prompts: list[str], a, device: str) -> dict:
     import datasets
+    from coevolve.policy import online
     from trl import GRPOConfig, GRPOTrainer
 
     from coevolve.core.config import load_config
-    from coevolve.policy import online
 
-    args = GRPOConfig(output_dir=str(folder / name), learning_rate=1e-6, per_device_train_batch_size=a.prompts * a.n, gradient_accumulation_steps=1,
-                      num_generations=a.n, max_completion_length=a.max_new, temperature=0.8, top_p=0.95, beta=0.0, max_steps=a.warmup + a.steps,
-                      bf16=device == "cuda", use_cpu=device == "cpu", save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
-                      dataloader_num_workers=0, seed=0)
+    args = GRPOConfig(
+        output_dir=str(folder / name),
+        learning_rate=1e-6,
+        per_device_train_batch_size=a.prompts * a.n,
+        gradient_accumulation_steps=1,
+        num_generations=a.n,
+        max_completion_length=a.max_new,
+        temperature=0.8,
+        top_p=0.95,
+        beta=0.0,
+        max_steps=a.warmup + a.steps,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     rows = datasets.Dataset.from_list([{"prompt": p} for p in prompts])
     base = online.GRPO if name == "ours" else GRPOTrainer
-    trainer = timed(base, device)(model=str(folder / "model"), reward_funcs=distinct_words, args=args, train_dataset=rows, processing_class=tok)
+    trainer = timed(base, device)(
+        model=str(folder / "model"), reward_funcs=distinct_words, args=args, train_dataset=rows, processing_class=tok
+    )
     if name == "ours":
-        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"device={device}", f"generation.backend={'static' if device == 'cuda' else 'hf'}",
-                                                           f"generation.batch_size={a.prompts * a.n}", f"sampling.max_new_tokens={a.max_new}",
-                                                           "sampling.temperature=0.8", "sampling.top_p=0.95"])
+        cfg = load_config(
+            ROOT / "configs" / "tiny.yaml",
+            [
+                f"device={device}",
+                f"generation.backend={'static' if device == 'cuda' else 'hf'}",
+                f"generation.batch_size={a.prompts * a.n}",
+                f"sampling.max_new_tokens={a.max_new}",
+                "sampling.temperature=0.8",
+                "sampling.top_p=0.95",
+            ],
+        )
         trainer.use_engine(cfg, 0)
     trainer.train()
     steady = slice(a.warmup, None)
     step_s, gen_s = statistics.median(trainer.step_s[steady]), statistics.median(trainer.gen_s[steady])
-    out = {"first_step_s": round(trainer.step_s[0], 2), "first_gen_s": round(trainer.gen_s[0], 2), "step_s": round(step_s, 3),
-           "gen_s": round(gen_s, 3), "gen_share": round(gen_s / step_s, 3), "tok_s": round(statistics.median(trainer.gen_tokens[steady]) / step_s, 1),
-           "steps_s": [round(s, 3) for s in trainer.step_s], "gen_tokens": trainer.gen_tokens}
+    out = {
+        "first_step_s": round(trainer.step_s[0], 2),
+        "first_gen_s": round(trainer.gen_s[0], 2),
+        "step_s": round(step_s, 3),
+        "gen_s": round(gen_s, 3),
+        "gen_share": round(gen_s / step_s, 3),
+        "tok_s": round(statistics.median(trainer.gen_tokens[steady]) / step_s, 1),
+        "steps_s": [round(s, 3) for s in trainer.step_s],
+        "gen_tokens": trainer.gen_tokens,
+    }
     del trainer
     gc.collect()  # the step callback and the trainer refer to each other
     if device == "cuda":
@@ -144,21 +178,49 @@ def main() -> None:
     n_params = save_model(model, tok, folder / "model")
     g = torch.Generator().manual_seed(0)
     steps = a.warmup + a.steps
-    prompts = [" ".join(f"t{i}" for i in torch.randint(0, len(tok) - 3, (a.prompt_len,), generator=g).tolist()) for _ in range(a.prompts * steps)]
-    res = {"bench": "online", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "command": "python3 bench/bench_online.py " + " ".join(sys.argv[1:]),
-           "model": f"{model} shape, random weights, {n_params / 1e6:.0f}M params", "torch": torch.__version__,
-           "transformers": transformers.__version__, "trl": trl.__version__,
-           "settings": {"prompts_per_step": a.prompts, "num_generations": a.n, "prompt_len": a.prompt_len, "max_new_tokens": a.max_new,
-                        "warmup_steps": a.warmup, "timed_steps": a.steps, "T": 0.8, "top_p": 0.95, "kl": 0.0}}
+    prompts = [
+        " ".join(f"t{i}" for i in torch.randint(0, len(tok) - 3, (a.prompt_len,), generator=g).tolist())
+        for _ in range(a.prompts * steps)
+    ]
+    res = {
+        "bench": "online",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "command": "python3 bench/bench_online.py " + " ".join(sys.argv[1:]),
+        "model": f"{model} shape, random weights, {n_params / 1e6:.0f}M params",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "settings": {
+            "prompts_per_step": a.prompts,
+            "num_generations": a.n,
+            "prompt_len": a.prompt_len,
+            "max_new_tokens": a.max_new,
+            "warmup_steps": a.warmup,
+            "timed_steps": a.steps,
+            "T": 0.8,
+            "top_p": 0.95,
+            "kl": 0.0,
+        },
+    }
     for name in ("ours", "trl_hf"):
         res[name] = run_one(name, folder, tok, prompts, a, device)
         log(f"[{name}] {json.dumps(res[name])}")
     ours, trl_hf = res["ours"], res["trl_hf"]
-    res.update({"ours_step_s": ours["step_s"], "trl_hf_step_s": trl_hf["step_s"], "speedup": round(trl_hf["step_s"] / ours["step_s"], 2),
-                "ours_first_step_s": ours["first_step_s"], "trl_hf_first_step_s": trl_hf["first_step_s"],
-                "ours_tok_s": ours["tok_s"], "trl_hf_tok_s": trl_hf["tok_s"], "ours_gen_share": ours["gen_share"], "trl_gen_share": trl_hf["gen_share"],
-                "bench_wall_s": round(time.perf_counter() - t0, 1)})
+    res.update(
+        {
+            "ours_step_s": ours["step_s"],
+            "trl_hf_step_s": trl_hf["step_s"],
+            "speedup": round(trl_hf["step_s"] / ours["step_s"], 2),
+            "ours_first_step_s": ours["first_step_s"],
+            "trl_hf_first_step_s": trl_hf["first_step_s"],
+            "ours_tok_s": ours["tok_s"],
+            "trl_hf_tok_s": trl_hf["tok_s"],
+            "ours_gen_share": ours["gen_share"],
+            "trl_gen_share": trl_hf["gen_share"],
+            "bench_wall_s": round(time.perf_counter() - t0, 1),
+        }
+    )
     log("\n" + table(res))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
@@ -166,20 +228,45 @@ def main() -> None:
 
 
 def table(res: dict) -> str:
-    lines = ["| trainer | step s (steady) | first step s | completion tok/s | generation share |", "|---|---|---|---|---|"]
+    lines = [
+        "| trainer | step s (steady) | first step s | completion tok/s | generation share |",
+        "|---|---|---|---|---|",
+    ]
     for key, label in (("ours", "ours (GRPO, static engine)"), ("trl_hf", "trl GRPOTrainer, HF generate")):
         r = res[key]
-        lines.append(f"| {label} | {r['step_s']:.2f} | {r['first_step_s']:.2f} | {r['tok_s']:,.0f} | {r['gen_share']:.2f} |")
+        lines.append(
+            f"| {label} | {r['step_s']:.2f} | {r['first_step_s']:.2f} | {r['tok_s']:,.0f} | {r['gen_share']:.2f} |"
+        )
     return "\n".join(lines) + f"\n\nSpeedup (steady step time): {res['speedup']}x."
 
 
 def record(res: dict, command: str) -> None:
-    line = {k: res[k] for k in ("bench", "device", "date", "model", "ours_step_s", "trl_hf_step_s", "speedup", "ours_tok_s", "trl_hf_tok_s",
-                                "ours_gen_share", "trl_gen_share")}
+    line = {
+        k: res[k]
+        for k in (
+            "bench",
+            "device",
+            "date",
+            "model",
+            "ours_step_s",
+            "trl_hf_step_s",
+            "speedup",
+            "ours_tok_s",
+            "trl_hf_tok_s",
+            "ours_gen_share",
+            "trl_gen_share",
+        )
+    }
     line.update({k: v for k, v in res.items() if k not in line})
     line["command"] = command
-    md = [f"\n## online: {res['date']}, {res['device']}", f"`{command}` (torch {res['torch']}, transformers {res['transformers']}, trl {res['trl']})",
-          f"Model: {res['model']}. Settings: {json.dumps(res['settings'])}.", "", table(res), ""]
+    md = [
+        f"\n## online: {res['date']}, {res['device']}",
+        f"`{command}` (torch {res['torch']}, transformers {res['transformers']}, trl {res['trl']})",
+        f"Model: {res['model']}. Settings: {json.dumps(res['settings'])}.",
+        "",
+        table(res),
+        "",
+    ]
     append_result(ROOT / "bench", line, md)
     log("\n".join(md))
 

@@ -7,6 +7,7 @@ bench_sandbox.py and the GGUF file put back together at GGUF:
     python3 bench/bench_real.py --gguf GGUF --out OUT --runs /tmp/runs
     python3 bench/bench_real.py --record OUT/sandbox/experiment.json --command "..."    # here
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,9 @@ def main() -> None:
         dequantise(args.gguf, args.model)
     runs = args.runs or args.out / "sandbox"
     overrides = [f"policy.name_or_path={args.model}", "policy.gguf_file=null", *args.overrides]
-    summary = run_experiment(args.config, overrides, runs, args.arms.split(","), args.seeds, args.parallel, args.deadline_s)
+    summary = run_experiment(
+        args.config, overrides, runs, args.arms.split(","), args.seeds, args.parallel, args.deadline_s
+    )
     seconds = step_seconds(runs)
     log(f"mean seconds per step: {seconds}")
     if runs != args.out / "sandbox":

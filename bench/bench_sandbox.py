@@ -9,6 +9,7 @@ On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
         --out OUT --runs /tmp/runs --parallel 30 --deadline-s 545  # offline and online (GRPO) E-steps side by side
     python3 bench/bench_sandbox.py --record OUT/sandbox/experiment.json --command "..."   # here: RESULTS.md, results.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,23 +25,54 @@ from common import append_result, log, record_args  # noqa: E402
 
 ARMS = "frozen-rm,mutual-taught,mutual-taught+seft,oracle,mt-no-selection,mt-no-filter,mt-original-pairs"
 # The bench JSON line's per-arm lists (mean and std over seeds per iteration), by the names it gives them.
-LINE_METRICS = {"gold": "gold", "rm_score": "rm_score_mean", "rm_acc_current": "rm_acc_current", "rm_acc_original": "rm_acc_original",
-                "kl": "kl_to_initial", "win_rate": "win_rate_vs_initial", "pseudo_label_acc": "pseudo_label_acc"}
-MD_METRICS = ("gold", "rm_score_mean", "kl_to_initial", "rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "pseudo_label_acc")
+LINE_METRICS = {
+    "gold": "gold",
+    "rm_score": "rm_score_mean",
+    "rm_acc_current": "rm_acc_current",
+    "rm_acc_original": "rm_acc_original",
+    "kl": "kl_to_initial",
+    "win_rate": "win_rate_vs_initial",
+    "pseudo_label_acc": "pseudo_label_acc",
+}
+MD_METRICS = (
+    "gold",
+    "rm_score_mean",
+    "kl_to_initial",
+    "rm_acc_current",
+    "rm_acc_original",
+    "win_rate_vs_initial",
+    "pseudo_label_acc",
+)
 
 
 def record(summary_path: Path, command: str, bench: str = "sandbox") -> None:
     from coevolve.experiment import table
 
     s = json.loads(summary_path.read_text())
-    arms = {arm: {k + tail: row[m + tail] for k, m in LINE_METRICS.items() if m in row for tail in ("", "_std")}
-            for arm, row in s["arms"].items()}
-    line = {"bench": bench, "task": s["task"], "device": s["device"], "date": s["date"], "seeds": s["seeds"],
-            "iterations": s["iterations"], "wall_s": s["wall_s"], "arms": arms}
-    md = [f"\n## {bench}: {s['date']}, {s['device']}", f"`{command}`",
-          f"Task {s['task']}, {s['seeds']} seeds x {s['iterations']} iterations per arm, {s['wall_s']:.0f} s wall for all runs"
-          f" (sharing the GPU); mean ± std over seeds, iteration 0 first." + (f" Failed: {s['failed']}" if s["failed"] else ""), "",
-          table(s, MD_METRICS), ""]
+    arms = {
+        arm: {k + tail: row[m + tail] for k, m in LINE_METRICS.items() if m in row for tail in ("", "_std")}
+        for arm, row in s["arms"].items()
+    }
+    line = {
+        "bench": bench,
+        "task": s["task"],
+        "device": s["device"],
+        "date": s["date"],
+        "seeds": s["seeds"],
+        "iterations": s["iterations"],
+        "wall_s": s["wall_s"],
+        "arms": arms,
+    }
+    md = [
+        f"\n## {bench}: {s['date']}, {s['device']}",
+        f"`{command}`",
+        f"Task {s['task']}, {s['seeds']} seeds x {s['iterations']} iterations per arm, {s['wall_s']:.0f} s wall for all runs"
+        f" (sharing the GPU); mean ± std over seeds, iteration 0 first."
+        + (f" Failed: {s['failed']}" if s["failed"] else ""),
+        "",
+        table(s, MD_METRICS),
+        "",
+    ]
     append_result(ROOT / "bench", line, md)
     log("\n".join(md))
 
@@ -77,11 +109,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "sandbox-gpu.yaml"))
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--runs", type=Path, help="where the runs' folders go (default OUT/sandbox); OUT/sandbox gets the summary and logs")
+    ap.add_argument(
+        "--runs",
+        type=Path,
+        help="where the runs' folders go (default OUT/sandbox); OUT/sandbox gets the summary and logs",
+    )
     ap.add_argument("--arms", default=ARMS)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--parallel", type=int, default=20)
-    ap.add_argument("--deadline-s", type=float, help="stop runs still going after this many seconds (a device call lasts 600 s at most)")
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        help="stop runs still going after this many seconds (a device call lasts 600 s at most)",
+    )
     record_args(ap, "experiment.json", "bench_sandbox.py")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -91,7 +131,9 @@ def main() -> None:
     from coevolve.experiment import run_experiment
 
     runs = args.runs or args.out / "sandbox"
-    summary = run_experiment(args.config, args.overrides, runs, args.arms.split(","), args.seeds, args.parallel, args.deadline_s)
+    summary = run_experiment(
+        args.config, args.overrides, runs, args.arms.split(","), args.seeds, args.parallel, args.deadline_s
+    )
     seconds = step_seconds(runs)
     log("mean seconds per step (phases only), per arm: " + json.dumps(seconds, indent=1))
     if runs != args.out / "sandbox":

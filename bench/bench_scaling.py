@@ -11,6 +11,7 @@ On a machine of several GPUs (the device tool's nvidia-h200-x2 or -x4), with the
     python3 bench/bench_scaling.py --model tiny --prompts 24 --select 4 --num-samples 3 --new-tokens 8 --gpus 1,2 --zero 0   # CPU smoke run (DDP over gloo)
     python3 bench/bench_scaling.py --record OUT/scaling.json --command "..."   # here: RESULTS.md, results.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,27 @@ def launch_section(gpus: int, zero: int) -> dict:
 
 def record(path: Path, command: str) -> None:
     r = json.loads(path.read_text())
-    rows = [f"| {run['zero'] or 'DDP'} | {run['gpus']} | {run['iter_s']:.1f} | {run['efficiency']:.2f} | "
-            + ", ".join(f"{k} {v:.1f}" for k, v in run["breakdown"].items()) + " |" for run in r["runs"]]
-    md = [f"\n## scaling: {r['date']}, {r['gpu_count']} x {r['device']}", f"`{command}`",
-          f"Model: {r['model']} shape, random weights, {r['params'] / 1e6:.0f}M params. Workload: {json.dumps(r['workload'])}.", "",
-          "| ZeRO | GPUs | iteration s | efficiency | by phase kind (s) |", "|---|---|---|---|---|", *rows, ""]
+    rows = [
+        f"| {run['zero'] or 'DDP'} | {run['gpus']} | {run['iter_s']:.1f} | {run['efficiency']:.2f} | "
+        + ", ".join(f"{k} {v:.1f}" for k, v in run["breakdown"].items())
+        + " |"
+        for run in r["runs"]
+    ]
+    md = [
+        f"\n## scaling: {r['date']}, {r['gpu_count']} x {r['device']}",
+        f"`{command}`",
+        f"Model: {r['model']} shape, random weights, {r['params'] / 1e6:.0f}M params. Workload: {json.dumps(r['workload'])}.",
+        "",
+        "| ZeRO | GPUs | iteration s | efficiency | by phase kind (s) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
     common = {k: r[k] for k in ("device", "date", "model", "params", "workload")}
-    lines = [{"bench": "scaling", **common, **{k: run[k] for k in ("gpus", "zero", "iter_s", "efficiency")}} for run in r["runs"]]
+    lines = [
+        {"bench": "scaling", **common, **{k: run[k] for k in ("gpus", "zero", "iter_s", "efficiency")}}
+        for run in r["runs"]
+    ]
     append_result(ROOT / "bench", lines, md)
     log("\n".join(md))
 
@@ -71,8 +86,11 @@ def main() -> None:
     params, _ = make_models(a.model, work)
     write_prompts(a.prompts, MODELS[a.model]["vocab_size"], work / "prompts.jsonl")
     result = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "gpu_count": max(counts),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": a.model, "params": params,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "gpu_count": max(counts),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": a.model,
+        "params": params,
         "workload": workload(a, backend),
         "runs": [],
     }
@@ -84,7 +102,13 @@ def main() -> None:
             wall, kinds, _ = run_ours(per_device, work, backend, launch_section(n, zero), warmup=not warm)
             warm = True
             base = base or wall
-            run = {"gpus": n, "zero": zero, "iter_s": round(wall, 1), "efficiency": round(base / (n * wall), 3), "breakdown": kinds}
+            run = {
+                "gpus": n,
+                "zero": zero,
+                "iter_s": round(wall, 1),
+                "efficiency": round(base / (n * wall), 3),
+                "breakdown": kinds,
+            }
             result["runs"].append(run)
             log(json.dumps(run))
             # Saved after every configuration: a device call may end before the last.

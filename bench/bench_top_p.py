@@ -10,6 +10,7 @@ budget. Recorded as a `generation` row with `model: smollm2`.
     python3 bench/bench_top_p.py --model-path /tmp/smollm2 --out OUT          # on a GPU, ~1 min
     python3 bench/bench_top_p.py --record OUT/result.json --command "..."     # here
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import append_result, log, record_args  # noqa: E402  (bench/ is on sys.path when a bench runs)
+
 from coevolve.core.chat import policy_prompt_text  # noqa: E402
 from coevolve.core.fastgen import StaticGraphBackend  # noqa: E402
 from coevolve.core.generation import SamplingParams  # noqa: E402
 from data.tasks import load_task  # noqa: E402
-
-from common import append_result, log, record_args  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 
 def load(args, device: str):
@@ -52,12 +53,20 @@ def hf_generate(model, tok, prompts: list[str], params: SamplingParams, device: 
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     torch.manual_seed(params.seed)
     start = time.perf_counter()
-    out = model.generate(**batch, do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
-                         max_new_tokens=params.max_new_tokens, num_return_sequences=params.n, pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        **batch,
+        do_sample=True,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=0,
+        max_new_tokens=params.max_new_tokens,
+        num_return_sequences=params.n,
+        pad_token_id=tok.pad_token_id,
+    )
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    new = out[:, batch["input_ids"].shape[1]:]
+    new = out[:, batch["input_ids"].shape[1] :]
     ended = (new == tok.eos_token_id).int().cumsum(-1)
     tokens = int(((ended == 0) | ((ended == 1) & (new == tok.eos_token_id))).sum())  # EOS counted, as ours
     return dict(rows=new.shape[0], tokens=tokens, wall_s=round(wall, 2), tok_s=round(tokens / wall, 1))
@@ -90,19 +99,41 @@ def main() -> None:
     gens = be.generate(prompts, params)
     tokens = sum(sum(row) for row in gens.num_tokens)
     st = gens.stats
-    ours = dict(tokens=tokens, wall_s=round(gens.seconds, 2), tok_s=round(tokens / gens.seconds, 1),
-                truncated_steps=st["truncated_steps"], inexact_draws=st["inexact_draws"], graphs=st["graphs"])
+    ours = dict(
+        tokens=tokens,
+        wall_s=round(gens.seconds, 2),
+        tok_s=round(tokens / gens.seconds, 1),
+        truncated_steps=st["truncated_steps"],
+        inexact_draws=st["inexact_draws"],
+        graphs=st["graphs"],
+    )
     log(f"ours: {ours}")
     hf = hf_generate(model, tok, prompts[: args.hf_prompts], params, device)
     log(f"HF generate: {hf}")
     res = dict(
-        bench="generation", model="smollm2", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        bench="generation",
+        model="smollm2",
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        ours_tok_s=ours["tok_s"], hf_generate_tok_s=hf["tok_s"], top_p_exact_share=round(1 - ours["truncated_steps"] / tokens, 6),
-        inexact_draws=ours["inexact_draws"], ours=ours, hf_generate=hf,
-        workload=dict(task="instruct", prompts=args.prompts, n=args.n, max_new=args.max_new, temperature=0.8, top_p=0.95,
-                      slots=args.slots, fallback_rows=args.fallback_rows, hf_prompts=args.hf_prompts),
-        torch=torch.__version__, transformers=__import__("transformers").__version__,
+        ours_tok_s=ours["tok_s"],
+        hf_generate_tok_s=hf["tok_s"],
+        top_p_exact_share=round(1 - ours["truncated_steps"] / tokens, 6),
+        inexact_draws=ours["inexact_draws"],
+        ours=ours,
+        hf_generate=hf,
+        workload=dict(
+            task="instruct",
+            prompts=args.prompts,
+            n=args.n,
+            max_new=args.max_new,
+            temperature=0.8,
+            top_p=0.95,
+            slots=args.slots,
+            fallback_rows=args.fallback_rows,
+            hf_prompts=args.hf_prompts,
+        ),
+        torch=torch.__version__,
+        transformers=__import__("transformers").__version__,
     )
     log(json.dumps(res))
     if args.out:
@@ -116,10 +147,13 @@ def record(res: dict, command: str) -> None:
     md = [
         f"\n## generation (top-p on SmolLM2's logits): {res['date']}, {res['device']}",
         f"`{command}` (torch {res['torch']}, transformers {res['transformers']})",
-        f"Workload: {json.dumps(res['workload'])}.", "",
-        "| backend | tokens/s | notes |", "|---|---|---|",
+        f"Workload: {json.dumps(res['workload'])}.",
+        "",
+        "| backend | tokens/s | notes |",
+        "|---|---|---|",
         f"| ours (static) | {o['tok_s']:,.0f} | {o['tokens']} tokens in {o['wall_s']} s, {o['graphs']} graphs |",
-        f"| HF generate, padded | {h['tok_s']:,.0f} | {h['rows']} rows, {h['tokens']} tokens in {h['wall_s']} s |", "",
+        f"| HF generate, padded | {h['tok_s']:,.0f} | {h['rows']} rows, {h['tokens']} tokens in {h['wall_s']} s |",
+        "",
         f"Nucleus within the 64 candidates: {res['top_p_exact_share']:.4%} of {o['tokens']} sampled tokens "
         f"({o['truncated_steps']} drawn by the exact fallback, {res['inexact_draws']} past its budget).",
     ]

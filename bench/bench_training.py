@@ -38,6 +38,7 @@ On the GPU machine, with the wheels of `bash bench/carry.sh liger` carried in `.
     python3 bench/bench_training.py --model tiny --warmup 1 --steps 2  # a smoke run (CPU or GPU)
     python3 bench/bench_training.py --record OUT/result.json          # append to RESULTS.md, results.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,7 +82,9 @@ def save_model(name: str, tok, folder: Path, model_type: str = "qwen2") -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **MODELS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config = AutoConfig.for_model(
+        model_type, **MODELS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None
+    )
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -115,22 +118,33 @@ def dpo_dataset(rows: list[dict]):
     import datasets
 
     text = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731
-    return datasets.Dataset.from_list([
-        {"prompt": text(r["prompt"]), "chosen": " " + text(r["chosen"]), "rejected": " " + text(r["rejected"]),
-         "length": len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) + 1}
-        for r in rows
-    ])
+    return datasets.Dataset.from_list(
+        [
+            {
+                "prompt": text(r["prompt"]),
+                "chosen": " " + text(r["chosen"]),
+                "rejected": " " + text(r["rejected"]),
+                "length": len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) + 1,
+            }
+            for r in rows
+        ]
+    )
 
 
 def rm_dataset(rows: list[dict], eos: int):
     """RewardTrainer's pre-tokenized format (it skips tokenizing when chosen_ids/rejected_ids exist)."""
     import datasets
 
-    return datasets.Dataset.from_list([
-        {"chosen_ids": r["prompt"] + r["chosen"] + [eos], "rejected_ids": r["prompt"] + r["rejected"] + [eos],
-         "length": len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) + 1}
-        for r in rows
-    ])
+    return datasets.Dataset.from_list(
+        [
+            {
+                "chosen_ids": r["prompt"] + r["chosen"] + [eos],
+                "rejected_ids": r["prompt"] + r["rejected"] + [eos],
+                "length": len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) + 1,
+            }
+            for r in rows
+        ]
+    )
 
 
 # -- measurements -------------------------------------------------------------------------------------
@@ -206,8 +220,11 @@ def kernel_profile(prof, steps: int, wall_s: float) -> dict:
         cats[_category(name)] = cats.get(_category(name), 0.0) + ms
     busy = sum(kernels.values())
     return {
-        "wall_ms_per_step": round(wall_s * 1e3, 1), "kernel_ms_per_step": round(busy, 1), "gpu_busy_share": round(busy / (wall_s * 1e3), 3),
-        "kernels_per_step": round(counts / steps), "by_category_ms": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+        "wall_ms_per_step": round(wall_s * 1e3, 1),
+        "kernel_ms_per_step": round(busy, 1),
+        "gpu_busy_share": round(busy / (wall_s * 1e3), 3),
+        "kernels_per_step": round(counts / steps),
+        "by_category_ms": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
         "top_kernels_ms": [(k[:120], round(v, 2)) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]],
     }
 
@@ -239,13 +256,29 @@ def steady(marks, warmup: int) -> dict:
     """Tokens/s over the steps after the first `warmup` (marks[0] is the start of training)."""
     (t0, n0), (t1, n1) = marks[warmup], marks[-1]
     steps = len(marks) - 1 - warmup
-    return {"timed_steps": steps, "timed_s": round(t1 - t0, 3), "timed_tokens": n1 - n0, "tok_s": round((n1 - n0) / (t1 - t0), 1),
-            "step_ms_median": round(1e3 * statistics.median(b[0] - a[0] for a, b in zip(marks[warmup:], marks[warmup + 1 :])), 1),
-            "first_steps_s": round(t0 - marks[0][0], 3)}
+    return {
+        "timed_steps": steps,
+        "timed_s": round(t1 - t0, 3),
+        "timed_tokens": n1 - n0,
+        "tok_s": round((n1 - n0) / (t1 - t0), 1),
+        "step_ms_median": round(
+            1e3 * statistics.median(b[0] - a[0] for a, b in zip(marks[warmup:], marks[warmup + 1 :])), 1
+        ),
+        "first_steps_s": round(t0 - marks[0][0], 3),
+    }
 
 
 # -- trainer configs ----------------------------------------------------------------------------------
-def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: bool, reference: str = "pass", tuning: dict | None = None):
+def our_args(
+    kind: str,
+    folder: Path,
+    out: Path,
+    batch: int,
+    steps: int,
+    liger: bool,
+    reference: str = "pass",
+    tuning: dict | None = None,
+):
     """The trl config our steps build (coevolve.core.training.trainer_args) for these TrainConfig values;
     `tuning` holds further fields of the trl config, set through `train.extra` as a user would."""
     from trl import DPOConfig, RewardConfig
@@ -266,7 +299,13 @@ def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: 
     if kind == "dpo" and reference == "sampled":
         extra.update(precompute_ref_log_probs=True)
     extra.update(tuning or {})
-    fields = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_length=MAX_LEN, gradient_checkpointing=False, extra=extra)
+    fields = dict(
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_length=MAX_LEN,
+        gradient_checkpointing=False,
+        extra=extra,
+    )
     try:
         from coevolve.core.config import DPOTrainConfig, RMTrainConfig
         from coevolve.core.training import trainer_args
@@ -274,16 +313,33 @@ def our_args(kind: str, folder: Path, out: Path, batch: int, steps: int, liger: 
         cfg = our_config(folder)
         train = (DPOTrainConfig if kind == "dpo" else RMTrainConfig)(**fields)
         step_fields = {"beta": cfg.e_step.beta} if kind == "dpo" else {}
-        return trainer_args(DPOConfig if kind == "dpo" else RewardConfig, train, cfg, out, **step_fields), "coevolve.core.training.trainer_args"
+        return trainer_args(
+            DPOConfig if kind == "dpo" else RewardConfig, train, cfg, out, **step_fields
+        ), "coevolve.core.training.trainer_args"
     except ImportError as err:
         # The same fields by hand, so that a broken import elsewhere in the tree costs no GPU run.
         log(f"[ours] coevolve import failed ({err}); building the trl config by hand")
         cls = DPOConfig if kind == "dpo" else RewardConfig
         lr = 7e-7 if kind == "dpo" else 2e-6
-        args = dict(output_dir=str(out), learning_rate=lr, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-                    lr_scheduler_type="cosine", warmup_steps=0.1, max_length=MAX_LEN, gradient_checkpointing=False,
-                    bf16=torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to="none", seed=0,
-                    use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0, **extra)
+        args = dict(
+            output_dir=str(out),
+            learning_rate=lr,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=1,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.1,
+            max_length=MAX_LEN,
+            gradient_checkpointing=False,
+            bf16=torch.cuda.is_available(),
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=0,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            **extra,
+        )
         if kind == "dpo":
             args["beta"] = 0.01
         return cls(**args), f"by hand ({err})"
@@ -293,7 +349,9 @@ def our_config(folder: Path):
     """A coevolve config whose policy and RM are the model in `folder`."""
     from coevolve.core.config import build_config
 
-    return build_config({"policy": {"name_or_path": str(folder)}, "rm": {"name_or_path": str(folder)}, "data": {"task": "toy"}}, "bench")
+    return build_config(
+        {"policy": {"name_or_path": str(folder)}, "rm": {"name_or_path": str(folder)}, "data": {"task": "toy"}}, "bench"
+    )
 
 
 def our_reference(folder: Path):
@@ -308,8 +366,15 @@ def trl_args(kind: str, out: Path, batch: int, steps: int):
     from trl import DPOConfig, RewardConfig
 
     cls = DPOConfig if kind == "dpo" else RewardConfig
-    return cls(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, save_strategy="no", report_to="none",
-               disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    return cls(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
 
 
 def sampled_dataset(rows: list[dict], eos: int, vocab: int):
@@ -318,20 +383,38 @@ def sampled_dataset(rows: list[dict], eos: int, vocab: int):
     import datasets
 
     uniform = -math.log(vocab)
-    return datasets.Dataset.from_list([
-        {"prompt_ids": r["prompt"], "chosen_ids": r["chosen"] + [eos], "rejected_ids": r["rejected"] + [eos],
-         "ref_chosen_logps": uniform * (len(r["chosen"]) + 1), "ref_rejected_logps": uniform * (len(r["rejected"]) + 1),
-         "length": len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) + 1}
-        for r in rows
-    ])
+    return datasets.Dataset.from_list(
+        [
+            {
+                "prompt_ids": r["prompt"],
+                "chosen_ids": r["chosen"] + [eos],
+                "rejected_ids": r["rejected"] + [eos],
+                "ref_chosen_logps": uniform * (len(r["chosen"]) + 1),
+                "ref_rejected_logps": uniform * (len(r["rejected"]) + 1),
+                "length": len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) + 1,
+            }
+            for r in rows
+        ]
+    )
 
 
-def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup: int, steps: int, profiled: bool, ref_model=None,
-        sampled: bool = False) -> dict:
+def run(
+    kind: str,
+    label: str,
+    args,
+    folder: Path,
+    tok,
+    rows: list[dict],
+    warmup: int,
+    steps: int,
+    profiled: bool,
+    ref_model=None,
+    sampled: bool = False,
+) -> dict:
     """One config's run; `ref_model` is DPO's reference, passed loaded (None: trl builds it); `sampled`:
     DPO on rows carrying their reference log-probs, as the e-step trains when the sampler is the reference."""
-    from trl import DPOTrainer, RewardTrainer
     import trl.trainer.dpo_trainer as dpo_mod
+    from trl import DPOTrainer, RewardTrainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -364,12 +447,30 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
         if sampled:
             from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer
 
-            trainer = SampledReferenceDPOTrainer(model=str(folder), args=args, train_dataset=sampled_dataset(rows, tok.eos_token_id, len(tok)),
-                                                 processing_class=tok, callbacks=[clock])
+            trainer = SampledReferenceDPOTrainer(
+                model=str(folder),
+                args=args,
+                train_dataset=sampled_dataset(rows, tok.eos_token_id, len(tok)),
+                processing_class=tok,
+                callbacks=[clock],
+            )
         elif kind == "dpo":
-            trainer = DPOTrainer(model=str(folder), ref_model=ref_model, args=args, train_dataset=dpo_dataset(rows), processing_class=tok, callbacks=[clock])
+            trainer = DPOTrainer(
+                model=str(folder),
+                ref_model=ref_model,
+                args=args,
+                train_dataset=dpo_dataset(rows),
+                processing_class=tok,
+                callbacks=[clock],
+            )
         else:
-            trainer = RewardTrainer(model=str(folder), args=args, train_dataset=rm_dataset(rows, tok.eos_token_id), processing_class=tok, callbacks=[clock])
+            trainer = RewardTrainer(
+                model=str(folder),
+                args=args,
+                train_dataset=rm_dataset(rows, tok.eos_token_id),
+                processing_class=tok,
+                callbacks=[clock],
+            )
     finally:
         DPOTrainer._precompute_ref_logps, dpo_mod.hash_module = orig_pre, orig_hash
     init_s = time.perf_counter() - t0
@@ -390,18 +491,29 @@ def run(kind: str, label: str, args, folder: Path, tok, rows: list[dict], warmup
     trainer.train()
     train_s = time.perf_counter() - t1
     res = {
-        "label": label, "kind": kind, "batch_pairs": args.per_device_train_batch_size,
-        "gradient_checkpointing": bool(args.gradient_checkpointing), "bf16": bool(args.bf16),
+        "label": label,
+        "kind": kind,
+        "batch_pairs": args.per_device_train_batch_size,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "bf16": bool(args.bf16),
         "weights_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "attention": getattr(model.config, "_attn_implementation", None),
-        "sampler": getattr(args, "train_sampling_strategy", None), "liger": bool(getattr(args, "use_liger_kernel", False)),
-        "optim": str(args.optim), "init_s": round(init_s, 3), "train_s": round(train_s, 3), "steps": trainer.state.global_step,
-        "pad_share": round(1 - pads["tokens"] / max(pads["slots"], 1), 4), **steady(clock.marks[: warmup + steps + 1], warmup), **fixed,
+        "sampler": getattr(args, "train_sampling_strategy", None),
+        "liger": bool(getattr(args, "use_liger_kernel", False)),
+        "optim": str(args.optim),
+        "init_s": round(init_s, 3),
+        "train_s": round(train_s, 3),
+        "steps": trainer.state.global_step,
+        "pad_share": round(1 - pads["tokens"] / max(pads["slots"], 1), 4),
+        **steady(clock.marks[: warmup + steps + 1], warmup),
+        **fixed,
     }
     if clock.kernels:
         res["profile"] = clock.kernels
     if kind == "dpo":
-        res["reference"] = "sampled" if sampled else "precomputed" if args.precompute_ref_log_probs else "inline forward"
+        res["reference"] = (
+            "sampled" if sampled else "precomputed" if args.precompute_ref_log_probs else "inline forward"
+        )
         # `is None`, not `or`: a compiled module has no truth value.
         reference = model if trainer.ref_model is None else trainer.ref_model
         res["reference_dtype"] = str(next(reference.parameters()).dtype).replace("torch.", "")
@@ -461,7 +573,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2-0.5b", choices=list(MODELS))
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"which to run, in this order, of: {','.join(CONFIGS)}")
-    ap.add_argument("--profile", default="trl-dpo,ours-dpo-liger,ours-rm-liger", help=f"configs whose GPU kernels are profiled for {PROFILE_STEPS} steps after the timed ones")
+    ap.add_argument(
+        "--profile",
+        default="trl-dpo,ours-dpo-liger,ours-rm-liger",
+        help=f"configs whose GPU kernels are profiled for {PROFILE_STEPS} steps after the timed ones",
+    )
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--trl-dpo-batch", type=int, default=16)
@@ -470,7 +586,9 @@ def main():
     ap.add_argument("--rm-batch", type=int, default=32, help="ours (pairs per step)")
     ap.add_argument("--deadline-s", type=float, default=330, help="skip the configs not yet started after this long")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--record", type=Path, default=None, help="append a saved result.json to bench/RESULTS.md and results.jsonl")
+    ap.add_argument(
+        "--record", type=Path, default=None, help="append a saved result.json to bench/RESULTS.md and results.jsonl"
+    )
     args = ap.parse_args()
     if args.record:
         return record(json.loads(args.record.read_text()))
@@ -483,14 +601,20 @@ def main():
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = {
-        "bench": "training", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "bench": "training",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "command": "python3 bench/bench_training.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__, "errors": {}, "runs": {},
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "errors": {},
+        "runs": {},
     }
     try:
-        import liger_kernel  # noqa: F401
         from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
 
         res["liger_kernel"] = version("liger-kernel")
     except ImportError:
@@ -504,19 +628,29 @@ def main():
     tok = build_tokenizer(MODELS[args.model]["vocab_size"])
     n_params = save_model(args.model, tok, folder)
     res["params"] = n_params
-    res["model"] = f"{args.model} shape, random weights, {n_params / 1e6:.0f}M params, saved bf16, trained as fp32 weights + bf16 autocast"
+    res["model"] = (
+        f"{args.model} shape, random weights, {n_params / 1e6:.0f}M params, saved bf16, trained as fp32 weights + bf16 autocast"
+    )
     profiled = set(args.profile.split(",")) if args.profile else set()
     total = args.warmup + args.steps
     batches = [args.trl_dpo_batch, args.trl_rm_batch, args.dpo_batch, args.rm_batch]
     rows = make_pairs((total + PROFILE_STEPS) * max(batches), MODELS[args.model]["vocab_size"])
     res["workload"] = {
-        "prompt_len": "96-160", "response_len": "256..(511 - prompt), each sequence <= 512 with EOS", "max_length": MAX_LEN,
+        "prompt_len": "96-160",
+        "response_len": "256..(511 - prompt), each sequence <= 512 with EOS",
+        "max_length": MAX_LEN,
         "mean_tokens_per_pair": round(statistics.mean(seq_tokens(r) for r in rows), 1),
-        "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
     }
     log(json.dumps(res, indent=1))
 
-    batch_of = {("dpo", False): args.trl_dpo_batch, ("rm", False): args.trl_rm_batch, ("dpo", True): args.dpo_batch, ("rm", True): args.rm_batch}
+    batch_of = {
+        ("dpo", False): args.trl_dpo_batch,
+        ("rm", False): args.trl_rm_batch,
+        ("dpo", True): args.dpo_batch,
+        ("rm", True): args.rm_batch,
+    }
     for name in args.configs.split(","):
         kind, ours, liger, reference, tuning = CONFIGS[name]
         if time.perf_counter() - t_start > args.deadline_s:
@@ -533,8 +667,22 @@ def main():
         else:
             trainer_cfg, via = trl_args(kind, out, batch, n_steps), "trl defaults"
         ref = (lambda: our_reference(folder)) if kind == "dpo" and ours and reference == "inline" else (lambda: None)
-        r = section(name, lambda: run(kind, name, trainer_cfg, folder, tok, rows[: n_steps * batch], args.warmup, args.steps, name in profiled, ref(),
-                                      sampled=reference == "sampled"))
+        r = section(
+            name,
+            lambda: run(
+                kind,
+                name,
+                trainer_cfg,
+                folder,
+                tok,
+                rows[: n_steps * batch],
+                args.warmup,
+                args.steps,
+                name in profiled,
+                ref(),
+                sampled=reference == "sampled",
+            ),
+        )
         if r is not None:
             r["config_via"] = via
             r["tuning"] = tuning
@@ -587,22 +735,48 @@ def save(res, out: Path | None):
 
 
 def table(res) -> str:
-    rows = [("config", "batch", "ckpt", "ref", "sampler", "liger", "loop tok/s", "end-to-end tok/s", "MFU (6N)", "MFU (8N)", "peak GiB", "notes")]
+    rows = [
+        (
+            "config",
+            "batch",
+            "ckpt",
+            "ref",
+            "sampler",
+            "liger",
+            "loop tok/s",
+            "end-to-end tok/s",
+            "MFU (6N)",
+            "MFU (8N)",
+            "peak GiB",
+            "notes",
+        )
+    ]
     for r in res.get("runs", {}).values():
-        note = "".join(f"{k} {v}, " for k, v in r.get("tuning", {}).items()) + f"step {r['step_ms_median']} ms, padding {r['pad_share']:.0%}"
+        note = (
+            "".join(f"{k} {v}, " for k, v in r.get("tuning", {}).items())
+            + f"step {r['step_ms_median']} ms, padding {r['pad_share']:.0%}"
+        )
         if r.get("profile"):
             note += f", GPU busy {r['profile']['gpu_busy_share']:.0%} of the step"
         if r.get("precompute_s") is not None:
             note += f"; ref pass {r['precompute_s']}s ({r['precompute_tok_s']:,.0f} tok/s), model hash {r.get('model_hash_s')}s"
-        rows.append((
-            r["label"], str(r["batch_pairs"]), "on" if r["gradient_checkpointing"] else "off",
-            {"precomputed": "pre", "inline forward": "inline", "sampled": "sampled"}.get(r.get("reference"), "-") + (" bf16" if r.get("reference_dtype") == "bfloat16" else ""),
-            "grouped" if r.get("sampler") == "group_by_length" else "random", "yes" if r["liger"] else "no",
-            f"{r['tok_s']:,.0f}", f"{r['end_to_end_tok_s']:,.0f}",
-            f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-",
-            f"{r['mfu_with_ref']:.1%}" if r.get("mfu_with_ref") is not None else "-",
-            str(r.get("peak_mem_gib", "-")), note,
-        ))
+        rows.append(
+            (
+                r["label"],
+                str(r["batch_pairs"]),
+                "on" if r["gradient_checkpointing"] else "off",
+                {"precomputed": "pre", "inline forward": "inline", "sampled": "sampled"}.get(r.get("reference"), "-")
+                + (" bf16" if r.get("reference_dtype") == "bfloat16" else ""),
+                "grouped" if r.get("sampler") == "group_by_length" else "random",
+                "yes" if r["liger"] else "no",
+                f"{r['tok_s']:,.0f}",
+                f"{r['end_to_end_tok_s']:,.0f}",
+                f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-",
+                f"{r['mfu_with_ref']:.1%}" if r.get("mfu_with_ref") is not None else "-",
+                str(r.get("peak_mem_gib", "-")),
+                note,
+            )
+        )
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(width[i]) for i, c in enumerate(r)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
@@ -612,14 +786,27 @@ def table(res) -> str:
 def record(res) -> None:
     """Append one result to bench/RESULTS.md (human) and bench/results.jsonl (one line)."""
     bench = ROOT / "bench"
-    keys = ("bench", "device", "date", "model", "dpo_tok_s", "trl_dpo_tok_s", "dpo_mfu", "rm_tok_s", "trl_rm_tok_s", "rm_mfu")
+    keys = (
+        "bench",
+        "device",
+        "date",
+        "model",
+        "dpo_tok_s",
+        "trl_dpo_tok_s",
+        "dpo_mfu",
+        "rm_tok_s",
+        "trl_rm_tok_s",
+        "rm_mfu",
+    )
     line = {k: res.get(k) for k in keys}
     line.update({k: v for k, v in res.items() if k not in line})
     md = [
         f"\n## training: {res['date']}, {res['device']}",
         f"`{res['command']}` (torch {res['torch']}, transformers {res['transformers']}, trl {res['trl']}, liger-kernel {res.get('liger_kernel')})",
         f"Model: {res['model']}. Workload: {json.dumps(res['workload'])}. Matmul rate (bf16 8192^3): {res.get('matmul_tflops') and round(res['matmul_tflops'])} TFLOP/s.",
-        "", table(res), "",
+        "",
+        table(res),
+        "",
         f"DPO: ours ({res.get('dpo_config')}) {res.get('dpo_tok_s')} tok/s end to end vs trl defaults {res.get('trl_dpo_tok_s')}: "
         f"{res.get('dpo_speedup')}x, MFU {res.get('dpo_mfu')} (8N: {res.get('dpo_mfu_with_ref')}) vs {res.get('trl_dpo_mfu')}. "
         f"RM: ours ({res.get('rm_config')}) {res.get('rm_tok_s')} vs {res.get('trl_rm_tok_s')}: {res.get('rm_speedup')}x, MFU {res.get('rm_mfu')} vs {res.get('trl_rm_mfu')}.",

@@ -2,14 +2,40 @@
 
 MODELS = {
     # Qwen2-0.5B's shape (494M parameters).
-    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                       vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6),
+    "qwen2-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+    ),
     # Qwen2-1.5B's shape (1.54B parameters): the several-GPU bench (issue 10).
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                       vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6),
+    "qwen2-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+    ),
     # For a CPU smoke run of a bench.
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=1024, tie_word_embeddings=True, max_position_embeddings=4096),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -19,7 +45,9 @@ def record_args(ap, saved: str, script: str) -> None:
     from pathlib import Path
 
     ap.add_argument("--record", type=Path, help=f"a saved {saved} to append to bench/RESULTS.md and results.jsonl")
-    ap.add_argument("--command", default=f"python3 bench/{script} --out OUT", help="the command that made it, for the record")
+    ap.add_argument(
+        "--command", default=f"python3 bench/{script} --out OUT", help="the command that made it, for the record"
+    )
 
 
 def folders(a, bench: str):

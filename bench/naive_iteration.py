@@ -8,6 +8,7 @@ its own process and hands files on disk to the next, as separate scripts would.
 
 W/naive/settings.json (written by bench_iteration.py) holds the shared settings and the prompt splits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,22 @@ def generate(model_path: Path, prompts: list[str], n: int, s: dict) -> list[list
     for i in range(0, len(prompts), per_batch):
         enc = tok([p + "\n" for p in prompts[i : i + per_batch]], return_tensors="pt", padding=True).to(DEVICE)
         with torch.no_grad():
-            ids = model.generate(**enc, do_sample=True, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"],
-                                 num_return_sequences=n, pad_token_id=tok.pad_token_id)
+            ids = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=s["temperature"],
+                top_p=s["top_p"],
+                max_new_tokens=s["max_new_tokens"],
+                num_return_sequences=n,
+                pad_token_id=tok.pad_token_id,
+            )
         completions = ids[:, enc["input_ids"].shape[1] :]
-        samples = list(zip(tok.batch_decode(completions, skip_special_tokens=True), (completions != tok.pad_token_id).sum(1).tolist()))
+        samples = list(
+            zip(
+                tok.batch_decode(completions, skip_special_tokens=True),
+                (completions != tok.pad_token_id).sum(1).tolist(),
+            )
+        )
         out += [samples[j * n : (j + 1) * n] for j in range(len(samples) // n)]
     return out
 
@@ -57,7 +70,13 @@ def score(rm_path: Path, prompts: list[str], responses: list[str], s: dict) -> l
     texts = [p + "\n" + r + tok.eos_token for p, r in zip(prompts, responses)]
     scores = []
     for i in range(0, len(texts), s["batch_rows"]):
-        enc = tok(texts[i : i + s["batch_rows"]], return_tensors="pt", padding=True, truncation=True, max_length=s["max_length"]).to(DEVICE)
+        enc = tok(
+            texts[i : i + s["batch_rows"]],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=s["max_length"],
+        ).to(DEVICE)
         with torch.no_grad():
             scores += model(**enc).logits[:, 0].float().tolist()
     return scores
@@ -86,12 +105,29 @@ def stage_dpo(w: Path, s: dict) -> None:
     import datasets
     from trl import DPOConfig, DPOTrainer
 
-    rows = [{"prompt": r["prompt"] + "\n", "chosen": r["chosen"], "rejected": r["rejected"]} for r in read(w / "pairs.json")]
-    args = DPOConfig(output_dir=str(w / "dpo"), learning_rate=s["dpo_lr"], beta=s["beta"], per_device_train_batch_size=s["dpo_batch"],
-                     num_train_epochs=1, max_length=s["max_length"], bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu",
-                     save_strategy="steps", save_steps=s["save_steps"], report_to="none", logging_steps=10)
-    trainer = DPOTrainer(model=str(w / "policy"), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(w / "policy"))
+    rows = [
+        {"prompt": r["prompt"] + "\n", "chosen": r["chosen"], "rejected": r["rejected"]} for r in read(w / "pairs.json")
+    ]
+    args = DPOConfig(
+        output_dir=str(w / "dpo"),
+        learning_rate=s["dpo_lr"],
+        beta=s["beta"],
+        per_device_train_batch_size=s["dpo_batch"],
+        num_train_epochs=1,
+        max_length=s["max_length"],
+        bf16=DEVICE == "cuda",
+        use_cpu=DEVICE == "cpu",
+        save_strategy="steps",
+        save_steps=s["save_steps"],
+        report_to="none",
+        logging_steps=10,
+    )
+    trainer = DPOTrainer(
+        model=str(w / "policy"),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(w / "policy"),
+    )
     trainer.train()
     trainer.save_model(str(w / "dpo" / "final"))
 
@@ -116,26 +152,54 @@ def stage_pseudo(w: Path, s: dict) -> None:
     old = [r[0][0] for r in generate(w / "policy", prompts, 1, s)]
     new_s, old_s = score(w / "rm", prompts, new, s), score(w / "rm", prompts, old, s)
     eps = statistics.pstdev(old_s)
-    write(w / "pseudo.json", [{"prompt": p, "chosen": a, "rejected": b}
-                              for p, a, b, sa, sb in zip(prompts, new, old, new_s, old_s) if a != b and sa - sb > -eps])
+    write(
+        w / "pseudo.json",
+        [
+            {"prompt": p, "chosen": a, "rejected": b}
+            for p, a, b, sa, sb in zip(prompts, new, old, new_s, old_s)
+            if a != b and sa - sb > -eps
+        ],
+    )
 
 
 def stage_rm(w: Path, s: dict) -> None:
     import datasets
     from trl import RewardConfig, RewardTrainer
 
-    rows = [{"chosen": r["prompt"] + "\n" + r["chosen"], "rejected": r["prompt"] + "\n" + r["rejected"]}
-            for r in read(w / "pseudo.json") + read(w / "pairs.json")]
-    args = RewardConfig(output_dir=str(w / "rm_train"), learning_rate=s["rm_lr"], per_device_train_batch_size=s["rm_batch"],
-                        num_train_epochs=1, max_length=s["max_length"], bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu",
-                        save_strategy="no", report_to="none", logging_steps=10)
-    trainer = RewardTrainer(model=str(w / "rm"), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                            processing_class=AutoTokenizer.from_pretrained(w / "rm"))
+    rows = [
+        {"chosen": r["prompt"] + "\n" + r["chosen"], "rejected": r["prompt"] + "\n" + r["rejected"]}
+        for r in read(w / "pseudo.json") + read(w / "pairs.json")
+    ]
+    args = RewardConfig(
+        output_dir=str(w / "rm_train"),
+        learning_rate=s["rm_lr"],
+        per_device_train_batch_size=s["rm_batch"],
+        num_train_epochs=1,
+        max_length=s["max_length"],
+        bf16=DEVICE == "cuda",
+        use_cpu=DEVICE == "cpu",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+    )
+    trainer = RewardTrainer(
+        model=str(w / "rm"),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(w / "rm"),
+    )
     trainer.train()
     trainer.save_model(str(w / "rm_new"))
 
 
-STAGES = {"generate": stage_generate, "score": stage_score, "dpo": stage_dpo, "select": stage_select, "pseudo": stage_pseudo, "rm": stage_rm}
+STAGES = {
+    "generate": stage_generate,
+    "score": stage_score,
+    "dpo": stage_dpo,
+    "select": stage_select,
+    "pseudo": stage_pseudo,
+    "rm": stage_rm,
+}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -10,6 +10,7 @@ The step runs as `coevolve step` runs it and writes its outputs: profile a step 
 Writes OUT/STEP.profile.json (the summary) and prints it as a table; the raw trace is not kept (hundreds
 of MB for a GPU step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,10 @@ def summarize(events: list[dict], top: int = 8) -> dict:
     for p in sorted(phases, key=lambda e: e["ts"]):
         start, end = p["ts"], p["ts"] + p["dur"]
         inside = [e for e in work if start <= e["ts"] < end]
-        by_kind = {kind: busy_us([(e["ts"], e["ts"] + e["dur"]) for e in inside if GPU_WORK[e["cat"]] == kind]) for kind in ("kernels", "copies")}
+        by_kind = {
+            kind: busy_us([(e["ts"], e["ts"] + e["dur"]) for e in inside if GPU_WORK[e["cat"]] == kind])
+            for kind in ("kernels", "copies")
+        }
         names: dict[str, float] = {}
         for e in inside:
             if e["cat"] == "kernel":
@@ -73,8 +77,8 @@ def summarize(events: list[dict], top: int = 8) -> dict:
         host = {}
         for e in events:
             if e.get("cat") == "user_annotation" and e.get("name", "").startswith("host:") and start <= e["ts"] < end:
-                host.setdefault(e["name"][len("host:"):], []).append((e["ts"], e["ts"] + e["dur"]))
-        out[p["name"][len("phase:"):]] = {
+                host.setdefault(e["name"][len("host:") :], []).append((e["ts"], e["ts"] + e["dur"]))
+        out[p["name"][len("phase:") :]] = {
             "wall_s": round(wall / 1e6, 3),
             "kernels_s": round(by_kind["kernels"] / 1e6, 3),
             "copies_s": round(by_kind["copies"] / 1e6, 3),
@@ -82,7 +86,9 @@ def summarize(events: list[dict], top: int = 8) -> dict:
             "kernel_count": sum(e["cat"] == "kernel" for e in inside),
             "top_kernels_s": {k: round(v / 1e6, 3) for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:top]},
             # Union of each call's intervals: a call nested in itself counts once.
-            "host_calls_s": {k: round(busy_us(v) / 1e6, 3) for k, v in sorted(host.items(), key=lambda kv: -busy_us(kv[1]))},
+            "host_calls_s": {
+                k: round(busy_us(v) / 1e6, 3) for k, v in sorted(host.items(), key=lambda kv: -busy_us(kv[1]))
+            },
         }
     return out
 

@@ -12,6 +12,7 @@ measure   the policy's mean referee reward, rm_K's mean score, response length, 
           original held-out pairs and (b) fresh pairs, two responses of policy_K to one prompt: the
           distribution-shift measurement (a frozen RM loses accuracy on (b) as the policy moves)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +39,9 @@ class Referee:
 
             self.task = load_task(cfg.data.task)
         elif cfg.evaluate.judge is not None:
-            self.judge = step.inputs["judge"] = rundir.require_output(step.run_dir, "judge", (step.iteration, step.name))
+            self.judge = step.inputs["judge"] = rundir.require_output(
+                step.run_dir, "judge", (step.iteration, step.name)
+            )
         self.cfg = cfg
         self.name = "gold" if self.task else "judge" if self.judge else None
 
@@ -57,21 +60,37 @@ def generate(step: StepRun, policy: Path, initial: Path, prompts: datasets.Datas
     texts = list(prompts["prompt"])
     gens = sample(cfg, policy, texts, cfg.evaluate.samples_per_prompt, seed, "generate: policy_K")
     rows = [
-        {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "sample": j, "response": text, "num_tokens": n, "model": "policy_K"}
+        {
+            "prompt_id": r["prompt_id"],
+            "prompt": r["prompt"],
+            "sample": j,
+            "response": text,
+            "num_tokens": n,
+            "model": "policy_K",
+        }
         for r, outs, counts in zip(prompts, gens.texts, gens.num_tokens)
         for j, (text, n) in enumerate(zip(outs, counts))
     ]
     if initial != policy:
         first = sample(cfg, initial, texts, 1, seed, "generate: policy_0")
         rows += [
-            {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "sample": 0, "response": t[0], "num_tokens": n[0], "model": "policy_0"}
+            {
+                "prompt_id": r["prompt_id"],
+                "prompt": r["prompt"],
+                "sample": 0,
+                "response": t[0],
+                "num_tokens": n[0],
+                "model": "policy_0",
+            }
             for r, t, n in zip(prompts, first.texts, first.num_tokens)
         ]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
     return {"generate/tokens_per_s": gens.tokens_per_s}
 
 
-def score_all(step: StepRun, rm: Path, referee: Referee, responses: datasets.Dataset, heldout: datasets.Dataset | None, tmp: Path) -> dict:
+def score_all(
+    step: StepRun, rm: Path, referee: Referee, responses: datasets.Dataset, heldout: datasets.Dataset | None, tmp: Path
+) -> dict:
     """rm_K's and the referee's scores of every response, and of both sides of the held-out pairs."""
     prompts, texts = list(responses["prompt"]), list(responses["response"])
     if heldout is not None:
@@ -80,16 +99,22 @@ def score_all(step: StepRun, rm: Path, referee: Referee, responses: datasets.Dat
     # The RM scores only what it is measured on: policy_K's responses and the held-out pairs.
     models = list(responses["model"])
     rm_rows = [i for i in range(len(prompts)) if i >= len(models) or models[i] == "policy_K"]
-    rm_scores = dict(zip(rm_rows, score(step.cfg, rm, [prompts[i] for i in rm_rows], [texts[i] for i in rm_rows], "score: rm_K")))
+    rm_scores = dict(
+        zip(rm_rows, score(step.cfg, rm, [prompts[i] for i in rm_rows], [texts[i] for i in rm_rows], "score: rm_K"))
+    )
     ref_scores = referee(prompts, texts, "score: judge") if referee else [float("nan")] * len(prompts)
     n = len(responses)
-    responses.add_column("rm_score", [rm_scores.get(i, float("nan")) for i in range(n)]).add_column("referee", ref_scores[:n]).save_to_disk(str(tmp / "responses"))
+    responses.add_column("rm_score", [rm_scores.get(i, float("nan")) for i in range(n)]).add_column(
+        "referee", ref_scores[:n]
+    ).save_to_disk(str(tmp / "responses"))
     if heldout is not None:
         m = len(heldout)
         heldout = heldout.select_columns(["prompt_id", "prompt", "chosen", "rejected"])
         for name, values in (
-            ("rm_chosen", [rm_scores[n + i] for i in range(m)]), ("rm_rejected", [rm_scores[n + m + i] for i in range(m)]),
-            ("referee_chosen", ref_scores[n : n + m]), ("referee_rejected", ref_scores[n + m :]),
+            ("rm_chosen", [rm_scores[n + i] for i in range(m)]),
+            ("rm_rejected", [rm_scores[n + m + i] for i in range(m)]),
+            ("referee_chosen", ref_scores[n : n + m]),
+            ("referee_rejected", ref_scores[n + m :]),
         ):
             heldout = heldout.add_column(name, values)
         heldout.save_to_disk(str(tmp / "heldout"))
@@ -103,8 +128,16 @@ def fresh_pairs(responses: datasets.Dataset) -> list[dict]:
         if r["model"] == "policy_K" and r["sample"] < 2:
             by_prompt.setdefault(r["prompt_id"], {})[r["sample"]] = r
     return [
-        {"prompt_id": pid, "prompt": s[0]["prompt"], "a": s[0]["response"], "b": s[1]["response"],
-         "rm_a": s[0]["rm_score"], "rm_b": s[1]["rm_score"], "referee_a": s[0]["referee"], "referee_b": s[1]["referee"]}
+        {
+            "prompt_id": pid,
+            "prompt": s[0]["prompt"],
+            "a": s[0]["response"],
+            "b": s[1]["response"],
+            "rm_a": s[0]["rm_score"],
+            "rm_b": s[1]["rm_score"],
+            "referee_a": s[0]["referee"],
+            "referee_b": s[1]["referee"],
+        }
         for pid, s in by_prompt.items()
         if len(s) == 2 and s[0]["response"] != s[1]["response"]
     ]
@@ -133,14 +166,18 @@ def measure(scored: Path, referee: Referee, kl: float, tmp: Path) -> dict:
         initial = responses.filter(lambda r: r["model"] == "policy_0").sort("prompt_id")
         metrics["eval/win_rate_vs_initial"] = win_rate(first["referee"], initial["referee"]) if len(initial) else 0.5
         pairs = fresh_pairs(responses)
-        acc, counted = pairwise_accuracy(*(list(p[c] for p in pairs) for c in ("rm_a", "rm_b", "referee_a", "referee_b")))
+        acc, counted = pairwise_accuracy(
+            *(list(p[c] for p in pairs) for c in ("rm_a", "rm_b", "referee_a", "referee_b"))
+        )
         metrics.update({"eval/rm_acc_current": acc, "eval/fresh_pairs": counted})
         if pairs:
             datasets.Dataset.from_list(pairs).save_to_disk(str(tmp / "fresh_pairs"))
     if (scored / "heldout").exists():
         h = datasets.load_from_disk(str(scored / "heldout"))
         if referee:
-            acc, counted = pairwise_accuracy(h["rm_chosen"], h["rm_rejected"], h["referee_chosen"], h["referee_rejected"])
+            acc, counted = pairwise_accuracy(
+                h["rm_chosen"], h["rm_rejected"], h["referee_chosen"], h["referee_rejected"]
+            )
         else:  # no referee: the pairs' own labels are the reference
             acc, counted = win_rate(h["rm_chosen"], h["rm_rejected"]), len(h)
         metrics.update({"eval/rm_acc_original": acc, "eval/original_pairs": counted})
@@ -166,10 +203,14 @@ def main(step: StepRun) -> dict:
     referee = Referee(step)
 
     responses = step.phase("generate", lambda tmp: generate(step, policy, initial, prompts, tmp))
-    scored = step.phase("score", lambda tmp: score_all(step, rm, referee, datasets.load_from_disk(str(responses)), heldout, tmp))
+    scored = step.phase(
+        "score", lambda tmp: score_all(step, rm, referee, datasets.load_from_disk(str(responses)), heldout, tmp)
+    )
     kl = 0.0
     if policy != initial:
-        first = datasets.load_from_disk(str(scored / "responses")).filter(lambda r: r["model"] == "policy_K" and r["sample"] == 0)
+        first = datasets.load_from_disk(str(scored / "responses")).filter(
+            lambda r: r["model"] == "policy_K" and r["sample"] == 0
+        )
         step.phase("kl", lambda tmp: kl_estimate(step, policy, initial, first, tmp))
         kl = step.metrics["kl/to_initial"]
     step.phase("measure", lambda tmp: measure(scored, referee, kl, tmp))

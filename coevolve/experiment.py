@@ -7,6 +7,7 @@ Arms whose configs differ only where steps of iteration 1+ look (e.g. frozen-rm 
 share one iteration 0 per seed: run once in `OUT/.start/seed_S-ARM`, then linked into each run, so
 their comparison starts from the very same policy and RM, and iteration 0 is paid once.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -37,8 +38,16 @@ ARMS = {
     "mutual-taught+seft": ["steps.m_step=true", "steps.reviser=true", "e_step.mode=dpo+seft"],
     # The sandbox's gold reward as the RM: the upper bound. It trains no RM, so it samples no "human"
     # pairs from the policy either (the generator's pairs only serve its RM-accuracy column, 1.0 anyway).
-    "oracle": ["rm.gold=true", "rm.name_or_path=null", "rm.gguf_file=null", "rm.tiny=null", "rm.from_policy=false", "steps.rm_init=false", "steps.m_step=false",
-               "data.pair_source=generator"],
+    "oracle": [
+        "rm.gold=true",
+        "rm.name_or_path=null",
+        "rm.gguf_file=null",
+        "rm.tiny=null",
+        "rm.from_policy=false",
+        "steps.rm_init=false",
+        "steps.m_step=false",
+        "data.pair_source=generator",
+    ],
     # The paper's ablations of Mutual-Taught: the last DPO checkpoint, with no model selection and no tau
     # stop; every pseudo pair kept, with no epsilon filter.
     "mt-no-selection": ["steps.m_step=true", "e_step.select=false"],
@@ -53,7 +62,11 @@ ARMS.update({f"{arm}-online": [*ARMS[arm], "e_step.mode=grpo"] for arm in ("froz
 METRICS = ("rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "kl_to_initial", "length_mean", "rm_score_mean")
 # The M-step's own measurements, by the name the table gives them: how often its pseudo labels ("the
 # new policy's response is better") agree with the referee, and how many pairs the epsilon filter kept.
-M_STEP_METRICS = {"pseudo_label_acc": "pseudo/gold_label_acc", "pseudo_kept": "pseudo/kept", "pseudo_dropped": "pseudo/dropped"}
+M_STEP_METRICS = {
+    "pseudo_label_acc": "pseudo/gold_label_acc",
+    "pseudo_kept": "pseudo/kept",
+    "pseudo_dropped": "pseudo/dropped",
+}
 
 
 # What only the steps of iterations 1+ read (and the run's name).
@@ -62,7 +75,13 @@ LATER_STEPS = {"m_step", "reviser"}
 
 
 def arm_overrides(arm: str, seed: int, run_name: str) -> list[str]:
-    return [*ARMS[arm], f"seed={seed}", f"data.seed={seed}", "steps.evaluate=true", f"run_name={run_name}-{arm}-seed{seed}"]
+    return [
+        *ARMS[arm],
+        f"seed={seed}",
+        f"data.seed={seed}",
+        "steps.evaluate=true",
+        f"run_name={run_name}-{arm}-seed{seed}",
+    ]
 
 
 def start_key(cfg: Config) -> str:
@@ -90,8 +109,15 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str], seeds: int, parallel: int = 1,
-                   deadline_s: float | None = None) -> dict:
+def run_experiment(
+    config: str,
+    overrides: list[str],
+    out: Path,
+    arms: list[str],
+    seeds: int,
+    parallel: int = 1,
+    deadline_s: float | None = None,
+) -> dict:
     """`deadline_s`: runs still going that long after the start are stopped (with their step
     processes); the table keeps what they finished, and they are listed as failed."""
     unknown = [a for a in arms if a not in ARMS]
@@ -115,13 +141,26 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
 
     def coevolve_run(run: Path, job: tuple[str, int], *more: str) -> int | str:
         run.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "coevolve", "run", "--config", config, "--run-dir", str(run), *overrides,
-               *arm_overrides(*job, base.run_name), *more]
+        cmd = [
+            sys.executable,
+            "-m",
+            "coevolve",
+            "run",
+            "--config",
+            config,
+            "--run-dir",
+            str(run),
+            *overrides,
+            *arm_overrides(*job, base.run_name),
+            *more,
+        ]
         with open(run / "run.log", "a") as log:
             # Its own process group, so that a stop at the deadline reaches the step process too.
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
             try:
-                return proc.wait(timeout=None if deadline_s is None else max(1.0, t0 + deadline_s - time.perf_counter()))
+                return proc.wait(
+                    timeout=None if deadline_s is None else max(1.0, t0 + deadline_s - time.perf_counter())
+                )
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait()
@@ -151,15 +190,23 @@ def run_experiment(config: str, overrides: list[str], out: Path, arms: list[str]
             print(f"{arm} seed {seed}: started ({run / 'run.log'})", flush=True)
             code = coevolve_run(run, job)
         seconds = time.perf_counter() - began
-        status = "finished" if code == 0 else "STOPPED at the deadline" if code == "deadline" else f"FAILED (exit {code})"
+        status = (
+            "finished" if code == 0 else "STOPPED at the deadline" if code == "deadline" else f"FAILED (exit {code})"
+        )
         print(f"{arm} seed {seed}: {status} in {seconds:.0f}s", flush=True)
         return arm, seed, code
 
     with ThreadPoolExecutor(max(1, parallel)) as pool:
         results = list(pool.map(one, jobs))
     summary = collect(out, arms, [seed for _, seed in jobs[:: len(arms)]], base.iterations, base.data.task)
-    summary.update({"config": config, "overrides": list(overrides), "wall_s": round(time.perf_counter() - t0, 1),
-                    "failed": [f"{arm} seed {seed} (exit {code})" for arm, seed, code in results if code != 0]})
+    summary.update(
+        {
+            "config": config,
+            "overrides": list(overrides),
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "failed": [f"{arm} seed {seed} (exit {code})" for arm, seed, code in results if code != 0],
+        }
+    )
     write_outputs(out, summary)
     return summary
 
@@ -177,7 +224,11 @@ def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
     for k in range(iterations + 1):
         stopped = stopped or any(stop_rule(run, k, name) for name in STEPS)
         if rundir.is_done(run, k, "evaluate") and not stopped:
-            last = {key.removeprefix("eval/"): v for key, v in rundir.read_done(run, k, "evaluate")["metrics"].items() if key.startswith("eval/")}
+            last = {
+                key.removeprefix("eval/"): v
+                for key, v in rundir.read_done(run, k, "evaluate")["metrics"].items()
+                if key.startswith("eval/")
+            }
             if rundir.is_done(run, k, "m-step"):
                 m = rundir.read_done(run, k, "m-step")["metrics"]
                 last.update({name: m[key] for name, key in M_STEP_METRICS.items() if key in m})
@@ -189,8 +240,15 @@ def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
 
 def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task: str | None) -> dict:
     referee = "gold" if task else "judge"
-    summary: dict[str, Any] = {"bench": "sandbox", "task": task, "device": _device(), "date": dt.date.today().isoformat(),
-               "seeds": len(seeds), "iterations": iterations, "arms": {}}
+    summary: dict[str, Any] = {
+        "bench": "sandbox",
+        "task": task,
+        "device": _device(),
+        "date": dt.date.today().isoformat(),
+        "seeds": len(seeds),
+        "iterations": iterations,
+        "arms": {},
+    }
     for arm in arms:
         runs = [run_series(out / arm / f"seed_{s}", iterations) for s in seeds]
         row: dict[str, Any] = {"stopped_runs": sum(stopped for _, stopped in runs)}
@@ -199,7 +257,11 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
             means, stds = [], []
             for k in range(iterations + 1):
                 # NaN is "nothing to measure" (e.g. no fresh pairs the referee tells apart): left out.
-                values = [s[k][metric] for s, _ in runs if s[k] is not None and metric in s[k] and s[k][metric] == s[k][metric]]
+                values = [
+                    s[k][metric]
+                    for s, _ in runs
+                    if s[k] is not None and metric in s[k] and s[k][metric] == s[k][metric]
+                ]
                 means.append(round(mean(values), 4) if values else None)
                 stds.append(round(pstdev(values), 4) if values else None)
             row[name], row[f"{name}_std"] = means, stds
@@ -212,7 +274,9 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
 
 def metric_names(summary: dict) -> list[str]:
     """The measured metrics of the summary's arms (the union, in order), the referee's reward first."""
-    names = dict.fromkeys(m for row in summary["arms"].values() for m in row if not m.endswith("_std") and m != "stopped_runs")
+    names = dict.fromkeys(
+        m for row in summary["arms"].values() for m in row if not m.endswith("_std") and m != "stopped_runs"
+    )
     return list(names)
 
 
@@ -272,7 +336,11 @@ def plot_gold_vs_kl(summary: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     referee = metric_names(summary)[0]
-    arms = {arm: row for arm, row in summary["arms"].items() if "kl_to_initial" in row and any(v is not None for v in row["kl_to_initial"])}
+    arms = {
+        arm: row
+        for arm, row in summary["arms"].items()
+        if "kl_to_initial" in row and any(v is not None for v in row["kl_to_initial"])
+    }
     if not arms:
         return False
     cols = min(4, len(arms))
@@ -281,9 +349,11 @@ def plot_gold_vs_kl(summary: dict, path: Path) -> bool:
     top = max((m + s) for row in arms.values() for m, s in zip(row[referee], row[f"{referee}_std"]) if m is not None)
     for ax, (arm, row) in zip(axes.flat, arms.items()):
         proxies = row.get("rm_score_mean", [None] * len(row[referee]))
-        pts = [(k, math.sqrt(max(kl, 0.0)), g, gs, r)
-               for k, (kl, g, gs, r) in enumerate(zip(row["kl_to_initial"], row[referee], row[f"{referee}_std"], proxies))
-               if kl is not None and g is not None]
+        pts = [
+            (k, math.sqrt(max(kl, 0.0)), g, gs, r)
+            for k, (kl, g, gs, r) in enumerate(zip(row["kl_to_initial"], row[referee], row[f"{referee}_std"], proxies))
+            if kl is not None and g is not None
+        ]
         if not pts:
             continue
         iters, xs, gold, gold_std, proxy = zip(*pts)
@@ -297,10 +367,12 @@ def plot_gold_vs_kl(summary: dict, path: Path) -> bool:
             twin = ax.twinx()
             twin.plot(xs, proxy, "--s", color="C3", markersize=3)
             twin.tick_params(axis="y", labelcolor="C3", labelsize=7)
-    for ax in axes.flat[len(arms):]:
+    for ax in axes.flat[len(arms) :]:
         ax.axis("off")
     axes[0][0].set_ylabel(f"{referee} (mean ± std)")
-    fig.suptitle(f"{referee} and the RM's score vs sqrt(KL), per iteration (numbers), {summary['seeds']} seed(s)", fontsize=10)
+    fig.suptitle(
+        f"{referee} and the RM's score vs sqrt(KL), per iteration (numbers), {summary['seeds']} seed(s)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,6 +9,7 @@ rm      the base RM (every M-step restarts from it by default), or the task's go
         none with `rm.from_policy` (rm-init makes it from the policy).
 judge   the evaluate step's judge RM, when the config names one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,8 @@ from coevolve.core.models import check_rm, materialize, policy_reader
 from coevolve.core.step import StepRun
 from coevolve.data.fingerprint import data_files
 from coevolve.data.lengths import fit_prompts
-from coevolve.data.sources import DataError, load_source, select_columns
 from coevolve.data.records import original_pair_records, split_pairs
+from coevolve.data.sources import DataError, load_source, select_columns
 from coevolve.data.store import prompt_id
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ log = logging.getLogger("coevolve")
 
 def _from_source(src, columns: dict[str, str]) -> datasets.Dataset:
     ds = load_source(src.path, src.name, src.split)
-    return select_columns(ds, f"{src.path} (split {src.split})", {ours: getattr(src, f"{ours}_column") for ours in columns})
+    return select_columns(
+        ds, f"{src.path} (split {src.split})", {ours: getattr(src, f"{ours}_column") for ours in columns}
+    )
 
 
 def _read_inputs(step: StepRun) -> tuple[dict[str, datasets.Dataset], Task | None]:
@@ -72,7 +75,9 @@ def check(step: StepRun) -> None:
     inputs, task = _read_inputs(step)
     text: list[str] = []
     if cfg.policy.tiny:  # its tokenizer is made from all the text, as materialize makes it
-        text = [v for ds in inputs.values() for col in ds.column_names for v in ds[col]] + (task.corpus() if task else [])
+        text = [v for ds in inputs.values() for col in ds.column_names for v in ds[col]] + (
+            task.corpus() if task else []
+        )
     tok, context = policy_reader(cfg.policy, text)
     judge = cfg.evaluate.judge if cfg.steps.evaluate else None
     for role, rm in (("rm", cfg.rm), ("evaluate.judge", judge)):
@@ -81,7 +86,9 @@ def check(step: StepRun) -> None:
     room = context - cfg.sampling.max_new_tokens if context else None
     if room is not None and room < (data.max_prompt_tokens or 1):
         asked = f"data.max_prompt_tokens={data.max_prompt_tokens} + " if data.max_prompt_tokens else ""
-        raise ConfigError(f"{asked}sampling.max_new_tokens={cfg.sampling.max_new_tokens} exceed the policy's context ({context} tokens)")
+        raise ConfigError(
+            f"{asked}sampling.max_new_tokens={cfg.sampling.max_new_tokens} exceed the policy's context ({context} tokens)"
+        )
     limit = data.max_prompt_tokens or room
     fitted = {}
     if limit is not None:
@@ -92,8 +99,10 @@ def check(step: StepRun) -> None:
     train = unique - data.select_size - data.eval_size
     n_rm = round(train * data.rm_fraction)
     if min(n_rm, train - n_rm) < 1:
-        raise DataError(f"{data.prompts.path if data.prompts else f'data.task {data.task}'}: {unique} unique prompts; data.select_size={data.select_size} "
-                        f"and data.eval_size={data.eval_size} leave {max(train, 0)}, too few for a policy and an RM share at data.rm_fraction={data.rm_fraction:.3g}")
+        raise DataError(
+            f"{data.prompts.path if data.prompts else f'data.task {data.task}'}: {unique} unique prompts; data.select_size={data.select_size} "
+            f"and data.eval_size={data.eval_size} leave {max(train, 0)}, too few for a policy and an RM share at data.rm_fraction={data.rm_fraction:.3g}"
+        )
     step.checked = {"inputs": inputs, "fitted": fitted, "limit": limit, "data_files": data_files(cfg)}
 
 
@@ -105,7 +114,12 @@ def build_data(step: StepRun, tmp) -> dict:
     rng = random.Random(data.seed)
     rng.shuffle(prompts)
     n_rm = round((len(prompts) - held) * data.rm_fraction)
-    splits = ["select"] * data.select_size + ["eval"] * data.eval_size + ["rm"] * n_rm + ["policy"] * (len(prompts) - held - n_rm)
+    splits = (
+        ["select"] * data.select_size
+        + ["eval"] * data.eval_size
+        + ["rm"] * n_rm
+        + ["policy"] * (len(prompts) - held - n_rm)
+    )
     records = [{"prompt_id": prompt_id(p), "prompt": p, "split": s, "iteration": 0} for p, s in zip(prompts, splits)]
     datasets.Dataset.from_list(records).save_to_disk(str(tmp / "prompts"))
     step.store().append("prompts", 0, records)
@@ -122,7 +136,9 @@ def build_data(step: StepRun, tmp) -> dict:
     for name, count in step.checked["fitted"].items():
         metrics[f"data/{name}_long_{action}"] = count
         if count:
-            log.warning(f"{name}: {count} rows with a prompt over {step.checked['limit']} tokens {action} (data.long_prompts, data.max_prompt_tokens)")
+            log.warning(
+                f"{name}: {count} rows with a prompt over {step.checked['limit']} tokens {action} (data.long_prompts, data.max_prompt_tokens)"
+            )
     return metrics
 
 
@@ -133,7 +149,9 @@ def corpus(step: StepRun) -> list[str]:
         path = step.path("data") / name
         if path.exists():
             ds = datasets.load_from_disk(str(path))
-            texts += [v for col in ("prompt", "chosen", "rejected", "completion") if col in ds.column_names for v in ds[col]]
+            texts += [
+                v for col in ("prompt", "chosen", "rejected", "completion") if col in ds.column_names for v in ds[col]
+            ]
     if step.cfg.data.task:
         from coevolve.data.tasks import load_task
 
@@ -145,7 +163,9 @@ def rm_source(step: StepRun) -> ModelSource:
     """The RM's source; when it names the policy's very weights (say one GGUF file), the policy's saved
     safetensors copy instead, which loads in seconds where a GGUF file is read and dequantized again."""
     cfg = step.cfg
-    if cfg.rm.name_or_path is not None and cfg.rm.model_dump(exclude={"dtype", "new_head"}) == cfg.policy.model_dump(exclude={"dtype", "new_head"}):
+    if cfg.rm.name_or_path is not None and cfg.rm.model_dump(exclude={"dtype", "new_head"}) == cfg.policy.model_dump(
+        exclude={"dtype", "new_head"}
+    ):
         return cfg.rm.model_copy(update={"name_or_path": str(step.path("policy")), "gguf_file": None, "revision": None})
     return cfg.rm
 
@@ -159,7 +179,11 @@ def main(step: StepRun) -> dict:
     step.phase("policy", lambda tmp: materialize(cfg.policy, "policy", tmp, text))
     outputs = {"policy": "policy", "prompts": "data/prompts"}
     if not cfg.rm.from_policy:  # else rm-init makes the RM
-        make_rm = (lambda tmp: write_gold_rm(tmp, cfg.data.task)) if cfg.rm.gold else (lambda tmp: materialize(rm_source(step), "rm", tmp, text))
+        make_rm = (
+            (lambda tmp: write_gold_rm(tmp, cfg.data.task))
+            if cfg.rm.gold
+            else (lambda tmp: materialize(rm_source(step), "rm", tmp, text))
+        )
         step.phase("rm", make_rm)
         outputs["rm"] = "rm"
     if judge is not None:

@@ -2,6 +2,7 @@
 alone (DONE.json files, the trainers' logs, the E-step's scored samples), for users who are not on W&B.
 Written to RUN/report/index.html. On a `coevolve experiment` folder (it holds experiment.json), the page
 compares the arms instead: the referee's reward against sqrt(KL) per arm first, then every metric's table."""
+
 from __future__ import annotations
 
 import html
@@ -20,17 +21,26 @@ from coevolve.core.steps import STEPS, position
 
 NAN = float("nan")
 
+
 def columns() -> list[tuple[str, str, str]]:
     """The per-iteration table, from the registry: (column, step, metric key as the step writes it in
     DONE.json). What the steps that only measure say comes first, the other steps' own numbers after."""
-    return [(label, step.name, key) for step in sorted(STEPS.values(), key=lambda s: not s.measures) for label, key in step.columns]
+    return [
+        (label, step.name, key)
+        for step in sorted(STEPS.values(), key=lambda s: not s.measures)
+        for label, key in step.columns
+    ]
 
 
 # What `before_after` compares between the first and the last evaluation.
 EVAL_LINES = [
-    ("gold reward", "eval/gold_mean"), ("judge reward", "eval/judge_mean"), ("RM score", "eval/rm_score_mean"),
-    ("RM accuracy, original pairs", "eval/rm_acc_original"), ("RM accuracy, current policy's pairs", "eval/rm_acc_current"),
-    ("win rate vs policy_0", "eval/win_rate_vs_initial"), ("KL to policy_0", "eval/kl_to_initial"),
+    ("gold reward", "eval/gold_mean"),
+    ("judge reward", "eval/judge_mean"),
+    ("RM score", "eval/rm_score_mean"),
+    ("RM accuracy, original pairs", "eval/rm_acc_original"),
+    ("RM accuracy, current policy's pairs", "eval/rm_acc_current"),
+    ("win rate vs policy_0", "eval/win_rate_vs_initial"),
+    ("KL to policy_0", "eval/kl_to_initial"),
     ("response tokens", "eval/length_mean"),
 ]
 
@@ -66,21 +76,23 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
             fig.savefig(out / name, dpi=100, bbox_inches="tight")
             plots.append((name, CAPTIONS[name]))
     page = out / "index.html"
-    page.write_text(render(run_dir, steps, done, iterations, plots, os.path.relpath(run_dir, out), side_by_side(run_dir, done)))
+    page.write_text(
+        render(run_dir, steps, done, iterations, plots, os.path.relpath(run_dir, out), side_by_side(run_dir, done))
+    )
     return page
 
 
 CAPTIONS = {
     "evaluation.png": "On held-out prompts (the evaluate step, iteration 0 included): the referee's reward (gold or judge) and "
-                      "the win rate over policy_0, with the RM's own score beside it as the proxy being optimised; KL to policy_0; "
-                      "and the RM's accuracy on the original pairs and on pairs of the current policy's answers (n pairs by each point).",
+    "the win rate over policy_0, with the RM's own score beside it as the proxy being optimised; KL to policy_0; "
+    "and the RM's accuracy on the original pairs and on pairs of the current policy's answers (n pairs by each point).",
     "gold_vs_kl.png": "The referee's reward (solid, left axis) and the RM's score (dashed, right axis) of the policy against "
-                      "sqrt(KL to policy_0), each point labelled with its iteration: a proxy that keeps rising while the "
-                      "referee's reward falls is over-optimisation (Gao et al.).",
+    "sqrt(KL to policy_0), each point labelled with its iteration: a proxy that keeps rising while the "
+    "referee's reward falls is over-optimisation (Gao et al.).",
     "policy_reward.png": "The E-step as the RM sees it: each iteration's scores come from that iteration's RM, so they compare "
-                         "within an iteration only; right, the model-selection win rate of the chosen checkpoint.",
+    "within an iteration only; right, the model-selection win rate of the chosen checkpoint.",
     "rm_accuracy.png": "The M-step: the RM before (rm_K-1) and after (rm_K) retraining, on held-out original pairs and on "
-                       "this iteration's pseudo pairs.",
+    "this iteration's pseudo pairs.",
     "pair_counts.png": "How many pairs each step built, kept and dropped.",
     "losses.png": "Training curves of every trainer in the run.",
     "response_lengths.png": "Length of the policy's sampled answers per iteration.",
@@ -96,32 +108,47 @@ def write_experiment_report(out_dir: Path) -> Path:
     out.mkdir(exist_ok=True)
     figures = []
     if plot_gold_vs_kl(summary, out / "gold_vs_kl.png"):
-        figures.append(("gold_vs_kl.png", "Per arm: the referee's reward (solid, left axis) and the RM's own score of the policy "
-                        "(dashed, right axis) against sqrt(KL to policy_0); the numbers are iterations. A proxy that keeps "
-                        "rising while the reward falls is over-optimisation."))
+        figures.append(
+            (
+                "gold_vs_kl.png",
+                "Per arm: the referee's reward (solid, left axis) and the RM's own score of the policy "
+                "(dashed, right axis) against sqrt(KL to policy_0); the numbers are iterations. A proxy that keeps "
+                "rising while the reward falls is over-optimisation.",
+            )
+        )
     plot(summary, out / "metrics.png")
     figures.append(("metrics.png", "The first four metrics per iteration, mean ± std over seeds."))
-    images = "".join(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-                     for name, caption in figures)
+    images = "".join(
+        f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption in figures
+    )
     iters = range(summary["iterations"] + 1)
     tables = []
     for name in metric_names(summary):
         rows = "".join(
-            f"<tr><td>{html.escape(arm)}</td>" + "".join(
-                "<td>–</td>" if m is None else f"<td>{m:.3f} ± {sd:.3f}</td>" for m, sd in zip(row[name], row[f"{name}_std"])) + "</tr>"
-            for arm, row in summary["arms"].items() if name in row)
+            f"<tr><td>{html.escape(arm)}</td>"
+            + "".join(
+                "<td>–</td>" if m is None else f"<td>{m:.3f} ± {sd:.3f}</td>"
+                for m, sd in zip(row[name], row[f"{name}_std"])
+            )
+            + "</tr>"
+            for arm, row in summary["arms"].items()
+            if name in row
+        )
         head = "".join(f"<th>iteration {k}</th>" for k in iters)
         tables.append(f"<h3>{html.escape(name)}</h3><table><tr><th>arm</th>{head}</tr>{rows}</table>")
-    failed = f"<p>Runs that did not finish: {html.escape(', '.join(summary['failed']))}</p>" if summary.get("failed") else ""
+    failed = (
+        f"<p>Runs that did not finish: {html.escape(', '.join(summary['failed']))}</p>" if summary.get("failed") else ""
+    )
     page = out / "index.html"
     page.write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>coevolve experiment: {html.escape(out_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} img{{max-width:100%}}</style></head>
 <body><h1>coevolve experiment {html.escape(str(out_dir.resolve()))}</h1>
-<p>{summary['seeds']} seed(s) per arm, {summary['iterations']} iteration(s), task {html.escape(str(summary.get('task')))},
-{html.escape(summary['device'])}, {summary['date']}; mean ± std over seeds.</p>{failed}
-{images}{''.join(tables)}
+<p>{summary["seeds"]} seed(s) per arm, {summary["iterations"]} iteration(s), task {html.escape(str(summary.get("task")))},
+{html.escape(summary["device"])}, {summary["date"]}; mean ± std over seeds.</p>{failed}
+{images}{"".join(tables)}
 </body></html>
 """)
     return page
@@ -143,7 +170,9 @@ def before_after(run_dir: Path, examples: int = 3, width: int = 200) -> str | No
         ds = datasets.load_from_disk(str(rundir.step_dir(run_dir, k, "evaluate") / "score" / "responses"))
         return {r["prompt_id"]: r for r in ds if r["model"] == "policy_K" and r["sample"] == 0}
 
-    referee = "gold" if "eval/gold_mean" in last["metrics"] else "judge" if "eval/judge_mean" in last["metrics"] else "-"
+    referee = (
+        "gold" if "eval/gold_mean" in last["metrics"] else "judge" if "eval/judge_mean" in last["metrics"] else "-"
+    )
     if referee != "-":
         lines += ["", verdict(first["metrics"], last["metrics"], referee)]
     before, after = firsts(k0), firsts(k1)
@@ -174,7 +203,9 @@ def verdict(first: dict, last: dict, referee: str) -> str:
     if win <= 0.5:
         why.append("the new policy does not win most comparisons with policy_0")
     if last.get("eval/rm_score_mean", 0.0) > first.get("eval/rm_score_mean", 0.0) and after <= before:
-        why.append("the RM's score rose while the referee's did not: the policy learned what the RM rewards, not what the referee does")
+        why.append(
+            "the RM's score rose while the referee's did not: the policy learned what the RM rewards, not what the referee does"
+        )
     return f"Not improved: {said}; " + "; ".join(why) + "."
 
 
@@ -191,15 +222,25 @@ def side_by_side(run_dir: Path, done: dict, examples: int = 3) -> str:
             continue
 
         def cell(row: dict) -> str:
-            scores = ("" if math.isnan(row["referee"]) else f"referee {row['referee']:.2f}, ") + f"RM {row['rm_score']:.2f}"
+            scores = (
+                "" if math.isnan(row["referee"]) else f"referee {row['referee']:.2f}, "
+            ) + f"RM {row['rm_score']:.2f}"
             return f"<td class='text'>{html.escape(row['response'])}<br><small>{scores}</small></td>"
 
-        rows = "".join(f"<tr><td class='text'>{html.escape(firsts['policy_0', pid]['prompt'])}</td>"
-                       f"{cell(firsts['policy_0', pid])}{cell(firsts['policy_K', pid])}</tr>" for pid in ids)
-        sections.append(f"<h3>Iteration {k}</h3><table><tr><th>held-out prompt</th><th>policy_0</th><th>policy_{k}</th></tr>{rows}</table>")
+        rows = "".join(
+            f"<tr><td class='text'>{html.escape(firsts['policy_0', pid]['prompt'])}</td>"
+            f"{cell(firsts['policy_0', pid])}{cell(firsts['policy_K', pid])}</tr>"
+            for pid in ids
+        )
+        sections.append(
+            f"<h3>Iteration {k}</h3><table><tr><th>held-out prompt</th><th>policy_0</th><th>policy_{k}</th></tr>{rows}</table>"
+        )
     if not sections:
         return ""
-    return "<h2>Responses side by side</h2><p>The same held-out prompts answered by the starting policy and by each iteration's.</p>" + "".join(sections)
+    return (
+        "<h2>Responses side by side</h2><p>The same held-out prompts answered by the starting policy and by each iteration's.</p>"
+        + "".join(sections)
+    )
 
 
 def metric(done: dict, k: int, step: str, key: str) -> float:
@@ -232,11 +273,15 @@ def policy_reward(done: dict, iterations: list[int]) -> Figure | None:
     fig = Figure(figsize=(10, 3.5))
     left, right = fig.subplots(1, 2)
     # Each iteration's scores come from that iteration's RM, so compare within an iteration.
-    drawn = _lines(left, iterations, {
-        "samples of policy_K-1 (e-step score/mean)": series(done, iterations, "e-step", "score/mean"),
-        "policy_K-1 on D_MS": series(done, iterations, "e-step", "select/baseline_score_mean"),
-        "policy_K on D_MS": series(done, iterations, "e-step", "select/best_score_mean"),
-    })
+    drawn = _lines(
+        left,
+        iterations,
+        {
+            "samples of policy_K-1 (e-step score/mean)": series(done, iterations, "e-step", "score/mean"),
+            "policy_K-1 on D_MS": series(done, iterations, "e-step", "select/baseline_score_mean"),
+            "policy_K on D_MS": series(done, iterations, "e-step", "select/best_score_mean"),
+        },
+    )
     left.set_title("policy reward under the current RM")
     _lines(right, iterations, {"policy_K vs policy_K-1": series(done, iterations, "e-step", "select/best_win_rate")})
     right.set_title("model-selection win rate")
@@ -253,11 +298,15 @@ def evaluation(done: dict) -> Figure | None:
     # Constrained: the proxy's axis on the right of the first panel must not run into the second.
     fig = Figure(figsize=(15, 3.5), layout="constrained")
     left, middle, right = fig.subplots(1, 3)
-    _lines(left, ks, {
-        "gold reward": series(done, ks, "evaluate", "eval/gold_mean"),
-        "judge reward": series(done, ks, "evaluate", "eval/judge_mean"),
-        "win rate vs policy_0": series(done, ks, "evaluate", "eval/win_rate_vs_initial"),
-    })
+    _lines(
+        left,
+        ks,
+        {
+            "gold reward": series(done, ks, "evaluate", "eval/gold_mean"),
+            "judge reward": series(done, ks, "evaluate", "eval/judge_mean"),
+            "win rate vs policy_0": series(done, ks, "evaluate", "eval/win_rate_vs_initial"),
+        },
+    )
     left.set_title("policy on held-out prompts, by the referee")
     proxy = series(done, ks, "evaluate", "eval/rm_score_mean")
     if not all(math.isnan(y) for y in proxy):
@@ -285,7 +334,10 @@ def gold_vs_kl(done: dict) -> Figure | None:
     """Gao et al.'s picture for one run: the referee's reward and the RM's score against sqrt(KL)."""
     ks = sorted(k for k, step in done if step == "evaluate")
     kl = series(done, ks, "evaluate", "eval/kl_to_initial")
-    referees = [(label, series(done, ks, "evaluate", key)) for label, key in (("gold reward", "eval/gold_mean"), ("judge reward", "eval/judge_mean"))]
+    referees = [
+        (label, series(done, ks, "evaluate", key))
+        for label, key in (("gold reward", "eval/gold_mean"), ("judge reward", "eval/judge_mean"))
+    ]
     referee = next(((label, ys) for label, ys in referees if not all(math.isnan(y) for y in ys)), None)
     if referee is None or all(math.isnan(x) for x in kl):
         return None
@@ -310,13 +362,22 @@ def rm_accuracy(done: dict, iterations: list[int]) -> Figure | None:
         return None
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    _lines(ax, iterations, {
-        "held-out original pairs, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_heldout"),
-        "held-out original pairs, rm_K-1": series(done, iterations, "m-step", "rm_before/accuracy_heldout"),
-        "fresh policy pairs, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_pseudo"),
-        "fresh policy pairs, rm_K-1": series(done, iterations, "m-step", "rm_before/accuracy_pseudo"),
-        "training mix, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_train_mix"),
-    }, {"held-out original pairs, rm_K-1": "o--", "fresh policy pairs, rm_K-1": "s--", "fresh policy pairs, rm_K": "s-"})
+    _lines(
+        ax,
+        iterations,
+        {
+            "held-out original pairs, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_heldout"),
+            "held-out original pairs, rm_K-1": series(done, iterations, "m-step", "rm_before/accuracy_heldout"),
+            "fresh policy pairs, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_pseudo"),
+            "fresh policy pairs, rm_K-1": series(done, iterations, "m-step", "rm_before/accuracy_pseudo"),
+            "training mix, rm_K": series(done, iterations, "m-step", "rm_after/accuracy_train_mix"),
+        },
+        {
+            "held-out original pairs, rm_K-1": "o--",
+            "fresh policy pairs, rm_K-1": "s--",
+            "fresh policy pairs, rm_K": "s-",
+        },
+    )
     ax.set_title("RM accuracy: original vs current distribution")
     ax.set_ylim(0, 1.05)
     return fig
@@ -335,7 +396,12 @@ def pair_counts(done: dict, iterations: list[int]) -> Figure | None:
     ax = fig.subplots()
     width = 0.8 / len(bars)
     for i, (label, ys) in enumerate(bars.items()):
-        ax.bar([k - 0.4 + width * (i + 0.5) for k in iterations], [0 if math.isnan(y) else y for y in ys], width, label=label)
+        ax.bar(
+            [k - 0.4 + width * (i + 0.5) for k in iterations],
+            [0 if math.isnan(y) else y for y in ys],
+            width,
+            label=label,
+        )
     ax.set_xticks(iterations)
     ax.set_xlabel("iteration")
     ax.set_title("pair counts")
@@ -346,7 +412,12 @@ def pair_counts(done: dict, iterations: list[int]) -> Figure | None:
 def losses(run_dir: Path, steps: list) -> Figure | None:
     """Training loss curves from each trainer's log, one panel per kind of training."""
     panels: dict[str, dict[str, tuple[list, list]]] = {}
-    titles = {"sft-warmup": "SFT loss", "rm-init": "RM loss (rm-init)", "e-step": "DPO loss", "m-step": "RM loss (m-step)"}
+    titles = {
+        "sft-warmup": "SFT loss",
+        "rm-init": "RM loss (rm-init)",
+        "e-step": "DPO loss",
+        "m-step": "RM loss (m-step)",
+    }
     for k, name, _ in steps:
         log = rundir.step_dir(run_dir, k, name) / "train" / "train_log.jsonl"
         if name not in titles or not log.exists():
@@ -382,10 +453,14 @@ def response_lengths(run_dir: Path, done: dict, iterations: list[int]) -> Figure
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
     ax.boxplot(lengths, positions=shown, widths=0.5)
-    _lines(ax, shown, {
-        "chosen (mean)": series(done, shown, "e-step", "pairs/chosen_tokens_mean"),
-        "rejected (mean)": series(done, shown, "e-step", "pairs/rejected_tokens_mean"),
-    })
+    _lines(
+        ax,
+        shown,
+        {
+            "chosen (mean)": series(done, shown, "e-step", "pairs/chosen_tokens_mean"),
+            "rejected (mean)": series(done, shown, "e-step", "pairs/rejected_tokens_mean"),
+        },
+    )
     ax.set_ylabel("tokens")
     ax.set_title("response lengths (all samples; chosen vs rejected)")
     return fig
@@ -418,8 +493,15 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots: list[tuple[str, str]], to_run: str = "..",
-           responses: str = "") -> str:
+def render(
+    run_dir: Path,
+    steps: list,
+    done: dict,
+    iterations: list[int],
+    plots: list[tuple[str, str]],
+    to_run: str = "..",
+    responses: str = "",
+) -> str:
     table = columns()
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _, _ in table)
     rows = ([0] if any(k == 0 for k, _ in done) else []) + iterations
@@ -433,8 +515,10 @@ def render(run_dir: Path, steps: list, done: dict, iterations: list[int], plots:
         f"<td>{html.escape(', '.join(f'{key}: {path}' for key, path in d.get('outputs', {}).items()))}</td></tr>"
         for k, name, d in steps
     )
-    images = "".join(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-                     for name, caption in plots)
+    images = "".join(
+        f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption in plots
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>coevolve report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}

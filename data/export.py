@@ -12,6 +12,7 @@ on `kept`. To train on an export:
 
 JSON has no NaN: unscored scores come back as null.
 """
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 noticed: init is redone while nothing has used its outputs, and refused once later steps have. Without
 it a fixed file was ignored, the run going on with what init had cached. Hub datasets are not hashed:
 they would have to be downloaded to be compared."""
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,10 @@ def changed_since_init(run: Path, cfg: Config) -> list[str]:
     changed = [now[role]["path"] for role in now if role in recorded and recorded[role] != now[role]]
     later = [f"iter_{k}/{step}" for k, step, _ in rundir.finished_steps(run) if (k, step) != (0, "init")]
     if changed and later:
-        raise ConfigError(f"{changed[0]}: changed since init read it, and {later[0]} was made from the old content; "
-                          f"restore the file, or start a new --run-dir")
+        raise ConfigError(
+            f"{changed[0]}: changed since init read it, and {later[0]} was made from the old content; "
+            f"restore the file, or start a new --run-dir"
+        )
     return changed
 
 

@@ -3,6 +3,7 @@
 Ids are short content hashes, so the same record gets the same id in every run and on every machine,
 and a response can be traced to its prompt without a lookup table.
 """
+
 from __future__ import annotations
 
 import hashlib

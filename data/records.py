@@ -1,4 +1,5 @@
 """Shaping a step's rows into store records (schema.py): ids added, extra columns left out."""
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,14 @@ def response_records(rows, iteration: int, step: str, policy: str, rm: str) -> l
     return [
         {
             "response_id": record_id(r["prompt_id"], iteration, step, policy, r["response"], i),
-            "prompt_id": r["prompt_id"], "iteration": iteration, "step": step, "policy": policy,
-            "rm": rm if "score" in r else "", "response": r["response"],
-            "score": float(r.get("score", math.nan)), "num_tokens": int(r["num_tokens"]),
+            "prompt_id": r["prompt_id"],
+            "iteration": iteration,
+            "step": step,
+            "policy": policy,
+            "rm": rm if "score" in r else "",
+            "response": r["response"],
+            "score": float(r.get("score", math.nan)),
+            "num_tokens": int(r["num_tokens"]),
         }
         for i, r in enumerate(rows)
     ]
@@ -34,10 +40,16 @@ def pair_records(rows, iteration: int, step: str, source: str, extra: tuple[str,
     return [
         {
             "pair_id": record_id(r["prompt_id"], iteration, step, r["chosen"], r["rejected"]),
-            "prompt_id": r["prompt_id"], "iteration": iteration, "step": step, "prompt": r["prompt"],
-            "chosen": r["chosen"], "rejected": r["rejected"],
-            "chosen_score": float(r["chosen_score"]), "rejected_score": float(r["rejected_score"]),
-            "source": source, **{k: r[k] for k in extra},
+            "prompt_id": r["prompt_id"],
+            "iteration": iteration,
+            "step": step,
+            "prompt": r["prompt"],
+            "chosen": r["chosen"],
+            "rejected": r["rejected"],
+            "chosen_score": float(r["chosen_score"]),
+            "rejected_score": float(r["rejected_score"]),
+            "source": source,
+            **{k: r[k] for k in extra},
         }
         for r in rows
     ]
@@ -50,11 +62,19 @@ def revision_records(rows, iteration: int, step: str, policy: str) -> list[dict]
     for i, r in enumerate(rows):
         if r["revised_flag"]:
             response_id = record_id(r["prompt_id"], iteration, step, policy, r["original"], i)
-            records.append({
-                "revision_id": record_id(response_id, r["revised"]), "response_id": response_id,
-                "prompt_id": r["prompt_id"], "iteration": iteration, "original": r["original"], "revised": r["revised"],
-                "original_score": float(r["original_score"]), "revised_score": float(r["revised_score"]), "kept": bool(r["kept"]),
-            })
+            records.append(
+                {
+                    "revision_id": record_id(response_id, r["revised"]),
+                    "response_id": response_id,
+                    "prompt_id": r["prompt_id"],
+                    "iteration": iteration,
+                    "original": r["original"],
+                    "revised": r["revised"],
+                    "original_score": float(r["original_score"]),
+                    "revised_score": float(r["revised_score"]),
+                    "kept": bool(r["kept"]),
+                }
+            )
     return records
 
 

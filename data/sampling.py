@@ -12,6 +12,7 @@ so a low mean reward weighs most (as in QwenLong-L1), and a small margin (respon
 apart) adds to it. A prompt in several rounds of its latest iteration averages them; one alone in its
 round gets percentiles of 0.5. Percentiles average over ties.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,14 @@ def _percentiles(values: list[float]) -> np.ndarray:
 
 
 def sample_prompts(
-    fresh: list[dict], store: Store, iteration: int, n: int, hard_fraction: float, seed: int,
-    easy_threshold: float, split: str = "policy",
+    fresh: list[dict],
+    store: Store,
+    iteration: int,
+    n: int,
+    hard_fraction: float,
+    seed: int,
+    easy_threshold: float,
+    split: str = "policy",
 ) -> list[dict]:
     """The prompt batch of `iteration`: fresh prompts mixed with hard past ones, shuffled.
 
@@ -84,8 +91,10 @@ def sample_prompts(
     hardness = difficulty(_load_before(store, "responses", iteration))
     fresh_ids = {r["prompt_id"] for r in fresh}
     candidates = [
-        r for r in _load_before(store, "prompts", iteration).to_list()
-        if r["split"] == split and r["prompt_id"] not in fresh_ids
+        r
+        for r in _load_before(store, "prompts", iteration).to_list()
+        if r["split"] == split
+        and r["prompt_id"] not in fresh_ids
         and hardness.get(r["prompt_id"], 0.0) > easy_threshold
     ]
 
@@ -122,7 +131,11 @@ def _proportional_sample(weights: list[float], k: int, rng: np.random.Generator)
 
 
 def replay_mix(
-    current: Dataset, store: Store, iteration: int, proportions: dict[str, float], seed: int,
+    current: Dataset,
+    store: Store,
+    iteration: int,
+    proportions: dict[str, float],
+    seed: int,
     size: int | None = None,
 ) -> Dataset:
     """The RM's training mix: `current` pairs plus pairs replayed from iterations before `iteration`.
@@ -143,14 +156,19 @@ def replay_mix(
         size = round(len(current) / (proportions["current"] / sum(proportions.values())))
 
     pair_columns = list(FEATURES["pairs"])
-    pools = {name: _pool(name, current, store, iteration).select_columns(pair_columns)
-             for name, share in proportions.items() if share > 0}
-    counts = _allocate(size, {name: proportions[name] for name in pools},
-                       {name: len(pool) for name, pool in pools.items()})
+    pools = {
+        name: _pool(name, current, store, iteration).select_columns(pair_columns)
+        for name, share in proportions.items()
+        if share > 0
+    }
+    counts = _allocate(
+        size, {name: proportions[name] for name in pools}, {name: len(pool) for name, pool in pools.items()}
+    )
 
     rng = np.random.default_rng(seed)
-    parts = [pools[name].select(rng.choice(len(pools[name]), counts[name], replace=False))
-             for name in pools if counts[name]]
+    parts = [
+        pools[name].select(rng.choice(len(pools[name]), counts[name], replace=False)) for name in pools if counts[name]
+    ]
     if not parts:
         return empty("pairs")
     mix = concatenate_datasets([p.cast(FEATURES["pairs"]) for p in parts])

@@ -4,6 +4,7 @@ A row is rejected when a column is missing or extra, a value has the wrong type,
 empty (or only whitespace), a prompt's split is unknown, or its iteration does not fit the iteration
 it is written to. The error names the kind, the iteration, the row index and the column.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,15 @@ from datasets import Dataset, Features, Value
 STR, INT, FLOAT, BOOL = Value("string"), Value("int64"), Value("float64"), Value("bool")
 
 _PAIR = {
-    "pair_id": STR, "prompt_id": STR, "iteration": INT, "step": STR,
-    "prompt": STR, "chosen": STR, "rejected": STR,
-    "chosen_score": FLOAT, "rejected_score": FLOAT,
+    "pair_id": STR,
+    "prompt_id": STR,
+    "iteration": INT,
+    "step": STR,
+    "prompt": STR,
+    "chosen": STR,
+    "rejected": STR,
+    "chosen_score": FLOAT,
+    "rejected_score": FLOAT,
     "source": STR,  # "e-step", "original", "revision", ...
 }
 
@@ -25,16 +32,34 @@ _PAIR = {
 # ratings); `rm` is "" then. Checkpoint paths (`policy`, `rm`) are relative to RUN.
 FEATURES: dict[str, Features] = {
     "prompts": Features({"prompt_id": STR, "prompt": STR, "split": STR, "iteration": INT}),
-    "responses": Features({
-        "response_id": STR, "prompt_id": STR, "iteration": INT, "step": STR, "policy": STR,
-        "rm": STR, "response": STR, "score": FLOAT, "num_tokens": INT,
-    }),
+    "responses": Features(
+        {
+            "response_id": STR,
+            "prompt_id": STR,
+            "iteration": INT,
+            "step": STR,
+            "policy": STR,
+            "rm": STR,
+            "response": STR,
+            "score": FLOAT,
+            "num_tokens": INT,
+        }
+    ),
     "pairs": Features(_PAIR),
     "pseudo_pairs": Features({**_PAIR, "delta": FLOAT, "epsilon": FLOAT, "kept": BOOL, "reason": STR}),
-    "revisions": Features({
-        "revision_id": STR, "response_id": STR, "prompt_id": STR, "iteration": INT,
-        "original": STR, "revised": STR, "original_score": FLOAT, "revised_score": FLOAT, "kept": BOOL,
-    }),
+    "revisions": Features(
+        {
+            "revision_id": STR,
+            "response_id": STR,
+            "prompt_id": STR,
+            "iteration": INT,
+            "original": STR,
+            "revised": STR,
+            "original_score": FLOAT,
+            "revised_score": FLOAT,
+            "kept": BOOL,
+        }
+    ),
 }
 KINDS = tuple(FEATURES)
 

@@ -1,5 +1,6 @@
 """Which prompts an iteration works on: its share of a split, mixed with hard past prompts. Shared by
 the E-step, the M-step and the revise step, which must answer the same batches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,6 +29,14 @@ def policy_batch(cfg: Config, run: Path, prompts: datasets.Dataset, k: int) -> d
     `stores.hard_fraction` is set. The revise step answers the same batch."""
     batch = iteration_prompts(prompts, "policy", cfg.e_step.prompts_per_iteration, k)
     if cfg.stores.hard_fraction > 0:
-        mixed = sample_prompts(batch.to_list(), Store(run, cfg.stores.max_rows), k, len(batch), cfg.stores.hard_fraction, cfg.seed + k, cfg.stores.easy_threshold)
+        mixed = sample_prompts(
+            batch.to_list(),
+            Store(run, cfg.stores.max_rows),
+            k,
+            len(batch),
+            cfg.stores.hard_fraction,
+            cfg.seed + k,
+            cfg.stores.easy_threshold,
+        )
         batch = datasets.Dataset.from_list(mixed)
     return batch

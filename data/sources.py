@@ -1,5 +1,6 @@
 """Reading prompts, preference pairs and demonstrations from any HF `datasets` source, and checking
 them before any training starts: every error names the source, the row and the column."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,10 @@ def load_source(path: str, name: str | None = None, split: str = "train") -> dat
             try:
                 return datasets.load_dataset(path, name, split=split)
             except Exception:
-                raise DataError(f"{path}: not in the local datasets cache, with the hub offline or unreachable; "
-                                "give a local file or folder") from None
+                raise DataError(
+                    f"{path}: not in the local datasets cache, with the hub offline or unreachable; "
+                    "give a local file or folder"
+                ) from None
     except DataError:
         raise
     except Exception as err:  # datasets raises many kinds; the user needs the source named, not the kind
@@ -62,7 +65,12 @@ def _bad_line(file: Path) -> str | None:
             try:
                 json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                if number == 1 and file.suffix == ".json" and text.lstrip().startswith(("[", "{")) and not text.rstrip().endswith(("]", "}")):
+                if (
+                    number == 1
+                    and file.suffix == ".json"
+                    and text.lstrip().startswith(("[", "{"))
+                    and not text.rstrip().endswith(("]", "}"))
+                ):
                     return None  # one JSON document over several lines: not JSON Lines, nothing to point at by line
                 return f"line {number}, column {err.colno}: not valid JSON ({err.msg.removesuffix(' at')})"
     return None
@@ -77,12 +85,16 @@ def select_columns(ds: datasets.Dataset, source: str, columns: dict[str, str]) -
     ds = ds.rename_columns({theirs: ours for ours, theirs in columns.items() if ours != theirs})
     conversational = [ours for ours in columns if not isinstance(ds.features[ours], datasets.Value)]
     if conversational:
-        ds = ds.map(lambda r: {c: _message_text(r[c], "user" if c == "prompt" else "assistant") for c in conversational})
+        ds = ds.map(
+            lambda r: {c: _message_text(r[c], "user" if c == "prompt" else "assistant") for c in conversational}
+        )
     for row, record in enumerate(ds):
         for ours, theirs in columns.items():
             value = record[ours]
             if not isinstance(value, str):
-                raise DataError(f"{source}: row {row}, column {theirs!r}: expected a string, got {type(value).__name__} {value!r}")
+                raise DataError(
+                    f"{source}: row {row}, column {theirs!r}: expected a string, got {type(value).__name__} {value!r}"
+                )
             if not value.strip():
                 raise DataError(f"{source}: row {row}, column {theirs!r}: empty text")
         if "chosen" in record and record["chosen"] == record.get("rejected"):

@@ -19,6 +19,7 @@ fits: oldest iteration first, within it the rows of the easiest prompts first (s
 prompts with no scored response count as hardest), then in row order. The iteration just
 written is never evicted, so one iteration larger than the cap leaves the kind above it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -110,8 +111,7 @@ class Store:
             return
         hardness = difficulty(self.load("responses"))
         order = sorted(
-            (k, hardness.get(pid, 1.0), i) for k, rows in others.items()
-            for i, pid in enumerate(rows["prompt_id"])
+            (k, hardness.get(pid, 1.0), i) for k, rows in others.items() for i, pid in enumerate(rows["prompt_id"])
         )
         evicted: dict[int, set[int]] = {}
         for k, _, i in order[:excess]:
@@ -149,7 +149,7 @@ def _recover(kind_dir: Path) -> None:
     remove .old folders already replaced and half-written temporary folders."""
     for path in kind_dir.iterdir():
         if path.name.startswith(".iter_") and path.name.endswith(".old"):
-            final = kind_dir / path.name[1:-len(".old")]
+            final = kind_dir / path.name[1 : -len(".old")]
             if final.exists():
                 shutil.rmtree(path)
             else:

@@ -3,6 +3,7 @@ RM; each later iteration is a subflow whose steps (reviser, E-step, M-step, eval
 launch `coevolve step ...` processes. Re-running with the same run directory continues from the first
 step without a DONE.json. The flow run takes the run directory's name, and each iteration ends with the
 run's report written and a summary of the iteration as a markdown artifact."""
+
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,8 @@ import re
 import time
 from pathlib import Path
 
+from coevolve.flows.steps import run_step, task_name
+from coevolve.flows.summary import iteration_summary
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
@@ -21,8 +24,6 @@ from coevolve.core.launch import retries
 from coevolve.core.plan import iteration_steps
 from coevolve.core.runner import stop_reason
 from coevolve.core.terms import FLOW
-from coevolve.flows.steps import run_step, task_name
-from coevolve.flows.summary import iteration_summary
 from coevolve.report import write_report
 
 # The config's own choices, so the UI form offers exactly these.
@@ -69,9 +70,19 @@ def coevolve(
         with get_client(sync_client=True) as client:
             client.set_flow_run_name(flow_run.id, run.name)
     config, overrides = for_this_run(run, config, overrides or [])
-    switches = {"iterations": iterations, "e_step.mode": e_step_mode, "steps.m_step": m_step, "steps.reviser": reviser, "steps.evaluate": evaluate}
+    switches = {
+        "iterations": iterations,
+        "e_step.mode": e_step_mode,
+        "steps.m_step": m_step,
+        "steps.reviser": reviser,
+        "steps.evaluate": evaluate,
+    }
     # Overrides as YAML scalars, so booleans read back as booleans.
-    given = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in switches.items() if value is not None]
+    given = [
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in switches.items()
+        if value is not None
+    ]
     # Held for the whole run; the step processes and step jobs it launches run under it (core/runlock.py).
     with runlock.held(run, f"prefect flow run {run.name} (coevolve flow, run_dir={run_dir})"):
         cfg = prepare_run(config, [*overrides, *given], run, terms=FLOW)
@@ -84,13 +95,17 @@ def coevolve(
 
 
 @flow(name="iteration", flow_run_name="iteration-{k}")
-def iteration(cfg: Config, run_dir: str, k: int, steps: list[str], step_deployment: str | None, gpu_limit: str | None) -> bool:
+def iteration(
+    cfg: Config, run_dir: str, k: int, steps: list[str], step_deployment: str | None, gpu_limit: str | None
+) -> bool:
     """Runs the iteration's steps in order; True when the stop rule (core/runner.py) ends the run after
     one of them, in which case the rest of the run is skipped."""
     for step in steps:
         name, started = task_name(k, step), time.monotonic()
         progress(f"{name}: started")
-        run_step.with_options(task_run_name=name, retries=retries(cfg, step))(cfg, run_dir, k, step, step_deployment, gpu_limit)
+        run_step.with_options(task_run_name=name, retries=retries(cfg, step))(
+            cfg, run_dir, k, step, step_deployment, gpu_limit
+        )
         progress(f"{name}: finished in {time.monotonic() - started:.0f} s")
         if stop := stop_reason(Path(run_dir), k, step, cfg):
             progress(stop)
@@ -114,7 +129,9 @@ def for_this_run(run: Path, config: str | None, overrides: list[str]) -> tuple[s
         return config, overrides
     with get_client(sync_client=True) as client:
         defaults = client.read_deployment(deployment.id).parameters
-    return (None if config == defaults.get("config") else config), [o for o in overrides if o not in (defaults.get("overrides") or [])]
+    return (None if config == defaults.get("config") else config), [
+        o for o in overrides if o not in (defaults.get("overrides") or [])
+    ]
 
 
 def summarize(run: Path, k: int, cfg: Config) -> None:
@@ -123,4 +140,6 @@ def summarize(run: Path, k: int, cfg: Config) -> None:
     page = write_report(run)
     # Keys allow only lowercase letters, digits and dashes; one key per run and iteration keeps history.
     key = re.sub(r"[^a-z0-9]+", "-", f"{run.name}-iteration-{k}".lower()).strip("-")
-    create_markdown_artifact(iteration_summary(run, k, cfg.e_step.tau, page.resolve()), key=key, description=f"Iteration {k} of {run}")
+    create_markdown_artifact(
+        iteration_summary(run, k, cfg.e_step.tau, page.resolve()), key=key, description=f"Iteration {k} of {run}"
+    )

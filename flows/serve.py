@@ -1,18 +1,19 @@
 """`coevolve serve`: register the deployments and run their flow runs on this machine until stopped.
 For several GPU machines, deploy to work pools instead (flows/prefect.yaml)."""
+
 from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
 
 import prefect
+from coevolve.flows.coevolution import coevolve
+from coevolve.flows.steps import coevolve_step
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.deployments.runner import EntrypointType
 from pydantic import ValidationError
 
 from coevolve.core.config import ConfigError, Schedule, load_config
-from coevolve.flows.coevolution import coevolve
-from coevolve.flows.steps import coevolve_step
 
 
 def serve(
@@ -42,11 +43,15 @@ def serve(
         schedules=[to_prefect(s) for s in schedules(config_path, overrides, cron, interval)],
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
-    step = coevolve_step.to_deployment(f"{name}-step", parameters={"gpu_limit": gpu_limit}, entrypoint_type=EntrypointType.MODULE_PATH)
+    step = coevolve_step.to_deployment(
+        f"{name}-step", parameters={"gpu_limit": gpu_limit}, entrypoint_type=EntrypointType.MODULE_PATH
+    )
     prefect.serve(run, step)
 
 
-def schedules(config_path: str | None, overrides: list[str], cron: str | None, interval: float | None) -> list[Schedule]:
+def schedules(
+    config_path: str | None, overrides: list[str], cron: str | None, interval: float | None
+) -> list[Schedule]:
     """The config's declared schedules, then the command line's. Bad ones are refused here, before
     anything is registered (the config, whole, as any command refuses it)."""
     declared = list(load_config(config_path, overrides).serve.schedules) if config_path else []
@@ -55,7 +60,9 @@ def schedules(config_path: str | None, overrides: list[str], cron: str | None, i
             try:
                 declared.append(Schedule(**given))
             except ValidationError as err:
-                raise ConfigError(f"command line: {flag}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+                raise ConfigError(
+                    f"command line: {flag}: {err.errors()[0]['msg'].removeprefix('Value error, ')}"
+                ) from None
     return declared
 
 

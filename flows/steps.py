@@ -1,6 +1,7 @@
 """One step of a run as a Prefect task: skipped when its DONE.json exists and still holds (not stale:
 core/provenance.py), else launched as its own process (`coevolve step ...`) with its output streamed
 into the task log, or handed as a job to a `coevolve-step` deployment on a GPU host's work pool."""
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,9 @@ def gpu_slots(limit: str | None, gpus: int, logger):
     with get_client(sync_client=True) as client:
         held = client.read_global_concurrency_limit_by_name(limit)
     if held.active_slots + gpus > held.limit:
-        logger.info(f"waiting for a GPU slot: limit {limit} has {held.active_slots} of {held.limit} taken, this step needs {gpus}")
+        logger.info(
+            f"waiting for a GPU slot: limit {limit} has {held.active_slots} of {held.limit} taken, this step needs {gpus}"
+        )
     # strict: a misspelt limit must fail the step, not silently run it unguarded.
     return concurrency(limit, occupy=gpus, strict=True)
 
@@ -45,7 +48,12 @@ def gpu_slots(limit: str | None, gpus: int, logger):
 # The run directory, not Prefect's result cache, says what is finished.
 @task(cache_policy=NO_CACHE)
 def run_step(
-    cfg: Config, run_dir: str, iteration: int, step: str, step_deployment: str | None = None, gpu_limit: str | None = None,
+    cfg: Config,
+    run_dir: str,
+    iteration: int,
+    step: str,
+    step_deployment: str | None = None,
+    gpu_limit: str | None = None,
     run_lock: str | None = None,
 ):
     run = Path(run_dir)
@@ -69,7 +77,9 @@ def as_job(deployment: str, run_dir: str, iteration: int, step: str) -> None:
     parameters = {"run_dir": run_dir, "step": step, "iteration": iteration, "run_lock": os.environ.get(LOCK_ENV)}
     job = run_deployment(deployment, parameters=parameters)
     if not job.state.is_completed():
-        raise RuntimeError(f"step {step} (iteration {iteration}): job {job.name} ended {job.state.name}: {job.state.message}")
+        raise RuntimeError(
+            f"step {step} (iteration {iteration}): job {job.name} ended {job.state.name}: {job.state.message}"
+        )
 
 
 def job_name() -> str:
@@ -79,7 +89,9 @@ def job_name() -> str:
 
 
 @flow(name="coevolve-step", flow_run_name=job_name)
-def coevolve_step(run_dir: str, step: str, iteration: int, gpu_limit: str | None = None, run_lock: str | None = None) -> None:
+def coevolve_step(
+    run_dir: str, step: str, iteration: int, gpu_limit: str | None = None, run_lock: str | None = None
+) -> None:
     """One step of an existing run, as a job on the host that serves this deployment.
 
     Args:
@@ -91,4 +103,6 @@ def coevolve_step(run_dir: str, step: str, iteration: int, gpu_limit: str | None
             the step runs; empty, the step takes the lock itself.
     """
     cfg = load_config(None, [], Path(run_dir))
-    run_step.with_options(task_run_name=task_name(iteration, step))(cfg, run_dir, iteration, step, gpu_limit=gpu_limit, run_lock=run_lock)
+    run_step.with_options(task_run_name=task_name(iteration, step))(
+        cfg, run_dir, iteration, step, gpu_limit=gpu_limit, run_lock=run_lock
+    )

@@ -2,6 +2,7 @@
 the run is going well first (the referee's reward and win rate, the RM's score as the proxy, KL, the
 RM's accuracy on both distributions, the pseudo pairs kept, the stop decision), then where the report
 and the W&B runs are, then every metric of the iteration's steps. Read from the run directory alone."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,25 +36,39 @@ def iteration_summary(run: Path, k: int, tau: float, report: Path | None) -> str
     lines.append("")
     if "m-step" in done:
         m = done["m-step"]["metrics"]
-        lines.append(f"- **pseudo pairs** (M-step): {m.get('pseudo/kept', '–')} kept, {m.get('pseudo/dropped', '–')} dropped")
+        lines.append(
+            f"- **pseudo pairs** (M-step): {m.get('pseudo/kept', '–')} kept, {m.get('pseudo/dropped', '–')} dropped"
+        )
     if "e-step" in done:
         e = done["e-step"]
         lines.append(f"- **E-step pairs**: {e['metrics'].get('pairs/count', '–')}")
         win = e["metrics"].get("select/best_win_rate")
         against = f" (best checkpoint's win rate {_fmt(win)} vs tau {tau})" if win is not None else ""
-        lines.append(f"- **stop**: {'yes, the run stops with the previous policy' if e['stop'] else 'no, the run goes on'}{against}")
+        lines.append(
+            f"- **stop**: {'yes, the run stops with the previous policy' if e['stop'] else 'no, the run goes on'}{against}"
+        )
     lines += ["", "## Where to look", ""]
     lines.append(f"- report: `{report}`" if report else f"- report: `coevolve report {run}`")
     for name, d in done.items():
         tracked = d.get("wandb")
         if tracked:
-            lines.append(f"- W&B {name}: " + (f"[{tracked['run']}]({tracked['url']})" if "url" in tracked else
-                                              f"`{tracked['run']}`, offline in `{tracked['dir']}` (`wandb sync` uploads it)"))
+            lines.append(
+                f"- W&B {name}: "
+                + (
+                    f"[{tracked['run']}]({tracked['url']})"
+                    if "url" in tracked
+                    else f"`{tracked['run']}`, offline in `{tracked['dir']}` (`wandb sync` uploads it)"
+                )
+            )
     if not any(d.get("wandb") for d in done.values()):
         lines.append("- W&B: not tracked (tracking disabled)")
     lines += ["", "## Every metric of the iteration's steps", "", "| step | metric | value |", "|---|---|---|"]
     for name, d in done.items():
-        lines += [f"| {name} | {key} | {_fmt(value)} |" for key, value in d["metrics"].items() if not isinstance(value, (list, dict))]
+        lines += [
+            f"| {name} | {key} | {_fmt(value)} |"
+            for key, value in d["metrics"].items()
+            if not isinstance(value, (list, dict))
+        ]
         lines.append(f"| {name} | seconds | {_fmt(float(sum(d['timings'].values())))} |")
     return "\n".join(lines) + "\n"
 

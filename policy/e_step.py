@@ -20,6 +20,7 @@ The online modes `grpo` and `rloo` (policy/online.py) replace generate, score, p
 phase train: trl's GRPO or RLOO trainer from policy_{K-1} on this iteration's policy prompts, the
 current RM scoring each rollout; select and the tau stop are as above, and no pairs are handed on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,6 +29,16 @@ from pathlib import Path
 from statistics import mean, pstdev
 
 import datasets
+from coevolve.data.records import pair_records, response_records
+from coevolve.data.selection import policy_batch
+from coevolve.policy import online
+from coevolve.policy.pairs import RULES
+from coevolve.policy.sampled_reference import (
+    SampledReferenceDPOTrainer,
+    not_sampled_because,
+    sampled_rows,
+    unusable_because,
+)
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
@@ -38,12 +49,14 @@ from coevolve.core.models import device_of, dtype_of, load_tokenizer
 from coevolve.core.rollout import sample, sample_each, score, score_each
 from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, lora_config, merge_adapter_checkpoint, preference_dataset, train_sft, trainer_args
-from coevolve.data.records import pair_records, response_records
-from coevolve.data.selection import policy_batch
-from coevolve.policy import online
-from coevolve.policy.pairs import RULES
-from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, not_sampled_because, sampled_rows, unusable_because
+from coevolve.core.training import (
+    keep_log,
+    lora_config,
+    merge_adapter_checkpoint,
+    preference_dataset,
+    train_sft,
+    trainer_args,
+)
 
 log = logging.getLogger("coevolve")
 
@@ -52,14 +65,20 @@ def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path, 
     """M samples per prompt; with `logprobs` (where the backend gives them), each sample's token ids and
     their log-probs too, for DPO's reference (policy/sampled_reference.py)."""
     m = step.cfg.e_step.num_samples
-    gens = sample(step.cfg, policy, list(prompts["prompt"]), m, seed=step.cfg.seed * 1000 + step.iteration, logprobs=logprobs)
+    gens = sample(
+        step.cfg, policy, list(prompts["prompt"]), m, seed=step.cfg.seed * 1000 + step.iteration, logprobs=logprobs
+    )
     rows = [
         {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "sample": j, "response": text, "num_tokens": n}
         for r, texts, counts in zip(prompts, gens.texts, gens.num_tokens)
         for j, (text, n) in enumerate(zip(texts, counts))
     ]
     if gens.logprobs is not None:
-        sampled = [(p, ids, lp) for p, rows_ids, rows_lp in zip(gens.prompt_ids, gens.token_ids, gens.logprobs) for ids, lp in zip(rows_ids, rows_lp)]
+        sampled = [
+            (p, ids, lp)
+            for p, rows_ids, rows_lp in zip(gens.prompt_ids, gens.token_ids, gens.logprobs)
+            for ids, lp in zip(rows_ids, rows_lp)
+        ]
         for row, (p, ids, lp) in zip(rows, sampled, strict=True):
             row.update(prompt_ids=p, response_ids=ids, response_logps=lp)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
@@ -89,25 +108,42 @@ def build_pairs(step: StepRun, scored: datasets.Dataset, tmp: Path) -> dict:
         by_prompt.setdefault(row["prompt_id"], []).append((i, row))
     pairs, unpaired, picked_rows = [], [], []
     for pid, rows in by_prompt.items():
-        picked = rule([r["response"] for _, r in rows], [r["score"] for _, r in rows], [r["num_tokens"] for _, r in rows])
+        picked = rule(
+            [r["response"] for _, r in rows], [r["score"] for _, r in rows], [r["num_tokens"] for _, r in rows]
+        )
         if isinstance(picked, str):
             unpaired.append({"prompt_id": pid, "prompt": rows[0][1]["prompt"], "reason": picked})
             continue
         (ci, c), (ri, r) = rows[picked[0]], rows[picked[1]]
-        pairs.append({
-            "prompt_id": pid, "prompt": c["prompt"], "chosen": c["response"], "rejected": r["response"],
-            "chosen_score": c["score"], "rejected_score": r["score"],
-            "chosen_tokens": c["num_tokens"], "rejected_tokens": r["num_tokens"], "source": "e-step",
-        })
+        pairs.append(
+            {
+                "prompt_id": pid,
+                "prompt": c["prompt"],
+                "chosen": c["response"],
+                "rejected": r["response"],
+                "chosen_score": c["score"],
+                "rejected_score": r["score"],
+                "chosen_tokens": c["num_tokens"],
+                "rejected_tokens": r["num_tokens"],
+                "source": "e-step",
+            }
+        )
         picked_rows.append((ci, ri))
     if "response_logps" in scored.column_names and pairs:
         tokens = scored.select_columns(["prompt_ids", "response_ids", "response_logps"])
         chosen, rejected = (tokens.select([at[side] for at in picked_rows]) for side in (0, 1))
         for pair, c, r in zip(pairs, chosen, rejected, strict=True):
-            pair.update(prompt_ids=c["prompt_ids"], chosen_ids=c["response_ids"], rejected_ids=r["response_ids"],
-                        chosen_logps=c["response_logps"], rejected_logps=r["response_logps"])
+            pair.update(
+                prompt_ids=c["prompt_ids"],
+                chosen_ids=c["response_ids"],
+                rejected_ids=r["response_ids"],
+                chosen_logps=c["response_logps"],
+                rejected_logps=r["response_logps"],
+            )
     if not pairs:
-        raise RuntimeError(f"iteration {step.iteration} e-step: no prompt gave a pair ({len(unpaired)} unpaired); the RM scores every sample alike")
+        raise RuntimeError(
+            f"iteration {step.iteration} e-step: no prompt gave a pair ({len(unpaired)} unpaired); the RM scores every sample alike"
+        )
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp / "pairs"))
     # datasets cannot load back a saved empty dataset, so an empty set is simply not written.
     if unpaired:
@@ -144,25 +180,40 @@ def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset,
     if why_not is None:
         args.precompute_ref_log_probs = True
         rows = sampled_rows(pairs, args.max_length, cfg.e_step.train.group_by_length)
-        trainer = SampledReferenceDPOTrainer(model=str(policy), args=args, train_dataset=rows, processing_class=tok, peft_config=peft)
+        trainer = SampledReferenceDPOTrainer(
+            model=str(policy), args=args, train_dataset=rows, processing_class=tok, peft_config=peft
+        )
     else:
         log.info(f"dpo: the reference's log-probs come from its forward in every step: {why_not}")
         rows = preference_dataset(tok, pairs, cfg.e_step.train, for_rm=False)
-        trainer = DPOTrainer(model=str(policy), ref_model=reference_model(cfg, policy, reference), args=args, train_dataset=rows,
-                             processing_class=tok, peft_config=peft)
+        trainer = DPOTrainer(
+            model=str(policy),
+            ref_model=reference_model(cfg, policy, reference),
+            args=args,
+            train_dataset=rows,
+            processing_class=tok,
+            peft_config=peft,
+        )
     candidates = BackgroundCheckpoints(trainer, tmp / "checkpoints", cfg.e_step.save_steps)
     trainer.train()
     candidates.finish()
     merge_candidates(tmp)
-    return {"dpo/pairs": len(rows), "dpo/reference_logps": "sampling" if why_not is None else "forward",
-            **keep_log(trainer, tmp / "train_log.jsonl", "dpo")}
+    return {
+        "dpo/pairs": len(rows),
+        "dpo/reference_logps": "sampling" if why_not is None else "forward",
+        **keep_log(trainer, tmp / "train_log.jsonl", "dpo"),
+    }
 
 
 def train_seft(step: StepRun, policy: Path, rows: datasets.Dataset, tmp: Path) -> dict:
     cfg = step.cfg
     trainer = train_sft(cfg, policy, rows, cfg.e_step.sft, tmp / "checkpoints", save_every=cfg.e_step.save_steps)
     merge_candidates(tmp)
-    return {"sft/rows": len(rows), "sft/revised": sum(s == "revision" for s in rows["source"]), **keep_log(trainer, tmp / "train_log.jsonl", "sft")}
+    return {
+        "sft/rows": len(rows),
+        "sft/revised": sum(s == "revision" for s in rows["source"]),
+        **keep_log(trainer, tmp / "train_log.jsonl", "sft"),
+    }
 
 
 def train_online(step: StepRun, policy: Path, rm: Path, prompts: list[str], tmp: Path) -> dict:
@@ -180,7 +231,9 @@ def merge_candidates(tmp: Path) -> None:
 
 def mix_revisions(pairs: datasets.Dataset, revisions: datasets.Dataset, tmp: Path) -> dict:
     columns = ["prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "source"]
-    datasets.concatenate_datasets([pairs.select_columns(columns), revisions.select_columns(columns)]).save_to_disk(str(tmp))
+    datasets.concatenate_datasets([pairs.select_columns(columns), revisions.select_columns(columns)]).save_to_disk(
+        str(tmp)
+    )
     return {"mix/e-step": len(pairs), "mix/revision": len(revisions)}
 
 
@@ -191,14 +244,19 @@ def pick_checkpoint(rows: list[dict], tau: float) -> tuple[str, bool]:
     return best["checkpoint"], best["win_rate"] < tau
 
 
-def select(step: StepRun, policy: Path, rm: Path, select_prompts: list[str], checkpoints: list[Path], tmp: Path) -> dict:
+def select(
+    step: StepRun, policy: Path, rm: Path, select_prompts: list[str], checkpoints: list[Path], tmp: Path
+) -> dict:
     cfg = step.cfg
     seed = cfg.seed * 1000 + 500 + step.iteration
     # Every model answers with the same seed, so the comparison is paired; the RM scores all answers in one pass.
     models = [(policy, seed, "select: start")] + [(ckpt, seed, f"select: {ckpt.name}") for ckpt in checkpoints]
     answers = [[t[0] for t in gens.texts] for gens in sample_each(cfg, models, select_prompts, 1)]
     baseline, *scored = score_each(cfg, rm, select_prompts, answers, "select: score")
-    rows = [{"checkpoint": ckpt.name, "win_rate": win_rate(scores, baseline), "score_mean": mean(scores)} for ckpt, scores in zip(checkpoints, scored, strict=True)]
+    rows = [
+        {"checkpoint": ckpt.name, "win_rate": win_rate(scores, baseline), "score_mean": mean(scores)}
+        for ckpt, scores in zip(checkpoints, scored, strict=True)
+    ]
     best, stop = pick_checkpoint(rows, cfg.e_step.tau)
     tmp.mkdir(parents=True)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "candidates"))
@@ -226,7 +284,9 @@ def revise_outputs(run: Path, k: int, mode: str) -> dict:
         raise RuntimeError(f"e_step.mode={mode} needs iteration {k}'s revise step finished first (steps.reviser: true)")
     outputs = rundir.read_done(run, k, "revise")["outputs"]
     if mode == "seft" and "sft" not in outputs:
-        raise RuntimeError(f"iteration {k} revise kept no revision and left no response alone: nothing to fine-tune the policy on")
+        raise RuntimeError(
+            f"iteration {k} revise kept no revision and left no response alone: nothing to fine-tune the policy on"
+        )
     return outputs
 
 
@@ -257,9 +317,17 @@ def main(step: StepRun) -> dict:
         train_pairs = "pairs/pairs"
         if mode == "dpo+seft" and "pairs" in revised:
             kept = step.inputs["revision_pairs"] = run / revised["pairs"]
-            step.phase("mix", lambda tmp: mix_revisions(datasets.load_from_disk(str(built / "pairs")), datasets.load_from_disk(str(kept)), tmp))
+            step.phase(
+                "mix",
+                lambda tmp: mix_revisions(
+                    datasets.load_from_disk(str(built / "pairs")), datasets.load_from_disk(str(kept)), tmp
+                ),
+            )
             train_pairs = "mix"
-        trained = step.phase("train", lambda tmp: train(step, policy, reference, datasets.load_from_disk(str(step.path(train_pairs))), tmp))
+        trained = step.phase(
+            "train",
+            lambda tmp: train(step, policy, reference, datasets.load_from_disk(str(step.path(train_pairs))), tmp),
+        )
 
     checkpoints = sorted((trained / "checkpoints").glob("checkpoint-*"), key=_step_number)
     if cfg.e_step.select:
@@ -281,7 +349,11 @@ def main(step: StepRun) -> dict:
     else:
         store = step.store()
         scored_rows = datasets.load_from_disk(str(scored))
-        store.append("responses", k, response_records(scored_rows, k, step.name, rundir.relative(run, policy), rundir.relative(run, rm)))
+        store.append(
+            "responses",
+            k,
+            response_records(scored_rows, k, step.name, rundir.relative(run, policy), rundir.relative(run, rm)),
+        )
         store.append("pairs", k, pair_records(datasets.load_from_disk(str(built / "pairs")), k, step.name, "e-step"))
         outputs = {"pairs": "pairs/pairs", "samples": "score", "train_pairs": train_pairs}
 

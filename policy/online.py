@@ -14,6 +14,7 @@ tokenizing the prompts, so the trained tokens are exactly those it built.) The b
 trainer's own module: the static engine re-reads its tensors on the device before every call
 (`Weights.refresh`), so the current weights are handed over without a copy to host.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,8 @@ import torch
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.models import unwrap_model_for_generation
 
-from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.chat import trl_prompt
+from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.config import Config
 from coevolve.core.generation import Backend, choose_backend, make_backend
 from coevolve.core.gold import gold_task
@@ -63,8 +64,15 @@ class EngineRollouts:
         params = sampling_params(self.cfg, 1, self.seed + self.rollout_calls * procs + rank)
         self.rollout_calls += 1
         start = time.perf_counter()
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model, torch.no_grad():
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+        ):
             self.engine = engine = self.engine or self._make_engine(model)
             tokens, _, _ = engine.generate_ids(prompt_ids, params)
         self.rollout_stats["seconds"] += time.perf_counter() - start
@@ -118,11 +126,27 @@ def make_trainer(cfg: Config, policy: Path, rm: Path, prompts: list[str], seed: 
     online, s = cfg.e_step.online, cfg.sampling
     tok = load_tokenizer(policy)
     # The sampling's temperature is also the one trl divides the logits by for the loss's log-probs.
-    args = trainer_args(config_cls, online.train, cfg, output_dir, beta=online.kl, num_generations=cfg.e_step.num_samples,
-                        max_completion_length=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    args = trainer_args(
+        config_cls,
+        online.train,
+        cfg,
+        output_dir,
+        beta=online.kl,
+        num_generations=cfg.e_step.num_samples,
+        max_completion_length=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+    )
     rows = datasets.Dataset.from_list([{"prompt": trl_prompt(tok, p), "prompt_text": p} for p in prompts])
-    trainer = trainer_cls(model=str(policy), reward_funcs=rm_reward(cfg, rm), args=args, train_dataset=rows, processing_class=tok,
-                          peft_config=lora_config(online.train, policy, "CAUSAL_LM"))
+    trainer = trainer_cls(
+        model=str(policy),
+        reward_funcs=rm_reward(cfg, rm),
+        args=args,
+        train_dataset=rows,
+        processing_class=tok,
+        peft_config=lora_config(online.train, policy, "CAUSAL_LM"),
+    )
     trainer.use_engine(cfg, seed)
     return trainer
 

@@ -1,4 +1,5 @@
 """Turning one prompt's scored samples into a (chosen, rejected) pair, or a reason why not."""
+
 from __future__ import annotations
 
 from statistics import mean

@@ -7,6 +7,7 @@ step (a quarter of the step's FLOPs) computes numbers already at hand. For them 
 DPO must train on the tokens as sampled, not on the decoded text tokenized again (which need not give
 the same tokens back), so the rows handed to trl are token ids.
 """
+
 from __future__ import annotations
 
 from unittest import mock
@@ -54,8 +55,11 @@ def sampled_rows(pairs: datasets.Dataset, max_length: int | None, group_by_lengt
         if keep is not None and keep <= 0:
             continue
         row = {
-            "prompt_ids": p["prompt_ids"], "chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"],
-            "ref_chosen_logps": sum(p["chosen_logps"][:keep]), "ref_rejected_logps": sum(p["rejected_logps"][:keep]),
+            "prompt_ids": p["prompt_ids"],
+            "chosen_ids": p["chosen_ids"],
+            "rejected_ids": p["rejected_ids"],
+            "ref_chosen_logps": sum(p["chosen_logps"][:keep]),
+            "ref_rejected_logps": sum(p["rejected_logps"][:keep]),
         }
         if group_by_length:
             row["length"] = len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))

@@ -1,5 +1,6 @@
 """Step `sft-warmup` (iteration 0, optional): supervised fine-tuning of the starting policy on the
 demonstrations, with trl's SFTTrainer (loss on the completion only)."""
+
 from __future__ import annotations
 
 import datasets

@@ -10,6 +10,7 @@ decide    a revision is kept only when the RM scores it above the response it re
           (kept revisions + the responses left alone; E-step mode seft trains on it), `pairs` (each kept
           revision chosen over its original; mode dpo+seft adds them to DPO)
 """
+
 from __future__ import annotations
 
 import math
@@ -18,13 +19,13 @@ from statistics import mean, pstdev
 
 import datasets
 import numpy as np
+from coevolve.data.records import revision_records
+from coevolve.data.selection import policy_batch
+from coevolve.revision.template import revision_prompt
 
 from coevolve.core import rundir
 from coevolve.core.rollout import sample, score
 from coevolve.core.step import StepRun
-from coevolve.data.records import revision_records
-from coevolve.data.selection import policy_batch
-from coevolve.revision.template import revision_prompt
 
 
 def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
@@ -32,7 +33,8 @@ def generate(step: StepRun, policy: Path, prompts: datasets.Dataset, tmp: Path) 
     gens = sample(step.cfg, policy, list(prompts["prompt"]), step.cfg.reviser.samples_per_prompt, seed)
     rows = [
         {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "original": text}
-        for r, texts in zip(prompts, gens.texts) for text in texts
+        for r, texts in zip(prompts, gens.texts)
+        for text in texts
     ]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
     return {"generate/samples": len(rows), "generate/tokens_per_s": gens.tokens_per_s}
@@ -66,7 +68,9 @@ def revise(step: StepRun, reviser: Path, scored: datasets.Dataset, tmp: Path) ->
 def rescore(step: StepRun, rm: Path, revised: datasets.Dataset, tmp: Path) -> dict:
     todo = revised.filter(lambda r: r["revised_flag"])
     scores = iter(score(step.cfg, rm, list(todo["prompt"]), list(todo["revised"]), "rescore"))
-    revised.add_column("revised_score", [next(scores) if f else math.nan for f in revised["revised_flag"]]).save_to_disk(str(tmp))
+    revised.add_column(
+        "revised_score", [next(scores) if f else math.nan for f in revised["revised_flag"]]
+    ).save_to_disk(str(tmp))
     return {"revise/unchanged": sum(r["revised"] == r["original"] for r in todo)}
 
 
@@ -80,11 +84,26 @@ def decide(rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
         kept = r["revised_flag"] and r["revised"] != r["original"] and r["revised_score"] > r["original_score"]
         revisions.append({**r, "kept": kept})
         if kept or not r["revised_flag"]:
-            sft.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": r["revised"] if kept else r["original"],
-                        "source": "revision" if kept else "untouched"})
+            sft.append(
+                {
+                    "prompt_id": r["prompt_id"],
+                    "prompt": r["prompt"],
+                    "completion": r["revised"] if kept else r["original"],
+                    "source": "revision" if kept else "untouched",
+                }
+            )
         if kept:
-            pairs.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": r["revised"], "rejected": r["original"],
-                          "chosen_score": r["revised_score"], "rejected_score": r["original_score"], "source": "revision"})
+            pairs.append(
+                {
+                    "prompt_id": r["prompt_id"],
+                    "prompt": r["prompt"],
+                    "chosen": r["revised"],
+                    "rejected": r["original"],
+                    "chosen_score": r["revised_score"],
+                    "rejected_score": r["original_score"],
+                    "source": "revision",
+                }
+            )
     return revisions, sft, pairs
 
 
@@ -100,7 +119,9 @@ def write_decisions(rescored: datasets.Dataset, tmp: Path) -> dict:
         "revise/kept": kept,
         "revise/rejected": len(candidates) - kept,
         "revise/kept_fraction": kept / len(candidates) if candidates else 0.0,
-        "revise/score_gain_mean": mean(r["revised_score"] - r["original_score"] for r in candidates) if candidates else 0.0,
+        "revise/score_gain_mean": mean(r["revised_score"] - r["original_score"] for r in candidates)
+        if candidates
+        else 0.0,
         "revise/sft_rows": len(sft),
     }
 

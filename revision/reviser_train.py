@@ -7,6 +7,7 @@ examples  from preference pairs (prompt x, better y_h, weaker y_l): (x, y_l) -> 
 train     SFT with trl (loss on the target only) from policy_{K-1}, or from the previous iteration's
           reviser (`reviser.init_from`); the reviser sees (x, y) through revision/template.py
 """
+
 from __future__ import annotations
 
 import random
@@ -14,12 +15,12 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
+from coevolve.data.store import Store
+from coevolve.revision.template import revision_prompt
 
 from coevolve.core import rundir
 from coevolve.core.step import StepRun
 from coevolve.core.training import keep_log, save_trained, train_sft
-from coevolve.data.store import Store
-from coevolve.revision.template import revision_prompt
 
 
 def build_examples(step: StepRun, original: Path | None, tmp: Path) -> dict:
@@ -31,16 +32,26 @@ def build_examples(step: StepRun, original: Path | None, tmp: Path) -> dict:
     earlier = Store(step.run_dir).load("pairs", list(range(1, k)))
     pairs += [r for r in earlier if r["source"] == "e-step"]
     if not pairs:
-        raise RuntimeError(f"iteration {k} reviser-train: no preference pairs to learn revisions from (give data.pairs or data.task)")
+        raise RuntimeError(
+            f"iteration {k} reviser-train: no preference pairs to learn revisions from (give data.pairs or data.task)"
+        )
 
     def example(pair: dict, response: str, kind: str) -> dict:
-        return {"prompt_id": pair["prompt_id"], "prompt": pair["prompt"], "response": response,
-                "target": pair["chosen"], "kind": kind, "source": pair["source"]}
+        return {
+            "prompt_id": pair["prompt_id"],
+            "prompt": pair["prompt"],
+            "response": response,
+            "target": pair["chosen"],
+            "kind": kind,
+            "source": pair["source"],
+        }
 
     share = cfg.reviser.identity_share
     # share / (1 - share) identity examples per revise example make them `share` of the whole set.
     identity = random.Random(cfg.seed + k).sample(pairs, round(len(pairs) * share / (1 - share)))
-    rows = [example(p, p["rejected"], "revise") for p in pairs] + [example(p, p["chosen"], "identity") for p in identity]
+    rows = [example(p, p["rejected"], "revise") for p in pairs] + [
+        example(p, p["chosen"], "identity") for p in identity
+    ]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
     return {
         **{f"examples/{kind}": n for kind, n in Counter(r["kind"] for r in rows).items()},
@@ -50,7 +61,10 @@ def build_examples(step: StepRun, original: Path | None, tmp: Path) -> dict:
 
 def train(step: StepRun, start: Path, examples: datasets.Dataset, tmp: Path) -> dict:
     cfg = step.cfg
-    rows = [{"prompt": revision_prompt(cfg.reviser.template, e["prompt"], e["response"]), "completion": e["target"]} for e in examples]
+    rows = [
+        {"prompt": revision_prompt(cfg.reviser.template, e["prompt"], e["response"]), "completion": e["target"]}
+        for e in examples
+    ]
     trainer = train_sft(cfg, start, rows, cfg.reviser.train, tmp / "trainer")
     save_trained(trainer, tmp / "reviser")
     return keep_log(trainer, tmp / "train_log.jsonl", "reviser")

@@ -1,5 +1,6 @@
 """How the reviser is shown a response: one rendering for training it (reviser-train) and for using it
 (revise), so it is asked exactly as it was taught. The wording is `reviser.template` in the config."""
+
 from __future__ import annotations
 
 

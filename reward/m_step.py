@@ -14,6 +14,7 @@ mix       the training set: kept pseudo pairs + the E-step's RM-ranked pairs (+ 
 train     Bradley-Terry with trl's RewardTrainer, restarting from the base RM (paper) or rm_{K-1}
 measure   accuracy of rm_{K-1} and rm_K on held-out original pairs, the training mix and the pseudo pairs
 """
+
 from __future__ import annotations
 
 import random
@@ -23,11 +24,6 @@ from pathlib import Path
 from statistics import mean, pstdev
 
 import datasets
-
-from coevolve.core import rundir
-from coevolve.core.rollout import sample_each, score_each
-from coevolve.core.scoring import pairwise_accuracy
-from coevolve.core.step import StepRun
 from coevolve.data.records import pair_records
 from coevolve.data.sampling import replay_mix
 from coevolve.data.selection import iteration_prompts
@@ -35,33 +31,57 @@ from coevolve.data.store import Store
 from coevolve.data.tasks import load_task
 from coevolve.reward.training import accuracy_phase, train_rm
 
+from coevolve.core import rundir
+from coevolve.core.rollout import sample_each, score_each
+from coevolve.core.scoring import pairwise_accuracy
+from coevolve.core.step import StepRun
+
+
 def generate(step: StepRun, new: Path, old: Path, prompts: datasets.Dataset, tmp: Path) -> dict:
     seed = step.cfg.seed * 1000 + 700 + step.iteration
     texts = list(prompts["prompt"])
-    new_gen, old_gen = sample_each(step.cfg, [(new, seed, "generate: policy_K"), (old, seed + 1, "generate: policy_K-1")], texts, 1)
-    datasets.Dataset.from_dict({
-        "prompt_id": list(prompts["prompt_id"]), "prompt": texts,
-        "new": [t[0] for t in new_gen.texts], "old": [t[0] for t in old_gen.texts],
-        "new_tokens": [n[0] for n in new_gen.num_tokens], "old_tokens": [n[0] for n in old_gen.num_tokens],
-    }).save_to_disk(str(tmp))
+    new_gen, old_gen = sample_each(
+        step.cfg, [(new, seed, "generate: policy_K"), (old, seed + 1, "generate: policy_K-1")], texts, 1
+    )
+    datasets.Dataset.from_dict(
+        {
+            "prompt_id": list(prompts["prompt_id"]),
+            "prompt": texts,
+            "new": [t[0] for t in new_gen.texts],
+            "old": [t[0] for t in old_gen.texts],
+            "new_tokens": [n[0] for n in new_gen.num_tokens],
+            "old_tokens": [n[0] for n in old_gen.num_tokens],
+        }
+    ).save_to_disk(str(tmp))
     return {"generate/prompts": len(texts), "generate/tokens_per_s": (new_gen.tokens_per_s + old_gen.tokens_per_s) / 2}
 
 
 def score_both(step: StepRun, rm: Path, responses: datasets.Dataset, tmp: Path) -> dict:
     prompts = list(responses["prompt"])
-    new, old = score_each(step.cfg, rm, prompts, [list(responses["new"]), list(responses["old"])], "score: policy_K, policy_K-1")
+    new, old = score_each(
+        step.cfg, rm, prompts, [list(responses["new"]), list(responses["old"])], "score: policy_K, policy_K-1"
+    )
     responses.add_column("new_score", new).add_column("old_score", old).save_to_disk(str(tmp))
     return {"score/new_mean": mean(new), "score/old_mean": mean(old)}
 
 
-def pseudo_pairs(scored: datasets.Dataset, tmp: Path, gold: Callable[[str, str], float] | None = None,
-                 filtered: bool = True) -> dict:
+def pseudo_pairs(
+    scored: datasets.Dataset, tmp: Path, gold: Callable[[str, str], float] | None = None, filtered: bool = True
+) -> dict:
     epsilon = pstdev(scored["old_score"])
     kept, dropped = [], []
     for r in scored:
         delta = r["new_score"] - r["old_score"]
-        row = {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": r["new"], "rejected": r["old"],
-               "chosen_score": r["new_score"], "rejected_score": r["old_score"], "delta": delta, "epsilon": epsilon}
+        row = {
+            "prompt_id": r["prompt_id"],
+            "prompt": r["prompt"],
+            "chosen": r["new"],
+            "rejected": r["old"],
+            "chosen_score": r["new_score"],
+            "rejected_score": r["old_score"],
+            "delta": delta,
+            "epsilon": epsilon,
+        }
         if r["new"] == r["old"]:
             dropped.append({**row, "kept": False, "reason": "identical responses"})
         elif filtered and delta <= -epsilon:
@@ -92,6 +112,7 @@ def pseudo_pairs(scored: datasets.Dataset, tmp: Path, gold: Callable[[str, str],
 def gold_agreement(gold: Callable[[str, str], float], kept: list[dict], dropped: list[dict]) -> dict:
     """How often "policy_K's response is better" is true by the gold reward (pairs it ties left out):
     Mutual-Taught's pseudo labels are only as good as the E-step's improvement."""
+
     def agreement(rows: list[dict]) -> tuple[float, int]:
         g_new = [gold(r["prompt"], r["chosen"]) for r in rows]
         g_old = [gold(r["prompt"], r["rejected"]) for r in rows]
@@ -123,7 +144,10 @@ def mix(step: StepRun, kept: datasets.Dataset, e_pairs: Path | None, original: P
     if cfg.stores.replay:
         current = replay_mix(current, Store(step.run_dir, cfg.stores.max_rows), k, cfg.stores.replay, cfg.seed + k)
     current.save_to_disk(str(tmp))
-    return {**{f"mix/{name}": n for name, n in Counter(current["source"]).items()}, "mix/replayed": sum(i < k for i in current["iteration"])}
+    return {
+        **{f"mix/{name}": n for name, n in Counter(current["source"]).items()},
+        "mix/replayed": sum(i < k for i in current["iteration"]),
+    }
 
 
 def main(step: StepRun) -> dict:
@@ -153,7 +177,9 @@ def main(step: StepRun) -> dict:
     responses = step.phase("generate", lambda tmp: generate(step, new, old, batch, tmp))
     scored = step.phase("score", lambda tmp: score_both(step, rm, datasets.load_from_disk(str(responses)), tmp))
     gold = load_task(cfg.data.task).gold if cfg.data.task else None
-    pseudo = step.phase("pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp, gold, cfg.m_step.epsilon_filter))
+    pseudo = step.phase(
+        "pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp, gold, cfg.m_step.epsilon_filter)
+    )
     kept = datasets.load_from_disk(str(pseudo / "kept"))
     train_mix = step.phase("mix", lambda tmp: mix(step, kept, e_pairs, original, tmp))
     mixed = datasets.load_from_disk(str(train_mix))
@@ -167,7 +193,9 @@ def main(step: StepRun) -> dict:
 
     dropped = [datasets.load_from_disk(str(pseudo / "dropped"))] if (pseudo / "dropped").exists() else []
     rows = datasets.concatenate_datasets([kept, *dropped])
-    step.store().append("pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason")))
+    step.store().append(
+        "pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason"))
+    )
     outputs = {"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "train_mix": "mix"}
     if dropped:
         outputs["dropped"] = "pseudo/dropped"

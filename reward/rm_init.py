@@ -9,6 +9,7 @@ before  accuracy of the untrained RM on the held-out and train pairs
 train   Bradley-Terry with trl's RewardTrainer
 after   accuracy of the trained RM
 """
+
 from __future__ import annotations
 
 import random
@@ -16,13 +17,13 @@ from pathlib import Path
 from statistics import mean
 
 import datasets
+from coevolve.data.records import original_pair_records, split_pairs
+from coevolve.data.tasks import load_task
+from coevolve.reward.training import accuracy_phase, train_rm
 
 from coevolve.core import rundir
 from coevolve.core.rollout import sample
 from coevolve.core.step import StepRun
-from coevolve.data.records import original_pair_records, split_pairs
-from coevolve.data.tasks import load_task
-from coevolve.reward.training import accuracy_phase, train_rm
 
 
 def sample_pairs(step: StepRun, policy: Path, tmp: Path) -> dict:
@@ -32,7 +33,9 @@ def sample_pairs(step: StepRun, policy: Path, tmp: Path) -> dict:
     gens = sample(cfg, policy, prompts, 2, cfg.seed * 1000 + 300, "generate: policy_0")
     rows = task.label_pairs(prompts, gens.texts, data.label_temperature, data.seed)
     if not rows:
-        raise RuntimeError(f"rm-init: the starting policy gave no two distinct responses on any of {len(prompts)} prompts; no pairs to label")
+        raise RuntimeError(
+            f"rm-init: the starting policy gave no two distinct responses on any of {len(prompts)} prompts; no pairs to label"
+        )
     pairs = split_pairs(datasets.Dataset.from_list(rows), data.heldout_pairs, random.Random(f"pair-split-{data.seed}"))
     pairs.save_to_disk(str(tmp))
     step.store().append("pairs", 0, original_pair_records(pairs, step.name))
@@ -63,5 +66,10 @@ def main(step: StepRun) -> dict:
 
     step.phase("before", lambda tmp: accuracy_phase(step, rm, {"heldout": heldout, "train": train_pairs}, "rm_before"))
     step.phase("train", lambda tmp: train_rm(step, rm, train_pairs, cfg.rm_init, tmp))
-    step.phase("after", lambda tmp: accuracy_phase(step, step.path("train") / "rm", {"heldout": heldout, "train": train_pairs}, "rm_after"))
+    step.phase(
+        "after",
+        lambda tmp: accuracy_phase(
+            step, step.path("train") / "rm", {"heldout": heldout, "train": train_pairs}, "rm_after"
+        ),
+    )
     return step.finish(outputs)

@@ -1,4 +1,5 @@
 """RM training and RM accuracy, shared by `rm-init` and `m-step`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,13 @@ def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: Tr
     tok = load_tokenizer(start_from)
     rows = preference_dataset(tok, pairs, train, for_rm=True)
     args = trainer_args(RewardConfig, train, step.cfg, tmp / "trainer")
-    trainer = RewardTrainer(model=str(start_from), args=args, train_dataset=rows, processing_class=tok,
-                            peft_config=lora_config(train, start_from, "SEQ_CLS"))
+    trainer = RewardTrainer(
+        model=str(start_from),
+        args=args,
+        train_dataset=rows,
+        processing_class=tok,
+        peft_config=lora_config(train, start_from, "SEQ_CLS"),
+    )
     trainer.train()
     save_trained(trainer, tmp / "rm")
     return {"rm_train/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "rm_train")}
@@ -30,7 +36,9 @@ def accuracy_phase(step: StepRun, rm: Path, sets: dict[str, datasets.Dataset], p
     """Per set, the share of pairs where the RM scores chosen above rejected (a tie counts half; nan for
     an empty set); every set's chosen and rejected responses are scored in one pass of one RM load."""
     column = lambda name: [text for pairs in sets.values() for text in pairs[name]]  # noqa: E731
-    chosen, rejected = score_each(step.cfg, rm, column("prompt"), [column("chosen"), column("rejected")], f"{prefix} accuracy")
+    chosen, rejected = score_each(
+        step.cfg, rm, column("prompt"), [column("chosen"), column("rejected")], f"{prefix} accuracy"
+    )
     metrics, start = {}, 0
     for name, pairs in sets.items():
         end = start + len(pairs)

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny run directory prepared once (init, sft-warmup, rm-init), copied per test."""
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 # configs/tiny.yaml made smaller still: the tests check behaviour, not quality.
 FAST = [
-    "data.num_prompts=120", "data.num_pairs=240", "data.num_demos=300", "data.select_size=16", "data.eval_size=24",
-    "sft_warmup.num_train_epochs=2", "rm_init.num_train_epochs=2",
-    "e_step.num_samples=3", "e_step.save_steps=2", "e_step.tau=0.0",
+    "data.num_prompts=120",
+    "data.num_pairs=240",
+    "data.num_demos=300",
+    "data.select_size=16",
+    "data.eval_size=24",
+    "sft_warmup.num_train_epochs=2",
+    "rm_init.num_train_epochs=2",
+    "e_step.num_samples=3",
+    "e_step.save_steps=2",
+    "e_step.tau=0.0",
 ]
 
 # A test that takes one of these fixtures runs steps or a server: an integration test.

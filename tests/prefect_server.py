@@ -1,5 +1,6 @@
 """A real Prefect server for the flow tests: started on 127.0.0.1 with its own PREFECT_HOME (SQLite),
 stopped when the module's tests are done. Import the fixture into a test module to use it."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ class PrefectServer:
 
     def post(self, path: str, body: dict) -> dict:
         """A JSON API call, for what the Python client has no method for (e.g. reading events)."""
-        request = urllib.request.Request(f"{self.api_url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.api_url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=30) as reply:
             return json.loads(reply.read())
 
@@ -74,7 +77,10 @@ def prefect_server(tmp_path_factory):
     # Its own session, so teardown stops the server and whatever it spawned, and nothing else.
     proc = subprocess.Popen(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120

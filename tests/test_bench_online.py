@@ -1,4 +1,5 @@
 """bench/bench_online.py's smoke run on the CPU: both trainers take their steps and the row has its fields."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_online_times_both_trainers_on_the_tiny_model(tmp_path):
-    cmd = [sys.executable, "bench/bench_online.py", "--device", "cpu", "--tiny", "--prompts", "4", "--n", "4", "--prompt-len", "16",
-           "--max-new", "16", "--steps", "2", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "bench/bench_online.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--prompts",
+        "4",
+        "--n",
+        "4",
+        "--prompt-len",
+        "16",
+        "--max-new",
+        "16",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())

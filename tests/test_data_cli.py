@@ -1,4 +1,5 @@
 """`coevolve data show|export` on a real run directory."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,7 +16,9 @@ def test_show_and_export_round_trip(prepared_run, tmp_path):
     shown = coevolve("data", "show", str(prepared_run)).stdout
     assert "prompts: 120 rows" in shown and "iter 0: 120" in shown
     out = tmp_path / "pairs.jsonl"
-    assert coevolve("data", "export", str(prepared_run), "--kind", "pairs", "--format", "jsonl", "--out", str(out)).stdout.strip() == str(out)
+    assert coevolve(
+        "data", "export", str(prepared_run), "--kind", "pairs", "--format", "jsonl", "--out", str(out)
+    ).stdout.strip() == str(out)
     exported = datasets.load_dataset("json", data_files=str(out), split="train")
     original = datasets.load_from_disk(str(prepared_run / "iter_0/init/data/pairs"))
     # trl reads prompt/chosen/rejected directly; every original pair is there once.
@@ -46,6 +49,8 @@ def test_show_and_export_refuse_a_folder_that_is_no_run(tmp_path):
 def test_export_of_an_empty_store_writes_nothing(tmp_path):
     run = tmp_path / "run"
     (run / "stores").mkdir(parents=True)
-    assert f"{run}: the pairs store is empty; nothing exported" in refused("data", "export", str(run), "--kind", "pairs")
+    assert f"{run}: the pairs store is empty; nothing exported" in refused(
+        "data", "export", str(run), "--kind", "pairs"
+    )
     assert "--kind 'pair': kinds are prompts" in refused("data", "export", str(run), "--kind", "pair")
     assert sorted(p.name for p in run.iterdir()) == ["stores"]

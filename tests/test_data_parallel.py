@@ -1,6 +1,7 @@
 """Steps under a multi-process launcher (issue 10, what CPUs allow): each process samples and scores its
 share of the prompts, the shares come back whole, and only the main process writes the run directory.
 A 2-process run goes through `accelerate launch` with gloo, as `coevolve run` starts it on 2 GPUs."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import datasets
 import pytest
+from coevolve.data.store import Store
 
 from coevolve.cli import run_step
 from coevolve.core import distributed, rundir
 from coevolve.core.config import prepare_run
 from coevolve.core.launch import step_command
-from coevolve.data.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 # `static` keys every sample by its prompt's index in the whole list, so 2 shares sample what 1 process does.
@@ -62,9 +63,13 @@ def one_and_two(prepared_run, tmp_path_factory):
             if processes == 1:
                 run_step(name, run, 1, cfg)
                 continue
-            launched = cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"launcher": "accelerate", "gpus": 2})})
+            launched = cfg.model_copy(
+                update={"launch": cfg.launch.model_copy(update={"launcher": "accelerate", "gpus": 2})}
+            )
             cmd = step_command(launched, name, run, 1)
-            done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(
+                cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+            )
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             runs["log"] = runs.get("log", "") + done.stdout + done.stderr
         runs[processes] = run
@@ -75,7 +80,10 @@ def one_and_two(prepared_run, tmp_path_factory):
 def test_two_processes_write_the_pairs_one_process_writes(one_and_two):
     one, two = one_and_two[1], one_and_two[2]
     columns = ["prompt_id", "chosen", "rejected"]
-    pairs = [datasets.load_from_disk(str(run / "iter_1/e-step/pairs/pairs")).select_columns(columns).to_list() for run in (one, two)]
+    pairs = [
+        datasets.load_from_disk(str(run / "iter_1/e-step/pairs/pairs")).select_columns(columns).to_list()
+        for run in (one, two)
+    ]
     assert len(pairs[0]) > 0 and pairs[0] == pairs[1]
     samples = [datasets.load_from_disk(str(run / "iter_1/e-step/score")) for run in (one, two)]
     assert samples[0]["response"] == samples[1]["response"]
@@ -107,7 +115,12 @@ def test_two_processes_leave_one_complete_run_directory(one_and_two):
         assert len(rows[1]) == len(rows[0]) > 0
     # Progress is reported once, by the main process.
     log = one_and_two["log"]
-    assert log.count("iteration 1 e-step: finished") == log.count("iteration 1 m-step: finished") == log.count("pairs: done in") == 1
+    assert (
+        log.count("iteration 1 e-step: finished")
+        == log.count("iteration 1 m-step: finished")
+        == log.count("pairs: done in")
+        == 1
+    )
 
 
 SHARES_SCRIPT = """
@@ -135,9 +148,18 @@ def test_uneven_shares_come_back_whole_and_in_order(prepared_run, tmp_path, coun
     prompts = [f"list {word} animals" for word in ("two", "three", "four")][:count]
     script = tmp_path / "shares.py"
     script.write_text(SHARES_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(prepared_run), json.dumps(prompts), str(tmp_path / "out.json")]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(prepared_run),
+        json.dumps(prompts),
+        str(tmp_path / "out.json"),
+    ]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     two = json.loads((tmp_path / "out.json").read_text())
     cfg = load_config(prepared_run / "config.yaml", ["generation.backend=static"])
@@ -158,10 +180,14 @@ def test_zero3_trains_and_hands_on_whole_models(prepared_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run)
     cfg = prepare_run(None, ["e_step.train.lora.top_layers=1", "m_step.train.lora.top_layers=1"], run)
-    zero3 = cfg.launch.model_copy(update={"launcher": "accelerate", "gpus": 2, "deepspeed_config": str(ROOT / "configs/deepspeed/zero3.json")})
+    zero3 = cfg.launch.model_copy(
+        update={"launcher": "accelerate", "gpus": 2, "deepspeed_config": str(ROOT / "configs/deepspeed/zero3.json")}
+    )
     for name in ("e-step", "m-step"):
         cmd = step_command(cfg.model_copy(update={"launch": zero3}), name, run, 1)
-        done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for kind, cls in (("policy", AutoModelForCausalLM), ("rm", AutoModelForSequenceClassification)):
         before, after = (cls.from_pretrained(rundir.latest_output(run, kind, iteration_max=k)) for k in (0, 1))

@@ -1,4 +1,5 @@
 """The evaluate step, the gold reward as an RM (the oracle arm), and `coevolve experiment`."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,18 @@ import sys
 import datasets
 import numpy as np
 import pytest
+from coevolve.data.tasks import load_task
+from conftest import FAST, ROOT, TINY
 from matplotlib.image import imread
 
 from coevolve.cli import main, run_step
 from coevolve.core import divergence, rundir
-from coevolve.core.divergence import batches
 from coevolve.core.config import ConfigError, load_config, prepare_run
+from coevolve.core.divergence import batches
 from coevolve.core.models import load_rm
 from coevolve.core.rollout import score
 from coevolve.core.scoring import RewardScorer, pairwise_accuracy
-from coevolve.data.tasks import load_task
 from coevolve.experiment import ARMS, arm_overrides, collect, write_outputs
-from conftest import FAST, ROOT, TINY
 
 
 def test_pairwise_accuracy_by_hand():
@@ -72,7 +73,9 @@ def test_evaluate_rm_accuracy_equals_a_hand_computation(evaluated):
     gold_a = [task.gold(p, r) for p, r in zip(fresh["prompt"], fresh["a"])]
     gold_b = [task.gold(p, r) for p, r in zip(fresh["prompt"], fresh["b"])]
     assert gold_a == fresh["referee_a"] and gold_b == fresh["referee_b"]
-    assert metrics["eval/rm_acc_current"] == pytest.approx(_by_hand(rm, cfg, fresh["prompt"], fresh["a"], fresh["b"], gold_a, gold_b))
+    assert metrics["eval/rm_acc_current"] == pytest.approx(
+        _by_hand(rm, cfg, fresh["prompt"], fresh["a"], fresh["b"], gold_a, gold_b)
+    )
     assert all(a != b for a, b in zip(fresh["a"], fresh["b"]))
 
 
@@ -87,7 +90,9 @@ def test_evaluate_measures_the_policy_against_policy_0(evaluated):
     responses = datasets.load_from_disk(str(run / "iter_1/evaluate/score/responses"))
     first = responses.filter(lambda r: r["model"] == "policy_K" and r["sample"] == 0)
     assert len(first) == m1["eval/prompts"] == 24
-    assert m1["eval/gold_mean"] == pytest.approx(sum(task.gold(p, r) for p, r in zip(first["prompt"], first["response"])) / len(first))
+    assert m1["eval/gold_mean"] == pytest.approx(
+        sum(task.gold(p, r) for p, r in zip(first["prompt"], first["response"])) / len(first)
+    )
     assert m1["eval/length_mean"] == pytest.approx(sum(first["num_tokens"]) / len(first))
     eval_prompts = datasets.load_from_disk(str(run / "iter_0/init/data/prompts")).filter(lambda r: r["split"] == "eval")
     assert set(first["prompt_id"]) == set(eval_prompts["prompt_id"])
@@ -100,8 +105,10 @@ def test_kl_batches_hold_at_most_the_logit_budget():
     plan = batches(lengths, batch_size=256, vocab_size=49152, budget=2**28)
     assert sorted(i for idx in plan for i in idx) == list(range(len(lengths)))
     assert all(len(idx) * max(lengths[i] for i in idx) * 49152 <= 2**28 for idx in plan)
-    assert max(len(idx) for idx in plan) == 100    # the short rows: 2**28 // (20 * 49152) = 273, capped by the 100 there are
-    assert batches([5000], 8, 49152, budget=2**20) == [[0]]    # one row over the budget still goes, alone
+    assert (
+        max(len(idx) for idx in plan) == 100
+    )  # the short rows: 2**28 // (20 * 49152) = 273, capped by the 100 there are
+    assert batches([5000], 8, 49152, budget=2**20) == [[0]]  # one row over the budget still goes, alone
 
 
 def test_kl_is_the_same_one_row_at_a_time(evaluated, monkeypatch):
@@ -125,15 +132,30 @@ def test_gold_reward_stands_in_for_the_rm(tmp_path):
     assert score(cfg, rm, [prompt] * 2, responses) == [task.gold(prompt, r) for r in responses]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["rm.gold=true", "rm.tiny=null"], "rm.gold: the gold reward cannot be trained"),
-    (["rm.gold=true", "rm.tiny=null", "steps.rm_init=false", "steps.m_step=false", "data.task=null",
-      "data.prompts.path=x.jsonl"], "rm.gold: the gold reward needs a sandbox task"),
-    (["policy.gold=true", "policy.tiny=null"], "policy: gold and from_policy are RM-only"),
-    (["rm.from_policy=true", "rm.tiny=null", "steps.rm_init=false"], "rm.from_policy: the RM is made from the policy by rm-init"),
-    (["steps.evaluate=true"], "steps.evaluate: needs held-out prompts"),
-    (["data.pair_source=policy", "steps.rm_init=false"], "data.pair_source: 'policy' needs"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rm.gold=true", "rm.tiny=null"], "rm.gold: the gold reward cannot be trained"),
+        (
+            [
+                "rm.gold=true",
+                "rm.tiny=null",
+                "steps.rm_init=false",
+                "steps.m_step=false",
+                "data.task=null",
+                "data.prompts.path=x.jsonl",
+            ],
+            "rm.gold: the gold reward needs a sandbox task",
+        ),
+        (["policy.gold=true", "policy.tiny=null"], "policy: gold and from_policy are RM-only"),
+        (
+            ["rm.from_policy=true", "rm.tiny=null", "steps.rm_init=false"],
+            "rm.from_policy: the RM is made from the policy by rm-init",
+        ),
+        (["steps.evaluate=true"], "steps.evaluate: needs held-out prompts"),
+        (["data.pair_source=policy", "steps.rm_init=false"], "data.pair_source: 'policy' needs"),
+    ],
+)
 def test_gold_and_evaluate_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)
@@ -142,8 +164,25 @@ def test_gold_and_evaluate_config_errors(overrides, message):
 @pytest.mark.slow
 def test_experiment_writes_its_table_and_plot(tmp_path):
     out = tmp_path / "exp"
-    cmd = [sys.executable, "-m", "coevolve", "experiment", "--config", str(TINY), "--run-dir", str(out),
-           "--arms", "frozen-rm,mutual-taught,oracle", "--seeds", "1", "--parallel", "3", *FAST, "iterations=1", "tracking.mode=disabled"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "coevolve",
+        "experiment",
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(out),
+        "--arms",
+        "frozen-rm,mutual-taught,oracle",
+        "--seeds",
+        "1",
+        "--parallel",
+        "3",
+        *FAST,
+        "iterations=1",
+        "tracking.mode=disabled",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "experiment.json").read_text())
@@ -161,7 +200,10 @@ def test_experiment_writes_its_table_and_plot(tmp_path):
     # copied into both; the oracle (no trained RM) has its own.
     assert [p.name for p in (out / ".start").iterdir()] == ["seed_0-frozen-rm"]
     # Shared files are hard links: one inode in both runs, another in the oracle's.
-    inode = {arm: (out / arm / "seed_0" / "iter_0" / "sft-warmup" / "train" / "policy" / "model.safetensors").stat().st_ino for arm in arms}
+    inode = {
+        arm: (out / arm / "seed_0" / "iter_0" / "sft-warmup" / "train" / "policy" / "model.safetensors").stat().st_ino
+        for arm in arms
+    }
     assert inode["frozen-rm"] == inode["mutual-taught"] != inode["oracle"]
     assert (out / "mutual-taught" / "seed_0" / "iter_1" / "m-step" / "DONE.json").exists()
     table = (out / "table.md").read_text()

@@ -1,6 +1,7 @@
 """The "static" generation backend on tiny random models (CPU, fp32): greedy output equals HF generate
 token for token; seeded sampling is reproducible and independent of batching; the sampler draws from
 the top-p distribution; EOS, stop strings and n per prompt behave as in the HF backend."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -8,12 +9,20 @@ from dataclasses import replace
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from coevolve.core.config import ConfigError
 from coevolve.core.fastgen import StaticGraphBackend, UnsupportedModel, backend, sampling
 from coevolve.core.fastgen.model import CHUNK
 from coevolve.core.fastgen.sampling import Sampler, row_stats, sequence_key, top_candidates, uniform
-from coevolve.core.config import ConfigError
 from coevolve.core.generation import SamplingParams, backend_class, choose_backend, make_backend, with_logprobs
 
 PROMPTS = ["hello there", "a", "the quick brown fox jumps over", "1 + 1 =", "zz", "once upon a time in a land far away"]
@@ -34,8 +43,15 @@ def tok():
 def tiny(kind: str, tok, **extra):
     torch.manual_seed(0)
     common = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=512, initializer_range=0.2, eos_token_id=tok.eos_token_id,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     common.update(extra)
@@ -46,7 +62,9 @@ def tiny(kind: str, tok, **extra):
 
 def hf_greedy(model, tok, prompt: str, max_new: int) -> list[int]:
     ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
-    out = model.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out = model.generate(
+        ids, do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -55,7 +73,10 @@ def hf_greedy(model, tok, prompt: str, max_new: int) -> list[int]:
     [
         ("qwen2", {}),
         ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}),
-        ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}, "num_key_value_heads": 1}),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}, "num_key_value_heads": 1},
+        ),
     ],
 )
 def test_greedy_matches_hf_generate_token_for_token(tok, kind, extra, monkeypatch):
@@ -118,10 +139,14 @@ def test_greedy_texts_and_counts_match_hf_backend(tok):
 def test_eos_ends_a_row_and_is_counted(tok):
     model = tiny("qwen2", tok)
     ids = tok("hello there", add_special_tokens=False)["input_ids"]
-    free = StaticGraphBackend(model, tok).generate_ids([ids], SamplingParams(temperature=0.0, max_new_tokens=12))[0][0][0]
+    free = StaticGraphBackend(model, tok).generate_ids([ids], SamplingParams(temperature=0.0, max_new_tokens=12))[0][0][
+        0
+    ]
     model.generation_config.eos_token_id = free[4]  # the 5th greedy token now ends the row
     first = free.index(free[4])
-    out = StaticGraphBackend(model, tok).generate_ids([ids], SamplingParams(temperature=0.0, max_new_tokens=12))[0][0][0]
+    out = StaticGraphBackend(model, tok).generate_ids([ids], SamplingParams(temperature=0.0, max_new_tokens=12))[0][0][
+        0
+    ]
     assert out == free[: first + 1]
     assert out == hf_greedy(model, tok, "hello there", 12)[: len(out)]
 
@@ -135,7 +160,9 @@ def test_same_seed_same_samples_whatever_the_batching(tok):
     # a prompt's samples do not depend on the other prompts of the call
     alone = StaticGraphBackend(model, tok, batch_size=4).generate(PROMPTS[:1], params)
     assert alone.texts[0] == a.texts[0]
-    other = StaticGraphBackend(model, tok, batch_size=16).generate(PROMPTS, SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=20, seed=8))
+    other = StaticGraphBackend(model, tok, batch_size=16).generate(
+        PROMPTS, SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=20, seed=8)
+    )
     assert other.texts != a.texts
     assert len({t for row in a.texts for t in row}) > len(PROMPTS)  # samples of a prompt differ
 
@@ -269,7 +296,7 @@ def test_a_nucleus_wider_than_the_candidates_is_drawn_exactly(capturing, monkeyp
     assert (want > 0).sum() > 3 * 64
     if capturing:  # the budget covers half the flagged rows: those are exact, the others are counted
         assert int(sampler.inexact) == n // 2
-        draws = draws[0 : n : 2]
+        draws = draws[0:n:2]
     else:
         assert int(sampler.inexact) == 0
         draws = draws[0::2]
@@ -301,7 +328,9 @@ def test_unsupported_architecture_is_refused(tok):
 def test_auto_takes_static_on_a_gpu_for_the_decoders_it_runs(tok):
     llama, qwen = tiny("llama", tok), tiny("qwen2", tok)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tok)))
-    assert StaticGraphBackend.unsupported_because(llama) is None and StaticGraphBackend.unsupported_because(qwen) is None
+    assert (
+        StaticGraphBackend.unsupported_because(llama) is None and StaticGraphBackend.unsupported_because(qwen) is None
+    )
     assert "this model is 'gpt2'" in StaticGraphBackend.unsupported_because(gpt2)
     # A backend named in the config is taken as is; auto on a CPU is HF generate.
     assert choose_backend("static", llama) == ("static", "generation.backend")

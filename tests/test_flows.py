@@ -2,6 +2,7 @@
 2-iteration run with its iteration summaries, resume after a killed step, served deployments triggered
 from the CLI (a re-run on a run directory resumes it; declared schedules survive a restart), a step
 waiting for a GPU slot, and the flow run's page and an iteration's summary in a headless Chromium."""
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from conftest import FAST
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import (
@@ -32,13 +34,12 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import LogSort
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect_server import prefect_server  # noqa: F401  (the fixture)
 from safetensors.torch import load_file
 
 from coevolve.core import rundir
 from coevolve.core.config import load_config
 from coevolve.core.plan import step_plan
-from conftest import FAST
-from prefect_server import prefect_server  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -59,7 +60,10 @@ sys.exit(0 if state.is_completed() else 1)
 def start_flow(server, run: Path, log: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", RUN_FLOW, str(run), str(TINY), *FAST, *overrides],
-        env=server.env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
+        env=server.env(),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -87,7 +91,9 @@ def flow_runs_under(c, parent: str) -> list:
     found = c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent])))
     frontier = [parent]
     while frontier:
-        children = c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+        children = c.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+        )
         found += children
         frontier = [r.id for r in children]
     return found
@@ -155,7 +161,9 @@ def test_two_iterations_complete_with_artifacts(prefect_server, reference_run):
         assert c.read_flow_run(flow_run).name == run.name
         nested = flow_runs_under(c, flow_run)
         assert all(r.state.is_completed() for r in nested)
-        assert sorted(r.name for r in nested if str(r.id) != flow_run) == [f"iteration-{k}" for k in range(cfg.iterations + 1)]
+        assert sorted(r.name for r in nested if str(r.id) != flow_run) == [
+            f"iteration-{k}" for k in range(cfg.iterations + 1)
+        ]
 
         states = step_states(c, flow_run, {step for _, step in plan})
         assert sorted(states) == sorted(plan)
@@ -163,13 +171,19 @@ def test_two_iterations_complete_with_artifacts(prefect_server, reference_run):
 
         # Each step's own output reached its task's log, line by line.
         last = [r for r in final_task_runs(c, flow_run) if r.name == f"iter{plan[-1][0]}-{plan[-1][1]}"][-1]
-        logs = c.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[last.id])), sort=LogSort.TIMESTAMP_DESC)
+        logs = c.read_logs(
+            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[last.id])), sort=LogSort.TIMESTAMP_DESC
+        )
         assert any(f"{plan[-1][1]}: finished in" in log.message for log in logs), [log.message for log in logs][-20:]
 
         # Each step's start and end in the top-level run's own log, which `prefect deployment run --watch` follows.
-        top = [log.message for log in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))]
+        top = [
+            log.message for log in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
+        ]
         for k, step in plan:
-            assert f"iter{k}-{step}: started" in top and any(m.startswith(f"iter{k}-{step}: finished in") for m in top), top
+            assert f"iter{k}-{step}: started" in top and any(
+                m.startswith(f"iter{k}-{step}: finished in") for m in top
+            ), top
 
         artifacts = c.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
     by_key = {a.key: a for a in artifacts}
@@ -227,7 +241,9 @@ def test_killed_step_resumes_to_the_same_outputs(prefect_server, reference_run, 
         got = tensors(run / rundir.read_done(run, last, step)["outputs"][output])
         want = tensors(reference / rundir.read_done(reference, last, step)["outputs"][output])
         assert got.keys() == want.keys()
-        assert all(torch.equal(got[name], want[name]) for name in want), f"{step} {output} differs from the uninterrupted run"
+        assert all(torch.equal(got[name], want[name]) for name in want), (
+            f"{step} {output} differs from the uninterrupted run"
+        )
 
 
 @contextmanager
@@ -236,13 +252,19 @@ def serving(server, log: Path, *args, **kwargs):
     stopped as Ctrl-C stops it on leaving."""
     code = f"from coevolve.flows.serve import serve; serve(*{args!r}, **{kwargs!r})"
     # The runner polls every second instead of every ten: each step's job is a flow run it picks up.
-    served = subprocess.Popen([sys.executable, "-c", code], env=server.env(PREFECT_RUNNER_POLL_FREQUENCY="1"),
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    served = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=server.env(PREFECT_RUNNER_POLL_FREQUENCY="1"),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     names = [f"{kwargs['name']}-loop", f"{kwargs['name']}-step"]
     try:
         with client(server) as c:
             deadline = time.monotonic() + 120
-            while len(c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))) < 2:
+            while (
+                len(c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))) < 2
+            ):
                 assert served.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
                 time.sleep(0.5)
         yield
@@ -273,16 +295,27 @@ def test_served_deployment_resumes_its_run_directory_and_keeps_its_schedules(pre
             deployment = c.read_deployment_by_name("coevolve/tiny-loop")
             c.read_deployment_by_name("coevolve-step/tiny-step")
         form = deployment.parameter_openapi_schema["properties"]
-        assert {"run_dir", "config", "overrides", "iterations", "e_step_mode", "m_step", "reviser", "evaluate"} <= set(form)
+        assert {"run_dir", "config", "overrides", "iterations", "e_step_mode", "m_step", "reviser", "evaluate"} <= set(
+            form
+        )
         assert form["iterations"]["description"].startswith("Number of")
         assert form["e_step_mode"]["anyOf"][0]["enum"] == ["dpo", "seft", "dpo+seft", "grpo", "rloo"]
         schedules = declared_schedules(deployment)
 
         triggered = prefect_server.prefect(
-            "deployment", "run", "coevolve/tiny-loop", "--param", "step_deployment=coevolve-step/tiny-step", "--watch", "--watch-timeout", "300",
+            "deployment",
+            "run",
+            "coevolve/tiny-loop",
+            "--param",
+            "step_deployment=coevolve-step/tiny-step",
+            "--watch",
+            "--watch-timeout",
+            "300",
             timeout=360,
         )
-        assert triggered.returncode == 0, triggered.stdout[-3000:] + triggered.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
+        assert triggered.returncode == 0, (
+            triggered.stdout[-3000:] + triggered.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
+        )
 
         # A config given for the existing run that differs from its own is refused, field by field, in the
         # UI's words (its parameters), not the CLI's flags.
@@ -290,7 +323,14 @@ def test_served_deployment_resumes_its_run_directory_and_keeps_its_schedules(pre
         other["e_step"]["beta"] = 0.3
         (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
         refused = prefect_server.prefect(
-            "deployment", "run", "coevolve/tiny-loop", "--param", f"config={tmp_path / 'other.yaml'}", "--watch", "--watch-timeout", "120",
+            "deployment",
+            "run",
+            "coevolve/tiny-loop",
+            "--param",
+            f"config={tmp_path / 'other.yaml'}",
+            "--watch",
+            "--watch-timeout",
+            "120",
             timeout=180,
         )
     assert rundir.is_done(run, last, "m-step")
@@ -304,12 +344,19 @@ def test_served_deployment_resumes_its_run_directory_and_keeps_its_schedules(pre
     assert f"run-iter{last}-m-step" in {r.name for r in nested}
     assert all(r.state.is_completed() for r in nested)
     assert limit.active_slots == 0
-    events = prefect_server.post("/events/filter", {"filter": {"event": {"name": ["prefect.concurrency-limit.acquired"]}}})["events"]
+    events = prefect_server.post(
+        "/events/filter", {"filter": {"event": {"name": ["prefect.concurrency-limit.acquired"]}}}
+    )["events"]
     assert any(e["resource"]["prefect.resource.name"] == "gpus-test" for e in events)
 
     assert refused.returncode != 0 and refusal.is_failed()
-    for words in ("e_step.beta (0.1 in the run, 0.3 given)", "data.num_prompts (120 in the run, 360 given)", "the config parameter",
-                  "leave config empty", "a new run_dir"):
+    for words in (
+        "e_step.beta (0.1 in the run, 0.3 given)",
+        "data.num_prompts (120 in the run, 360 given)",
+        "the config parameter",
+        "leave config empty",
+        "a new run_dir",
+    ):
         assert words in refusal.message, (words, refusal.message)
     assert "--" not in refusal.message.split("differs from it in")[1], refusal.message
     assert yaml.safe_load((run / "config.yaml").read_text())["e_step"]["beta"] == 0.1
@@ -323,8 +370,12 @@ def test_served_deployment_resumes_its_run_directory_and_keeps_its_schedules(pre
 
 def declared_schedules(deployment) -> list[tuple]:
     """A deployment's schedules as (kind, cron line or seconds, active)."""
-    return sorted(("cron", s.schedule.cron, s.active) if hasattr(s.schedule, "cron") else ("interval", s.schedule.interval.total_seconds(), s.active)
-                  for s in deployment.schedules)
+    return sorted(
+        ("cron", s.schedule.cron, s.active)
+        if hasattr(s.schedule, "cron")
+        else ("interval", s.schedule.interval.total_seconds(), s.active)
+        for s in deployment.schedules
+    )
 
 
 WAIT_FOR_SLOT = """
@@ -343,8 +394,12 @@ needs_a_gpu()
 def test_a_step_waiting_for_a_gpu_slot_says_so(prefect_server, tmp_path):
     with client(prefect_server) as c:
         c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpus-busy", limit=1, active_slots=1))
-    proc = subprocess.Popen([sys.executable, "-c", WAIT_FOR_SLOT], env=prefect_server.env(),
-                            stdout=open(tmp_path / "wait.log", "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAIT_FOR_SLOT],
+        env=prefect_server.env(),
+        stdout=open(tmp_path / "wait.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         with client(prefect_server) as c:
             deadline = time.monotonic() + 120
@@ -375,20 +430,33 @@ def test_flow_run_page_and_iteration_summary_in_chromium(prefect_server, referen
     last = step_plan(load_config(None, [], run))[-1][0]
     with client(prefect_server) as c:
         name = c.read_flow_run(flow_run).name
-        artifact = next(a for a in c.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
-                        if a.key == f"run-iteration-{last}")
+        artifact = next(
+            a
+            for a in c.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
+            if a.key == f"run-iteration-{last}"
+        )
     ARTIFACTS.mkdir(exist_ok=True)
     # This machine has no network: nothing in the browser may try to reach one.
     flags = [
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000", "--window-size=1400,1000",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--virtual-time-budget=8000",
+        "--window-size=1400,1000",
     ]
 
     def look(url: str, png: str) -> str:
         (ARTIFACTS / png).unlink(missing_ok=True)
         dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-        subprocess.run([chromium, *flags, f"--screenshot={ARTIFACTS / png}", url], capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            [chromium, *flags, f"--screenshot={ARTIFACTS / png}", url], capture_output=True, text=True, timeout=120
+        )
         assert (ARTIFACTS / png).stat().st_size > 10_000, dom.stderr[-2000:]
         return dom.stdout
 
@@ -411,18 +479,27 @@ def test_a_flow_run_holds_its_run_directory(prefect_server, fresh_run, tmp_path)
     command on the run directory meanwhile is refused, naming the flow run."""
     proc = subprocess.Popen(
         [sys.executable, "-c", RUN_FLOW, str(fresh_run), str(TINY), *FAST, "iterations=1"],
-        env=prefect_server.env(), stdout=open(tmp_path / "flow.log", "w"), stderr=subprocess.STDOUT, text=True,
+        env=prefect_server.env(),
+        stdout=open(tmp_path / "flow.log", "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 300
         while not rundir.partial_dir(fresh_run, 1, "e-step").exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flow.log").read_text()[-4000:]
             time.sleep(0.1)
-        other = subprocess.run([sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", str(fresh_run), "--iteration", "1"],
-                               capture_output=True, text=True, timeout=120)
+        other = subprocess.run(
+            [sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", str(fresh_run), "--iteration", "1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.wait(timeout=600) == 0, (tmp_path / "flow.log").read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert other.returncode == 2 and f"in use by pid {proc.pid}" in other.stderr and "prefect flow run" in other.stderr, other.stderr
+    assert (
+        other.returncode == 2 and f"in use by pid {proc.pid}" in other.stderr and "prefect flow run" in other.stderr
+    ), other.stderr
     assert rundir.is_done(fresh_run, 1, "m-step")

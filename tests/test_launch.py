@@ -1,4 +1,5 @@
 """Step command lines per launcher, and a child process whose lines stream as they come."""
+
 import os
 import signal
 import socket
@@ -25,7 +26,17 @@ def cfg(*overrides):
 
 
 def test_python_launcher_is_the_step_command():
-    assert step_command(cfg(), "e-step", RUN, 1) == [sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", "/runs/r", "--iteration", "1"]
+    assert step_command(cfg(), "e-step", RUN, 1) == [
+        sys.executable,
+        "-m",
+        "coevolve",
+        "step",
+        "e-step",
+        "--run-dir",
+        "/runs/r",
+        "--iteration",
+        "1",
+    ]
 
 
 def test_accelerate_launches_training_steps_on_n_gpus():
@@ -35,7 +46,9 @@ def test_accelerate_launches_training_steps_on_n_gpus():
 
 
 def test_accelerate_with_deepspeed_config():
-    cmd = step_command(cfg("launch.launcher=accelerate", "launch.gpus=8", "launch.deepspeed_config=ds.json"), "e-step", RUN, 1)
+    cmd = step_command(
+        cfg("launch.launcher=accelerate", "launch.gpus=8", "launch.deepspeed_config=ds.json"), "e-step", RUN, 1
+    )
     assert cmd[3:9] == ["--num_processes", "8", "--use_deepspeed", "--deepspeed_config_file", "ds.json", "-m"]
 
 
@@ -46,7 +59,12 @@ def test_deepspeed_launcher_runs_the_module():
 
 @pytest.mark.parametrize("step", ["init", "revise", "evaluate"])
 def test_steps_that_train_nothing_run_as_one_process(step):
-    assert step_command(cfg("launch.launcher=accelerate", "launch.gpus=4"), step, RUN, 1)[:4] == [sys.executable, "-m", "coevolve", "step"]
+    assert step_command(cfg("launch.launcher=accelerate", "launch.gpus=4"), step, RUN, 1)[:4] == [
+        sys.executable,
+        "-m",
+        "coevolve",
+        "step",
+    ]
 
 
 def test_retries_default_to_zero_for_training_and_one_for_generation():
@@ -123,21 +141,33 @@ def test_servers_are_listed_and_stopped_from_the_cli(tmp_path):
     cmd = [sys.executable, "-m", "coevolve", "step", "bogus", "--run-dir", str(tmp_path), "--iteration", "0"]
     assert run_process(cmd, lambda line: None, env=env, launch=LaunchConfig())[0] == 2
     pid = int(next((tmp_path / "servers").glob("*.pid")).read_text())
-    listed = subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True, check=True
+    )
     assert listed.stdout.startswith(f"step server {pid}  log: ")
     subprocess.run([sys.executable, "-m", "coevolve", "servers", "--stop"], env=env, check=True)
     deadline = time.monotonic() + 10
     while list((tmp_path / "servers").glob("*.sock")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not list((tmp_path / "servers").glob("*.sock")) and not list((tmp_path / "servers").glob("*.pid"))
-    assert subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True).stdout == ""
+    assert (
+        subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True).stdout
+        == ""
+    )
 
 
 def test_a_step_server_is_keyed_by_the_variables_its_imports_read():
     env = dict(os.environ)
     for unrelated in ("PYTEST_CURRENT_TEST", "PREFECT__FLOW_RUN_ID", "COEVOLVE_RUN_LOCK", "SOME_SHELLS_OWN"):
         assert server_key({**env, unrelated: "another value"}) == server_key(env), unrelated
-    for read in ("HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE"):
+    for read in (
+        "HF_HUB_OFFLINE",
+        "CUDA_VISIBLE_DEVICES",
+        "OMP_NUM_THREADS",
+        "PYTHONPATH",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "WANDB_MODE",
+    ):
         assert server_key({**env, read: "another value"}) != server_key(env), read
 
 
@@ -235,7 +265,9 @@ def test_servers_stop_stops_only_this_checkouts_servers(tmp_path):
         (folder / f"{key}.code").write_text(code)
     try:
         env = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder)}
-        listed = subprocess.run([sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True, check=True).stdout
+        listed = subprocess.run(
+            [sys.executable, "-m", "coevolve", "servers"], env=env, capture_output=True, text=True, check=True
+        ).stdout
         assert "/elsewhere/checkout/coevolve" in listed and code_location() in listed
         subprocess.run([sys.executable, "-m", "coevolve", "servers", "--stop"], env=env, check=True)
         assert sleepers["ours"].wait(timeout=10) != 0
@@ -265,11 +297,12 @@ def test_at_most_max_servers_live_and_the_longest_idle_stops_first(tmp_path):
         while len(list_servers(folder)) > 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert sorted(pid for pid, _, _ in list_servers(folder)) == sorted(pids[1:])
-        assert "stopped: another was starting over launch.max_servers" in (folder / f"{server_key({**base, 'OMP_NUM_THREADS': '1'})}.log").read_text()
+        assert (
+            "stopped: another was starting over launch.max_servers"
+            in (folder / f"{server_key({**base, 'OMP_NUM_THREADS': '1'})}.log").read_text()
+        )
     finally:
         stop_servers(folder)
-
-
 
 
 @pytest.mark.integration
@@ -279,9 +312,19 @@ def test_a_server_running_a_step_is_not_stopped_for_the_cap(tmp_path):
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)
     base = {**os.environ, "COEVOLVE_RUNTIME_DIR": str(folder), "PYTHONUNBUFFERED": "1"}
-    busy = ForkedStep(["step", "init", "--run-dir", str(tmp_path / "run"), "--iteration", "0", "--config", str(fifo)], {**base, "OMP_NUM_THREADS": "1"}, 60, 1)
+    busy = ForkedStep(
+        ["step", "init", "--run-dir", str(tmp_path / "run"), "--iteration", "0", "--config", str(fifo)],
+        {**base, "OMP_NUM_THREADS": "1"},
+        60,
+        1,
+    )
     try:
-        other = ForkedStep(["step", "bogus", "--run-dir", str(tmp_path / "run2"), "--iteration", "0"], {**base, "OMP_NUM_THREADS": "2"}, 60, 1)
+        other = ForkedStep(
+            ["step", "bogus", "--run-dir", str(tmp_path / "run2"), "--iteration", "0"],
+            {**base, "OMP_NUM_THREADS": "2"},
+            60,
+            1,
+        )
         assert other.stdout.read() and other.wait(60) == 2
         other.stdout.close()
         assert busy.poll() is None and len(list_servers(folder)) == 2
@@ -313,10 +356,14 @@ def test_a_steps_output_has_no_known_third_party_noise_unless_verbose(fresh_run,
 def test_prefect_telemetry_is_off_for_the_flow_unless_the_user_set_it():
     # Its heartbeat, sent by the temporary server of `coevolve flow` without a Prefect server, fails on
     # that server's locked sqlite database with a ~130-line traceback.
-    script = ("from coevolve.core.quiet import prefect_telemetry_off; prefect_telemetry_off()\n"
-              "from prefect.settings import get_current_settings; print(get_current_settings().server.analytics_enabled)")
+    script = (
+        "from coevolve.core.quiet import prefect_telemetry_off; prefect_telemetry_off()\n"
+        "from prefect.settings import get_current_settings; print(get_current_settings().server.analytics_enabled)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
     for given, expected in ((None, "False"), ("true", "True")):
         run_env = env if given is None else {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": given}
-        out = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=run_env, capture_output=True, text=True, check=True
+        ).stdout
         assert out.strip() == expected

@@ -4,11 +4,13 @@ modules import each other in a circle.
 
 Every import counts, those inside functions too (a lazy import is still a dependency), except those
 under `if TYPE_CHECKING:`, which never run."""
+
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,11 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) if node.level else node.module
+            base = (
+                ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                if node.level
+                else node.module
+            )
             # `from package import module` imports the module; `from module import name` the module.
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
@@ -105,14 +111,21 @@ def upward(graph: dict[str, set[str]]) -> list[str]:
             above = target in TOP or _in(target, ("coevolve.flows",))
             if _in(module, FLOORS) and (above or _in(target, STEP_PACKAGES)):
                 bad.append(f"{module} -> {target}")
-            elif _in(module, STEP_PACKAGES) and (above or _in(target, STEP_PACKAGES) not in (None, _in(module, STEP_PACKAGES))):
+            elif _in(module, STEP_PACKAGES) and (
+                above or _in(target, STEP_PACKAGES) not in (None, _in(module, STEP_PACKAGES))
+            ):
                 bad.append(f"{module} -> {target}")
     return sorted(bad)
 
 
 def test_the_graph_is_read_from_the_sources():
     graph = import_graph()
-    assert {"coevolve.cli", "coevolve.flows.steps", "coevolve.data.store", "coevolve.core.fastgen.backend"} <= graph.keys()
+    assert {
+        "coevolve.cli",
+        "coevolve.flows.steps",
+        "coevolve.data.store",
+        "coevolve.core.fastgen.backend",
+    } <= graph.keys()
     assert "coevolve.core.runner" in graph["coevolve.cli"]  # lazy and top-level imports alike
     assert "coevolve.report" in graph["coevolve.cli"]
     assert "coevolve.core.fastgen.model" in graph["coevolve.core.fastgen.backend"]  # relative
@@ -124,9 +137,14 @@ def test_no_import_circles():
 
 
 def test_the_checks_catch_a_circle_and_an_upward_import():
-    graph = {"coevolve.core.a": {"coevolve.core.b"}, "coevolve.core.b": {"coevolve.core.a", "coevolve.cli"},
-             "coevolve.reward.m_step": {"coevolve.policy.e_step", "coevolve.reward.training"}, "coevolve.cli": set(),
-             "coevolve.policy.e_step": set(), "coevolve.reward.training": set()}
+    graph = {
+        "coevolve.core.a": {"coevolve.core.b"},
+        "coevolve.core.b": {"coevolve.core.a", "coevolve.cli"},
+        "coevolve.reward.m_step": {"coevolve.policy.e_step", "coevolve.reward.training"},
+        "coevolve.cli": set(),
+        "coevolve.policy.e_step": set(),
+        "coevolve.reward.training": set(),
+    }
     assert circles(graph) == [["coevolve.core.a", "coevolve.core.b"]]
     assert upward(graph) == ["coevolve.core.b -> coevolve.cli", "coevolve.reward.m_step -> coevolve.policy.e_step"]
 

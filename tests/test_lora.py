@@ -1,18 +1,24 @@
 """LoRA training (`lora:` in a training config): adapters in the top layers only, merged into plain
 checkpoints that the next step loads like any other."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAST, TINY
 from safetensors.torch import load_file
 
 from coevolve.cli import run_step
 from coevolve.core import rundir
 from coevolve.core.config import ConfigError, prepare_run
 from coevolve.core.training import lora_config
-from conftest import FAST, TINY
 
-LORA = ["sft_warmup.lora.top_layers=1", "rm_init.lora.top_layers=1", "e_step.train.lora.top_layers=1", "m_step.train.lora.top_layers=1"]
+LORA = [
+    "sft_warmup.lora.top_layers=1",
+    "rm_init.lora.top_layers=1",
+    "e_step.train.lora.top_layers=1",
+    "m_step.train.lora.top_layers=1",
+]
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -29,7 +35,9 @@ def changed(before: dict, after: dict) -> set[str]:
 def test_lora_trains_only_the_top_layer_and_saves_merged_models(tmp_path):
     run = tmp_path / "run"
     # The static backend: the E-step's DPO then takes its reference (the policy with adapters off) from sampling.
-    cfg = prepare_run(str(TINY), [*FAST, *LORA, "policy.tiny.num_layers=2", "rm.tiny.num_layers=2", "generation.backend=static"], run)
+    cfg = prepare_run(
+        str(TINY), [*FAST, *LORA, "policy.tiny.num_layers=2", "rm.tiny.num_layers=2", "generation.backend=static"], run
+    )
     for name in ("init", "sft-warmup", "rm-init"):
         run_step(name, run, 0, cfg)
     for name in ("e-step", "m-step"):
@@ -38,13 +46,17 @@ def test_lora_trains_only_the_top_layer_and_saves_merged_models(tmp_path):
     def output(k, step, name):
         return run / rundir.read_done(run, k, step)["outputs"][name]
 
-    for start, trained in [(output(0, "init", "policy"), output(0, "sft-warmup", "policy")),
-                           (output(0, "sft-warmup", "policy"), output(1, "e-step", "policy")),
-                           (output(0, "init", "rm"), output(0, "rm-init", "rm")),
-                           (output(0, "rm-init", "rm"), output(1, "m-step", "rm"))]:
+    for start, trained in [
+        (output(0, "init", "policy"), output(0, "sft-warmup", "policy")),
+        (output(0, "sft-warmup", "policy"), output(1, "e-step", "policy")),
+        (output(0, "init", "rm"), output(0, "rm-init", "rm")),
+        (output(0, "rm-init", "rm"), output(1, "m-step", "rm")),
+    ]:
         moved = changed(weights(start), weights(trained))
         # Attention and MLP projections of layer 1 only (the RM's score head too, trained in full).
-        assert moved and all(n.startswith("model.layers.1.") and "proj" in n or n == "score.weight" for n in moved), sorted(moved)
+        assert moved and all(n.startswith("model.layers.1.") and "proj" in n or n == "score.weight" for n in moved), (
+            sorted(moved)
+        )
         assert any(n.startswith("model.layers.1.") for n in moved)
     e_step = rundir.read_done(run, 1, "e-step")["metrics"]
     assert e_step["dpo/reference_logps"] == "sampling" and e_step["dpo/loss_last"] < e_step["dpo/loss_first"]

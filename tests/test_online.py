@@ -1,4 +1,5 @@
 """The online E-step (e_step.mode grpo | rloo, policy/online.py) on the tiny models, with real trl training."""
+
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,9 @@ from statistics import mean
 import datasets
 import pytest
 import torch
+from coevolve.data.selection import policy_batch
+from coevolve.policy import online
+from conftest import FAST, TINY
 from transformers import TrainerCallback
 
 from coevolve.cli import run_step
@@ -19,9 +23,6 @@ from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import load_config, prepare_run
 from coevolve.core.fastgen import StaticGraphBackend
 from coevolve.core.rollout import sample_each, sampling_params, score_each
-from coevolve.policy import online
-from coevolve.data.selection import policy_batch
-from conftest import FAST, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny.yaml's rate, 4 groups of 3 rollouts a step and 4 passes over the prompts: 52 steps on the fixture's 53 prompts.
@@ -58,11 +59,17 @@ def test_online_e_step_raises_the_rms_mean_score_on_its_prompts(fresh_run, mode)
 
 
 # On a GPU the engine replays CUDA graphs captured at the first rollout, over the trainer's tensors.
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
 def test_static_engine_rollouts_sample_the_trainers_current_weights(prepared_run, tmp_path, device):
     run = prepared_run
     cfg = load_config(None, ["e_step.mode=grpo", "generation.backend=static", f"device={device}", *ONLINE], run)
-    prompts = list(datasets.load_from_disk(str(run / "iter_0/init/data/prompts")).filter(lambda r: r["split"] == "policy")["prompt"][:12])
+    prompts = list(
+        datasets.load_from_disk(str(run / "iter_0/init/data/prompts")).filter(lambda r: r["split"] == "policy")[
+            "prompt"
+        ][:12]
+    )
     policy, rm = (rundir.latest_output(run, key, iteration_max=0) for key in ("policy", "rm"))
     trainer = online.make_trainer(cfg, policy, rm, prompts, 0, tmp_path)
     tok, params = trainer.processing_class, sampling_params(cfg, 2, seed=123)
@@ -92,8 +99,21 @@ def test_static_engine_rollouts_sample_the_trainers_current_weights(prepared_run
 
 def test_coevolve_run_completes_the_tiny_loop_with_the_online_e_step(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "coevolve", "run", "--config", str(TINY), "--run-dir", str(run), *FAST, "iterations=1",
-           "e_step.mode=grpo", "e_step.prompts_per_iteration=24", "e_step.online.kl=0.05"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "coevolve",
+        "run",
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(run),
+        *FAST,
+        "iterations=1",
+        "e_step.mode=grpo",
+        "e_step.prompts_per_iteration=24",
+        "e_step.online.kl=0.05",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     e_step, m_step = rundir.read_done(run, 1, "e-step"), rundir.read_done(run, 1, "m-step")

@@ -4,6 +4,7 @@ so they cannot drift from what the steps write. After a change to what a run wri
     REFRESH_README=1 .venv/bin/python -m pytest tests/test_readme.py
 
 and read the diff: a note below whose folder is gone fails the test until it is moved or dropped."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from coevolve.core.steps import STEPS, position
-
 from tiny_run import tiny_run  # noqa: F401  (the fixture)
+
+from coevolve.core.steps import STEPS, position
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -68,7 +69,9 @@ def run_tree(run: Path) -> str:
     def walk(folder: Path, prefix: str, depth: int) -> None:
         children: dict[str, Path] = {}
         # Files first, then folders; steps in run order.
-        for child in sorted(folder.iterdir(), key=lambda p: (p.is_dir(), position(p.name) if p.name in STEPS else -1, p.name)):
+        for child in sorted(
+            folder.iterdir(), key=lambda p: (p.is_dir(), position(p.name) if p.name in STEPS else -1, p.name)
+        ):
             if not child.name.startswith(".") and child.name not in NOT_THE_RUN:
                 children.setdefault(shown(child.name) + ("/" if child.is_dir() else ""), child)
         is_step = depth == 2 and prefix.startswith("iter_")
@@ -123,13 +126,28 @@ def done_example(run: Path) -> str:
         f'                "built_on": {_first(dict.fromkeys(done["provenance"]["built_on"], "<its finished>"), 2)}}},',
         f' "wandb": {json.dumps({**wandb, "dir": "…"}, ensure_ascii=False)}}}',
     ]
-    assert set(done) == {"step", "iteration", "config_hash", "started", "finished", "inputs", "outputs", "metrics", "timings", "io",
-                         "stop", "provenance", "wandb"}, sorted(done)
+    assert set(done) == {
+        "step",
+        "iteration",
+        "config_hash",
+        "started",
+        "finished",
+        "inputs",
+        "outputs",
+        "metrics",
+        "timings",
+        "io",
+        "stop",
+        "provenance",
+        "wandb",
+    }, sorted(done)
     return "\n".join(lines)
 
 
 def between(text: str, name: str) -> tuple[int, int]:
-    start = text.index(f"<!-- {name}: made by tests/test_readme.py -->\n") + len(f"<!-- {name}: made by tests/test_readme.py -->\n")
+    start = text.index(f"<!-- {name}: made by tests/test_readme.py -->\n") + len(
+        f"<!-- {name}: made by tests/test_readme.py -->\n"
+    )
     return start, text.index(f"<!-- /{name} -->", start)
 
 
@@ -148,4 +166,6 @@ def test_the_readme_shows_the_run_directory_as_a_run_writes_it(tiny_run):
         README.write_text(text)
     for name, block in made.items():
         start, end = between(text, name)
-        assert _numbers_masked(text[start:end]) == _numbers_masked(block), f"README's {name} is out of date: REFRESH_README=1 (see {__file__})"
+        assert _numbers_masked(text[start:end]) == _numbers_masked(block), (
+            f"README's {name} is out of date: REFRESH_README=1 (see {__file__})"
+        )

@@ -1,6 +1,7 @@
 """The step registry (coevolve/core/steps.py) is the one place a step is declared: the run order, the
 plan, the launch, `coevolve step`'s choices and the report's columns all read it, and a step added
 there (its module and one entry) is planned and run with no other file touched."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST, TINY
 
 from coevolve import report
 from coevolve.cli import main
@@ -18,8 +20,6 @@ from coevolve.core.launch import retries, step_command
 from coevolve.core.plan import iteration_steps, step_plan
 from coevolve.core.runner import run_step
 from coevolve.core.steps import STEPS, Step, position
-
-from conftest import FAST, TINY
 
 HELLO = """
 def say_hello(tmp):
@@ -35,7 +35,10 @@ def main(step):
 
 
 def everything_on() -> Config:
-    return load_config(str(TINY), [*FAST, *(f"steps.{field}=true" for field in StepsConfig.model_fields), "e_step.mode=dpo+seft", "iterations=2"])
+    return load_config(
+        str(TINY),
+        [*FAST, *(f"steps.{field}=true" for field in StepsConfig.model_fields), "e_step.mode=dpo+seft", "iterations=2"],
+    )
 
 
 def test_every_entry_names_a_module_and_a_config_switch_that_exist():
@@ -44,7 +47,9 @@ def test_every_entry_names_a_module_and_a_config_switch_that_exist():
         assert importlib.util.find_spec(step.module) is not None, step.module
         assert step.switch is None or step.switch in StepsConfig.model_fields, step.switch
         assert step.retry in Config.model_fields["retries"].annotation.model_fields
-        assert step.depends_on and all(field.split(".")[0] in Config.model_fields for field in step.depends_on), step.depends_on
+        assert step.depends_on and all(field.split(".")[0] in Config.model_fields for field in step.depends_on), (
+            step.depends_on
+        )
 
 
 def test_the_plan_the_launch_the_cli_and_the_report_read_the_registry(capsys):
@@ -65,7 +70,9 @@ def test_the_plan_the_launch_the_cli_and_the_report_read_the_registry(capsys):
         main(["step", "--help"])
     assert ", ".join(STEPS) in " ".join(capsys.readouterr().out.split())
 
-    assert report.columns() == [(label, s.name, key) for s in sorted(STEPS.values(), key=lambda s: not s.measures) for label, key in s.columns]
+    assert report.columns() == [
+        (label, s.name, key) for s in sorted(STEPS.values(), key=lambda s: not s.measures) for label, key in s.columns
+    ]
     assert {s for _, s, _ in report.columns()} == {name for name, s in STEPS.items() if s.columns}
 
 
@@ -74,8 +81,19 @@ def hello_step(tmp_path, monkeypatch):
     """A step that exists only in this test: its module in a folder on sys.path, its entry in the registry."""
     (tmp_path / "hello_step.py").write_text(HELLO)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(STEPS, "hello", Step("hello", "hello_step", "zero", trains=False, retry="generation",
-                                             depends_on=("seed",), columns=(("hello count", "hello/count"),)))
+    monkeypatch.setitem(
+        STEPS,
+        "hello",
+        Step(
+            "hello",
+            "hello_step",
+            "zero",
+            trains=False,
+            retry="generation",
+            depends_on=("seed",),
+            columns=(("hello count", "hello/count"),),
+        ),
+    )
     yield "hello"
     sys.modules.pop("hello_step", None)
 

@@ -1,5 +1,6 @@
 """The method's rules on hand-made numbers: E-step pair choice, M-step pseudo-pair filter, model selection,
 RM accuracy."""
+
 from __future__ import annotations
 
 import math
@@ -9,14 +10,14 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
-
-from coevolve.core.gold import write_gold_rm
-from coevolve.core.scoring import win_rate
 from coevolve.data.tasks import load_task
 from coevolve.policy.e_step import pick_checkpoint
 from coevolve.policy.pairs import best_vs_worst, length_controlled
 from coevolve.reward.m_step import pseudo_pairs
 from coevolve.reward.training import accuracy_phase
+
+from coevolve.core.gold import write_gold_rm
+from coevolve.core.scoring import win_rate
 
 
 def test_length_control_picks_shortest_above_mean_and_lowest():
@@ -41,17 +42,25 @@ def test_length_control_ties():
 def test_equal_scores_or_identical_texts_give_no_pair():
     assert length_controlled(["a", "b", "c"], [0.5, 0.5, 0.5], [1, 1, 1]) == "all scores equal"
     assert best_vs_worst(["a", "b"], [0.2, 0.2], [1, 1]) == "all scores equal"
-    assert length_controlled(["same", "same", "x"], [0.9, 0.1, 0.5], [1, 1, 1]) == "chosen and rejected texts are identical"
+    assert (
+        length_controlled(["same", "same", "x"], [0.9, 0.1, 0.5], [1, 1, 1])
+        == "chosen and rejected texts are identical"
+    )
 
 
 def test_pseudo_pairs_drop_only_confidently_worse(tmp_path):
     old = [0.0, 1.0, 2.0, 3.0]  # population std = sqrt(1.25) = 1.1180
     new = [0.5, 0.0, 0.8, 3.2]  # deltas 0.5, -1.0, -1.2 (<= -1.118: dropped), 0.2 (identical texts)
-    rows = datasets.Dataset.from_dict({
-        "prompt_id": list("abcd"), "prompt": ["p"] * 4,
-        "new": ["n0", "n1", "n2", "same"], "old": ["o0", "o1", "o2", "same"],
-        "new_score": new, "old_score": old,
-    })
+    rows = datasets.Dataset.from_dict(
+        {
+            "prompt_id": list("abcd"),
+            "prompt": ["p"] * 4,
+            "new": ["n0", "n1", "n2", "same"],
+            "old": ["o0", "o1", "o2", "same"],
+            "new_score": new,
+            "old_score": old,
+        }
+    )
     metrics = pseudo_pairs(rows, tmp_path)
     assert metrics["pseudo/epsilon"] == pytest.approx(pstdev(old)) == pytest.approx(1.1180, abs=1e-4)
     kept = datasets.load_from_disk(str(tmp_path / "kept"))
@@ -60,7 +69,8 @@ def test_pseudo_pairs_drop_only_confidently_worse(tmp_path):
     assert kept["prompt_id"] == ["a", "b"]
     assert kept["chosen"] == ["n0", "n1"] and kept["rejected"] == ["o0", "o1"]
     assert dict(zip(dropped["prompt_id"], dropped["reason"])) == {
-        "c": "delta <= -epsilon (confidently worse)", "d": "identical responses",
+        "c": "delta <= -epsilon (confidently worse)",
+        "d": "identical responses",
     }
     assert metrics["pseudo/kept_negative_delta"] == 1
     assert "pseudo/gold_label_acc" not in metrics  # no gold reward given
@@ -68,10 +78,16 @@ def test_pseudo_pairs_drop_only_confidently_worse(tmp_path):
 
 def test_pseudo_pairs_without_the_epsilon_filter_keep_the_confidently_worse(tmp_path):
     # The paper's "without data filtering" ablation: only identical responses are dropped.
-    rows = datasets.Dataset.from_dict({
-        "prompt_id": list("abc"), "prompt": ["p"] * 3, "new": ["n0", "n1", "same"], "old": ["o0", "o1", "same"],
-        "new_score": [5.0, -9.0, 0.0], "old_score": [0.0, 0.0, 1.0],
-    })
+    rows = datasets.Dataset.from_dict(
+        {
+            "prompt_id": list("abc"),
+            "prompt": ["p"] * 3,
+            "new": ["n0", "n1", "same"],
+            "old": ["o0", "o1", "same"],
+            "new_score": [5.0, -9.0, 0.0],
+            "old_score": [0.0, 0.0, 1.0],
+        }
+    )
     metrics = pseudo_pairs(rows, tmp_path, filtered=False)
     assert datasets.load_from_disk(str(tmp_path / "kept"))["prompt_id"] == ["a", "b"]
     assert metrics["pseudo/dropped_by_reason"] == {"identical responses": 1}
@@ -79,11 +95,16 @@ def test_pseudo_pairs_without_the_epsilon_filter_keep_the_confidently_worse(tmp_
 
 def test_pseudo_pairs_gold_agreement(tmp_path):
     # Gold = the response's length: a pseudo label is right when the new response is longer.
-    rows = datasets.Dataset.from_dict({
-        "prompt_id": list("abcde"), "prompt": ["p"] * 5,
-        "new": ["long", "x", "xx", "abc", "bigger"], "old": ["s", "yy", "zz", "abcd", "b"],
-        "new_score": [1.0, 1.0, 1.0, 1.0, -9.0], "old_score": [0.0, 0.0, 0.0, 0.0, 0.0],
-    })
+    rows = datasets.Dataset.from_dict(
+        {
+            "prompt_id": list("abcde"),
+            "prompt": ["p"] * 5,
+            "new": ["long", "x", "xx", "abc", "bigger"],
+            "old": ["s", "yy", "zz", "abcd", "b"],
+            "new_score": [1.0, 1.0, 1.0, 1.0, -9.0],
+            "old_score": [0.0, 0.0, 0.0, 0.0, 0.0],
+        }
+    )
     metrics = pseudo_pairs(rows, tmp_path, gold=lambda prompt, response: float(len(response)))
     # Kept a, b, c, d: right on a, wrong on b and d, tied on c (left out): 1 of 3.
     assert metrics["pseudo/gold_label_acc"] == pytest.approx(1 / 3) and metrics["pseudo/gold_label_pairs"] == 3
@@ -103,7 +124,12 @@ def test_rm_accuracy_of_each_set_from_one_pass(tmp_path):
     prompts = task.prompts(6, 0)
     good = [task.respond(p, frozenset(), random.Random(i)) for i, p in enumerate(prompts)]
     pairs = lambda chosen, rejected, rows: datasets.Dataset.from_dict(  # noqa: E731
-        {"prompt": [prompts[i] for i in rows], "chosen": [chosen[i] for i in rows], "rejected": [rejected[i] for i in rows]})
+        {
+            "prompt": [prompts[i] for i in rows],
+            "chosen": [chosen[i] for i in rows],
+            "rejected": [rejected[i] for i in rows],
+        }
+    )
     bad = ["ok done"] * 6
     sets = {"right": pairs(good, bad, [0, 1, 2, 3]), "wrong": pairs(bad, good, [4, 5]), "empty": pairs(good, bad, [])}
     metrics = accuracy_phase(SimpleNamespace(cfg=None), tmp_path / "rm", sets, "rm")

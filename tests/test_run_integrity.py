@@ -1,5 +1,6 @@
 """A run directory that cannot be silently corrupted (issue 23): one command at a time, finished steps
 that keep describing what they were made from, and steps that run only after what they read."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def coevolve(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coevolve", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "coevolve", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -32,7 +35,9 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in [run / "config.yaml", *sorted(run.glob("iter_*/*/DONE.json"))]}
+    return {
+        str(p.relative_to(run)): p.read_bytes() for p in [run / "config.yaml", *sorted(run.glob("iter_*/*/DONE.json"))]
+    }
 
 
 @pytest.fixture
@@ -43,14 +48,22 @@ def iterated_copy(iterated_run, tmp_path) -> Path:
 
 
 def test_a_second_command_on_a_run_dir_in_use_fails_at_once_naming_the_holder(fresh_run):
-    first = subprocess.Popen([sys.executable, "-m", "coevolve", "run", "--run-dir", str(fresh_run), "iterations=1"],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "coevolve", "run", "--run-dir", str(fresh_run), "iterations=1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not rundir.partial_dir(fresh_run, 1, "e-step").exists():
             assert first.poll() is None and time.time() < deadline, "the run ended before a second one could start"
             time.sleep(0.1)
-        for args in (["run", "--run-dir", fresh_run, "iterations=1"], ["step", "m-step", "--run-dir", fresh_run, "--iteration", 1]):
+        for args in (
+            ["run", "--run-dir", fresh_run, "iterations=1"],
+            ["step", "m-step", "--run-dir", fresh_run, "--iteration", 1],
+        ):
             began = time.time()
             line = one_error_line(coevolve(*args, timeout=120))
             assert time.time() - began < 60
@@ -69,9 +82,16 @@ def test_a_second_command_on_a_run_dir_in_use_fails_at_once_naming_the_holder(fr
 
 def test_the_lock_of_a_process_that_died_is_taken_over(fresh_run):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom coevolve.core import runlock\n"
-         "with runlock.held(sys.argv[1], 'a test holder'):\n    print('held', flush=True)\n    time.sleep(600)", str(fresh_run)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom coevolve.core import runlock\n"
+            "with runlock.held(sys.argv[1], 'a test holder'):\n    print('held', flush=True)\n    time.sleep(600)",
+            str(fresh_run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         line = one_error_line(coevolve("step", "init", "--run-dir", fresh_run, "--iteration", 0))
@@ -89,11 +109,24 @@ def test_the_lock_of_a_process_that_died_is_taken_over(fresh_run):
 def test_changing_what_finished_steps_were_made_from_is_refused(iterated_copy):
     run = iterated_copy
     before = snapshot(run)
-    line = one_error_line(coevolve("run", "--run-dir", run, "e_step.beta=0.3", "data.num_prompts=50", "policy={tiny: {hidden_size: 32}}"))
-    for named in ("e_step.beta", "data.num_prompts", "policy.tiny.hidden_size", "iter_0/init", "iter_0/sft-warmup", "iter_1/e-step", "iter_1/m-step", "--redo"):
+    line = one_error_line(
+        coevolve("run", "--run-dir", run, "e_step.beta=0.3", "data.num_prompts=50", "policy={tiny: {hidden_size: 32}}")
+    )
+    for named in (
+        "e_step.beta",
+        "data.num_prompts",
+        "policy.tiny.hidden_size",
+        "iter_0/init",
+        "iter_0/sft-warmup",
+        "iter_1/e-step",
+        "iter_1/m-step",
+        "--redo",
+    ):
         assert named in line, (named, line)
     assert snapshot(run) == before and not rundir.iter_dir(run, 2).exists()
-    line = one_error_line(coevolve("step", "m-step", "--run-dir", run, "--iteration", 1, "m_step.train.learning_rate=0.1"))
+    line = one_error_line(
+        coevolve("step", "m-step", "--run-dir", run, "--iteration", 1, "m_step.train.learning_rate=0.1")
+    )
     assert "m_step.train.learning_rate" in line and "iter_1/m-step" in line and "iter_1/e-step" not in line
     assert snapshot(run) == before
     # Fields no finished step was made from may change: they are saved, and nothing is redone.
@@ -101,7 +134,9 @@ def test_changing_what_finished_steps_were_made_from_is_refused(iterated_copy):
     assert kept.returncode == 0 and "already done" in kept.stderr, kept.stderr
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["iterations"] == 1 and saved["tracking"]["project"] == "elsewhere"
-    assert {k: v for k, v in snapshot(run).items() if k != "config.yaml"} == {k: v for k, v in before.items() if k != "config.yaml"}
+    assert {k: v for k, v in snapshot(run).items() if k != "config.yaml"} == {
+        k: v for k, v in before.items() if k != "config.yaml"
+    }
 
 
 def test_forcing_a_step_makes_the_steps_built_on_it_stale_and_run_redoes_them(iterated_copy):
@@ -133,7 +168,9 @@ def test_steps_out_of_order_and_negative_iterations_are_refused(fresh_run):
     line = one_error_line(coevolve("step", "e-step", "--run-dir", fresh_run, "--iteration", -1))
     assert "--iteration -1" in line, line
     assert snapshot(fresh_run) == before
-    assert sorted(p.name for p in fresh_run.glob("iter_*")) == ["iter_0"] and not list(fresh_run.glob("stores/*/iter_[1-9]*"))
+    assert sorted(p.name for p in fresh_run.glob("iter_*")) == ["iter_0"] and not list(
+        fresh_run.glob("stores/*/iter_[1-9]*")
+    )
 
 
 def test_commands_on_a_finished_run_write_nothing_in_it_unless_they_change_it(fresh_run, tmp_path):
@@ -161,7 +198,9 @@ def test_a_step_begun_from_other_fields_starts_over_instead_of_resuming(fresh_ru
     (partial / "generate").mkdir()
     (partial / "phases" / "generate.json").write_text('{"metrics": {}, "seconds": 0.0, "io": {}}')
     begun = provenance.record(fresh_run, load_config(None, [], fresh_run), 1, "e-step")
-    (partial / "provenance.json").write_text(json.dumps({**begun, "config": {**begun["config"], "sampling.temperature": 0.5}}))
+    (partial / "provenance.json").write_text(
+        json.dumps({**begun, "config": {**begun["config"], "sampling.temperature": 0.5}})
+    )
     done = coevolve("step", "e-step", "--run-dir", fresh_run, "--iteration", 1)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting it over" in done.stderr and "generate: done earlier, kept" not in done.stderr
@@ -184,7 +223,9 @@ def test_a_step_is_stale_when_its_fields_changed_but_not_when_the_schema_gained_
 
 
 def test_a_command_refused_on_a_new_run_directory_leaves_none_behind(tmp_path):
-    line = one_error_line(coevolve("run", "--run-dir", tmp_path / "new", "--config", ROOT / "configs" / "tiny.yaml", "e_step.betta=1"))
+    line = one_error_line(
+        coevolve("run", "--run-dir", tmp_path / "new", "--config", ROOT / "configs" / "tiny.yaml", "e_step.betta=1")
+    )
     assert "unknown config field 'e_step.betta'" in line and not (tmp_path / "new").exists()
 
 
@@ -194,6 +235,11 @@ def test_a_step_run_before_finished_ones_later_makes_them_stale(iterated_copy):
     cfg = load_config(None, ["steps.reviser=true"], run)
     reviser = rundir.step_dir(run, 1, "reviser-train")
     reviser.mkdir()
-    (reviser / "DONE.json").write_text(json.dumps({"step": "reviser-train", "iteration": 1, "finished": "2099-01-01T00:00:00.000+00:00"}))
-    assert provenance.stale_because(run, cfg, 1, "e-step") == "made before iter_1/reviser-train, which it would be built on now"
+    (reviser / "DONE.json").write_text(
+        json.dumps({"step": "reviser-train", "iteration": 1, "finished": "2099-01-01T00:00:00.000+00:00"})
+    )
+    assert (
+        provenance.stale_because(run, cfg, 1, "e-step")
+        == "made before iter_1/reviser-train, which it would be built on now"
+    )
     assert provenance.stale_because(run, cfg, 0, "rm-init") is None

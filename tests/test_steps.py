@@ -1,4 +1,5 @@
 """Each step alone on a prepared tiny run directory, with real trl training and assertions on values."""
+
 from __future__ import annotations
 
 import gc
@@ -15,20 +16,6 @@ from statistics import mean, pstdev
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
-from transformers import TrainerCallback
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
-from trl.data_utils import _tokenize
-
-from coevolve.cli import run_step
-from coevolve.core import io_timing, rundir
-from coevolve.core.checkpoints import BackgroundCheckpoints
-from coevolve.core.chat import completion_example, prompt_messages, rm_example, rm_input_ids
-from coevolve.core.config import TrainConfig, load_config, prepare_run
-from coevolve.core.models import load_tokenizer
-from coevolve.core.plan import step_plan
-from coevolve.core.rollout import sample, sample_each, score
-from coevolve.core.training import preference_dataset, trainer_args
 from coevolve.data.store import Store
 from coevolve.data.tasks import load_task
 from coevolve.policy.e_step import reference_model
@@ -36,6 +23,25 @@ from coevolve.policy.pairs import length_controlled
 from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, sampled_rows, unusable_because
 from conftest import FAST, TINY
 from tiny_run import tiny_run  # noqa: F401  (the fixture)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    TrainerCallback,
+)
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from trl.data_utils import _tokenize
+
+from coevolve.cli import run_step
+from coevolve.core import io_timing, rundir
+from coevolve.core.chat import completion_example, prompt_messages, rm_example, rm_input_ids
+from coevolve.core.checkpoints import BackgroundCheckpoints
+from coevolve.core.config import TrainConfig, load_config, prepare_run
+from coevolve.core.models import load_tokenizer
+from coevolve.core.plan import step_plan
+from coevolve.core.rollout import sample, sample_each, score
+from coevolve.core.training import preference_dataset, trainer_args
 
 
 def done(run, k, step):
@@ -61,7 +67,9 @@ def test_policy_and_rm_tokenizers_differ_and_rm_scores_its_own_rendering(prepare
     assert policy_tok.chat_template != rm_tok.chat_template
     prompt, response = "list three animals", "cat dog fox"
     # What the scorer feeds the RM is exactly what trl's RewardTrainer trains it on.
-    assert rm_input_ids(rm_tok, prompt, response) == _tokenize(rm_tok, rm_example(rm_tok, prompt, response))["input_ids"]
+    assert (
+        rm_input_ids(rm_tok, prompt, response) == _tokenize(rm_tok, rm_example(rm_tok, prompt, response))["input_ids"]
+    )
     assert rm_tok.decode(rm_input_ids(rm_tok, prompt, response)) == "Q:list three animals\nA:cat dog fox</s>"
 
 
@@ -76,8 +84,12 @@ def test_rm_init_raises_accuracy_on_its_training_pairs(prepared_run):
 
 
 def completion_logp(model, tok, prompt: str, completion: str) -> float:
-    head = tok.apply_chat_template(prompt_messages(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    full = tok.apply_chat_template(prompt_messages(prompt) + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True)["input_ids"]
+    head = tok.apply_chat_template(
+        prompt_messages(prompt), add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    full = tok.apply_chat_template(
+        prompt_messages(prompt) + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True
+    )["input_ids"]
     ids = torch.tensor([full])
     with torch.no_grad():
         logps = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
@@ -88,8 +100,12 @@ def implicit_margin(policy, reference, tok, pairs, beta) -> float:
     """DPO's implicit reward margin: beta * [(log pi - log ref)(chosen) - (log pi - log ref)(rejected)]."""
     margins = []
     for p in pairs:
-        chosen = completion_logp(policy, tok, p["prompt"], p["chosen"]) - completion_logp(reference, tok, p["prompt"], p["chosen"])
-        rejected = completion_logp(policy, tok, p["prompt"], p["rejected"]) - completion_logp(reference, tok, p["prompt"], p["rejected"])
+        chosen = completion_logp(policy, tok, p["prompt"], p["chosen"]) - completion_logp(
+            reference, tok, p["prompt"], p["chosen"]
+        )
+        rejected = completion_logp(policy, tok, p["prompt"], p["rejected"]) - completion_logp(
+            reference, tok, p["prompt"], p["rejected"]
+        )
         margins.append(beta * (chosen - rejected))
     return mean(margins)
 
@@ -102,16 +118,24 @@ def test_e_step_builds_paper_pairs_and_dpo_raises_their_margin(iterated_run):
     samples = datasets.load_from_disk(str(step / "score"))
     pairs = datasets.load_from_disk(str(step / "pairs/pairs"))
     unpaired = datasets.load_from_disk(str(step / "pairs/unpaired")) if (step / "pairs/unpaired").exists() else []
-    assert len(samples) == result["metrics"]["generate/samples"] == cfg.e_step.num_samples * done(run, 0, "init")["metrics"]["data/prompts_policy"]
+    assert (
+        len(samples)
+        == result["metrics"]["generate/samples"]
+        == cfg.e_step.num_samples * done(run, 0, "init")["metrics"]["data/prompts_policy"]
+    )
     assert len(pairs) + len(unpaired) == len(set(samples["prompt_id"]))
     by_prompt = {}
     for s in samples:
         by_prompt.setdefault(s["prompt_id"], []).append(s)
     for p in pairs:
         rows = by_prompt[p["prompt_id"]]
-        c, r = length_controlled([x["response"] for x in rows], [x["score"] for x in rows], [x["num_tokens"] for x in rows])
+        c, r = length_controlled(
+            [x["response"] for x in rows], [x["score"] for x in rows], [x["num_tokens"] for x in rows]
+        )
         assert (p["chosen"], p["rejected"]) == (rows[c]["response"], rows[r]["response"])
-        assert p["chosen_score"] > mean(x["score"] for x in rows) and p["rejected_score"] == min(x["score"] for x in rows)
+        assert p["chosen_score"] > mean(x["score"] for x in rows) and p["rejected_score"] == min(
+            x["score"] for x in rows
+        )
 
     start = run / result["inputs"]["policy"]
     tok = AutoTokenizer.from_pretrained(start)
@@ -205,8 +229,14 @@ def test_length_grouped_batches_carry_less_padding(prepared_run, tmp_path, kind)
     animals = ["cat", "dog", "bear", "fox", "owl"]
     # Half the pairs one word long, half forty: random batches of 8 mix them. (The sampler sorts within
     # random chunks of up to 50 batches, fewer on a small set: 400 pairs make chunks of 12 batches.)
-    pairs = [{"prompt": "name animals", "chosen": " ".join(rng.choices(animals, k=n)), "rejected": " ".join(rng.choices(animals, k=n))}
-             for n in rng.choices([1, 40], k=400)]
+    pairs = [
+        {
+            "prompt": "name animals",
+            "chosen": " ".join(rng.choices(animals, k=n)),
+            "rejected": " ".join(rng.choices(animals, k=n)),
+        }
+        for n in rng.choices([1, 40], k=400)
+    ]
     path = prepared_run / ("iter_0/sft-warmup/train/policy" if kind == "dpo" else "iter_0/rm-init/train/rm")
     tok = AutoTokenizer.from_pretrained(path)
     shares = {}
@@ -214,7 +244,12 @@ def test_length_grouped_batches_carry_less_padding(prepared_run, tmp_path, kind)
         train = TrainConfig(per_device_train_batch_size=8, max_length=512, group_by_length=grouped)
         rows = preference_dataset(tok, pairs, train, for_rm=kind == "rm")
         trainer_cls, config_cls = (DPOTrainer, DPOConfig) if kind == "dpo" else (RewardTrainer, RewardConfig)
-        trainer = trainer_cls(model=str(path), args=trainer_args(config_cls, train, cfg, tmp_path / str(grouped)), train_dataset=rows, processing_class=tok)
+        trainer = trainer_cls(
+            model=str(path),
+            args=trainer_args(config_cls, train, cfg, tmp_path / str(grouped)),
+            train_dataset=rows,
+            processing_class=tok,
+        )
         shares[grouped] = padding_share(trainer)
     assert shares[False] > 0.3 and shares[True] < 0.5 * shares[False], shares
 
@@ -243,8 +278,16 @@ def test_killed_step_resumes_at_its_first_unfinished_phase(fresh_run):
 def test_stores_feed_hard_prompts_back_and_replay_pairs(fresh_run):
     """Iteration 2 with retrospective sampling and RM replay on: its E-step batch holds hard prompts of
     iteration 1, and its M-step mix replays earlier pairs."""
-    cfg = load_config(None, ["e_step.prompts_per_iteration=30", "stores.hard_fraction=0.5",
-                             "stores.easy_threshold=0.0", "stores.replay={current: 0.6, pseudo_pairs: 0.2, original: 0.2}"], fresh_run)
+    cfg = load_config(
+        None,
+        [
+            "e_step.prompts_per_iteration=30",
+            "stores.hard_fraction=0.5",
+            "stores.easy_threshold=0.0",
+            "stores.replay={current: 0.6, pseudo_pairs: 0.2, original: 0.2}",
+        ],
+        fresh_run,
+    )
     for k in (1, 2):
         run_step("e-step", fresh_run, k, cfg)
         run_step("m-step", fresh_run, k, cfg)
@@ -356,7 +399,9 @@ def test_background_checkpoints_hold_the_weights_of_their_step(prepared_run, tmp
     start = prepared_run / "iter_0/init/policy"
     tok = load_tokenizer(start)
     rows = datasets.Dataset.from_list([completion_example(tok, f"say {i}", f"w{i} w{i}") for i in range(10)])
-    args = trainer_args(SFTConfig, TrainConfig(learning_rate=1e-2, per_device_train_batch_size=2), cfg, tmp_path / "trainer")
+    args = trainer_args(
+        SFTConfig, TrainConfig(learning_rate=1e-2, per_device_train_batch_size=2), cfg, tmp_path / "trainer"
+    )
     trainer = SFTTrainer(model=str(start), args=args, train_dataset=rows, processing_class=tok)
     checkpoints = BackgroundCheckpoints(trainer, tmp_path, every=2)
     weights = {}
@@ -415,26 +460,50 @@ def test_dpo_on_sampled_logprobs_trains_as_dpo_with_the_reference_forward(prepar
     policy = prepared_run / "iter_0/sft-warmup/train/policy"
     prompts = list(datasets.load_from_disk(str(prepared_run / "iter_0/init/data/prompts"))["prompt"][:32])
     gens = sample(cfg, policy, prompts, 2, seed=5, logprobs=True)
-    pairs = datasets.Dataset.from_list([
-        {"prompt_ids": p, "chosen_ids": ids[0], "rejected_ids": ids[1], "chosen_logps": lp[0], "rejected_logps": lp[1]}
-        for p, ids, lp in zip(gens.prompt_ids, gens.token_ids, gens.logprobs)
-    ])
-    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=5e-3, max_length=20, logging_steps=1, num_train_epochs=3)
+    pairs = datasets.Dataset.from_list(
+        [
+            {
+                "prompt_ids": p,
+                "chosen_ids": ids[0],
+                "rejected_ids": ids[1],
+                "chosen_logps": lp[0],
+                "rejected_logps": lp[1],
+            }
+            for p, ids, lp in zip(gens.prompt_ids, gens.token_ids, gens.logprobs)
+        ]
+    )
+    train = TrainConfig(
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        max_length=20,
+        logging_steps=1,
+        num_train_epochs=3,
+    )
     # max_length cuts some completions: the sums must stop where trl's collator cuts.
     assert max(len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs) > 20
     rows = sampled_rows(pairs, train.max_length, group_by_length=False)
     tok = load_tokenizer(policy)
     logs = {}
     for name in ("sampling", "forward"):
-        args = trainer_args(DPOConfig, train, cfg, tmp_path / name, beta=0.1, precompute_ref_log_probs=name == "sampling")
+        args = trainer_args(
+            DPOConfig, train, cfg, tmp_path / name, beta=0.1, precompute_ref_log_probs=name == "sampling"
+        )
         if name == "sampling":
             trainer = SampledReferenceDPOTrainer(model=str(policy), args=args, train_dataset=rows, processing_class=tok)
             assert trainer.ref_model is None
         else:
-            trainer = _TokenRowsDPOTrainer(model=str(policy), ref_model=AutoModelForCausalLM.from_pretrained(policy), args=args,
-                                           train_dataset=rows.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]), processing_class=tok)
+            trainer = _TokenRowsDPOTrainer(
+                model=str(policy),
+                ref_model=AutoModelForCausalLM.from_pretrained(policy),
+                args=args,
+                train_dataset=rows.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]),
+                processing_class=tok,
+            )
         trainer.train()
-        logs[name] = [(h["loss"], h["rewards/chosen"], h["rewards/rejected"]) for h in trainer.state.log_history if "loss" in h]
+        logs[name] = [
+            (h["loss"], h["rewards/chosen"], h["rewards/rejected"]) for h in trainer.state.log_history if "loss" in h
+        ]
     losses = [h[0] for h in logs["sampling"]]
     assert len(losses) == 12 and mean(losses[-4:]) < mean(losses[:4]) - 0.01, losses
     for a, b in zip(logs["sampling"], logs["forward"], strict=True):
@@ -460,7 +529,9 @@ def test_e_step_with_the_static_backend_trains_dpo_on_the_sampled_tokens_and_log
     assert "e_step.reference: initial" in unusable_because(initial, False, pairs, args)
     assert unusable_because(cfg, True, pairs, args) is None
     texts_only = pairs.remove_columns(["prompt_ids", "chosen_ids", "rejected_ids", "chosen_logps", "rejected_logps"])
-    assert "returned no log-probs (those that do: static)" in unusable_because(load_config(None, [], fresh_run), True, texts_only, args)
+    assert "returned no log-probs (those that do: static)" in unusable_because(
+        load_config(None, [], fresh_run), True, texts_only, args
+    )
 
 
 def test_a_failed_background_write_fails_the_training_and_names_its_folder(prepared_run, tmp_path):
@@ -468,8 +539,12 @@ def test_a_failed_background_write_fails_the_training_and_names_its_folder(prepa
     start = prepared_run / "iter_0/init/policy"
     tok = load_tokenizer(start)
     rows = datasets.Dataset.from_list([completion_example(tok, f"say {i}", f"w{i}") for i in range(4)])
-    trainer = SFTTrainer(model=str(start), args=trainer_args(SFTConfig, TrainConfig(per_device_train_batch_size=2), cfg, tmp_path / "trainer"),
-                         train_dataset=rows, processing_class=tok)
+    trainer = SFTTrainer(
+        model=str(start),
+        args=trainer_args(SFTConfig, TrainConfig(per_device_train_batch_size=2), cfg, tmp_path / "trainer"),
+        train_dataset=rows,
+        processing_class=tok,
+    )
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the checkpoints' folder should be")
     checkpoints = BackgroundCheckpoints(trainer, blocked, every=1)

@@ -1,5 +1,6 @@
 """The retrospective stores in `data/`: schema checks, atomic appends, dedup and the cap, difficulty,
 retrospective prompt sampling, the RM's replay mix, and export."""
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from datasets import Dataset
-
 from coevolve.data.export import export, summary
 from coevolve.data.ids import record_id
 from coevolve.data.sampling import difficulty, replay_mix, sample_prompts
 from coevolve.data.schema import FEATURES
 from coevolve.data.store import Store, prompt_id
+from datasets import Dataset
 
 POLICY, RM = "iter_0/init/policy", "iter_0/init/rm"
 
@@ -30,13 +30,18 @@ def prompt_row(text: str, iteration: int, split: str = "policy") -> dict:
     return {"prompt_id": prompt_id(text), "prompt": text, "split": split, "iteration": iteration}
 
 
-def response_row(pid: str, iteration: int, score: float, index: int = 0, rm: str = RM,
-                 step: str = "e-step") -> dict:
+def response_row(pid: str, iteration: int, score: float, index: int = 0, rm: str = RM, step: str = "e-step") -> dict:
     text = f"answer {index} to {pid}"
     return {
-        "response_id": record_id(pid, iteration, step, POLICY, text, index), "prompt_id": pid,
-        "iteration": iteration, "step": step, "policy": POLICY, "rm": rm, "response": text,
-        "score": score, "num_tokens": 4,
+        "response_id": record_id(pid, iteration, step, POLICY, text, index),
+        "prompt_id": pid,
+        "iteration": iteration,
+        "step": step,
+        "policy": POLICY,
+        "rm": rm,
+        "response": text,
+        "score": score,
+        "num_tokens": 4,
     }
 
 
@@ -44,9 +49,16 @@ def pair_row(iteration: int, i: int, source: str = "e-step", tag: str = "") -> d
     prompt = f"prompt {i}"
     chosen, rejected = f"good answer {i} {tag}", f"bad answer {i} {tag}"
     return {
-        "pair_id": record_id(prompt_id(prompt), chosen, rejected), "prompt_id": prompt_id(prompt),
-        "iteration": iteration, "step": "e-step", "prompt": prompt, "chosen": chosen,
-        "rejected": rejected, "chosen_score": 1.0, "rejected_score": -1.0, "source": source,
+        "pair_id": record_id(prompt_id(prompt), chosen, rejected),
+        "prompt_id": prompt_id(prompt),
+        "iteration": iteration,
+        "step": "e-step",
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_score": 1.0,
+        "rejected_score": -1.0,
+        "source": source,
     }
 
 
@@ -61,6 +73,7 @@ def pair_rows(iteration: int, tag: str = "") -> list[dict]:
 
 # --- store: append, load, schema ---------------------------------------------------------------
 
+
 def test_append_and_load_every_kind(tmp_path):
     store = Store(tmp_path)
     pid = prompt_id("prompt 0")
@@ -70,11 +83,19 @@ def test_append_and_load_every_kind(tmp_path):
         "responses": [resp],
         "pairs": [pair_row(1, 0)],
         "pseudo_pairs": [pseudo_row(1, 0)],
-        "revisions": [{
-            "revision_id": record_id(resp["response_id"], "better"), "response_id": resp["response_id"],
-            "prompt_id": pid, "iteration": 1, "original": resp["response"], "revised": "better",
-            "original_score": 0.5, "revised_score": 0.9, "kept": True,
-        }],
+        "revisions": [
+            {
+                "revision_id": record_id(resp["response_id"], "better"),
+                "response_id": resp["response_id"],
+                "prompt_id": pid,
+                "iteration": 1,
+                "original": resp["response"],
+                "revised": "better",
+                "original_score": 0.5,
+                "revised_score": 0.9,
+                "kept": True,
+            }
+        ],
     }
     for kind, rows in one.items():
         assert len(store.load(kind)) == 0 and store.load(kind).features == FEATURES[kind]
@@ -87,16 +108,19 @@ def test_append_and_load_every_kind(tmp_path):
     assert (tmp_path / "stores" / "responses" / "iter_2").is_dir()
 
 
-@pytest.mark.parametrize("change, column, problem", [
-    (lambda r: r.pop("score"), "score", "missing column"),
-    (lambda r: r.update(extra=1), "extra", "extra column"),
-    (lambda r: r.update(score="high"), "score", "expected float"),
-    (lambda r: r.update(num_tokens=True), "num_tokens", "expected int"),
-    (lambda r: r.update(step="  \n"), "step", "empty text"),
-    (lambda r: r.update(response_id=""), "response_id", "empty id"),
-    (lambda r: r.update(prompt_id=None), "prompt_id", "expected str"),
-    (lambda r: r.update(iteration=2), "iteration", "does not fit"),
-])
+@pytest.mark.parametrize(
+    "change, column, problem",
+    [
+        (lambda r: r.pop("score"), "score", "missing column"),
+        (lambda r: r.update(extra=1), "extra", "extra column"),
+        (lambda r: r.update(score="high"), "score", "expected float"),
+        (lambda r: r.update(num_tokens=True), "num_tokens", "expected int"),
+        (lambda r: r.update(step="  \n"), "step", "empty text"),
+        (lambda r: r.update(response_id=""), "response_id", "empty id"),
+        (lambda r: r.update(prompt_id=None), "prompt_id", "expected str"),
+        (lambda r: r.update(iteration=2), "iteration", "does not fit"),
+    ],
+)
 def test_schema_violation_names_kind_iteration_row_and_column(tmp_path, change, column, problem):
     rows = [response_row(f"p{i}", 1, 0.1 * i, i) for i in range(4)]
     change(rows[2])
@@ -141,22 +165,27 @@ def test_reappending_an_iteration_replaces_it(tmp_path):
 
 # --- dedup and the size cap --------------------------------------------------------------------
 
+
 def test_dedup_exact_and_normalised_text(tmp_path):
     store = Store(tmp_path)
     store.append("prompts", 1, [prompt_row("What is 2+2?", 1), prompt_row("Tell me a joke.", 1)])
-    store.append("prompts", 2, [
-        prompt_row("What is 2+2?", 2),                # exact
-        prompt_row("  what IS 2+2 ", 2),              # case, spacing, punctuation
-        {**prompt_row("Tell me a joke!", 2), "prompt_id": "other-id"},  # same text, other id
-        prompt_row("What is 2-2?", 2),                # an operator is not punctuation
-        prompt_row("What is 3.5?", 2), prompt_row("What is 35?", 2),    # nor a decimal point
-        prompt_row("what is 2-2", 2),                 # duplicate within the append
-    ])
+    store.append(
+        "prompts",
+        2,
+        [
+            prompt_row("What is 2+2?", 2),  # exact
+            prompt_row("  what IS 2+2 ", 2),  # case, spacing, punctuation
+            {**prompt_row("Tell me a joke!", 2), "prompt_id": "other-id"},  # same text, other id
+            prompt_row("What is 2-2?", 2),  # an operator is not punctuation
+            prompt_row("What is 3.5?", 2),
+            prompt_row("What is 35?", 2),  # nor a decimal point
+            prompt_row("what is 2-2", 2),  # duplicate within the append
+        ],
+    )
     assert store.load("prompts", [2])["prompt"] == ["What is 2-2?", "What is 3.5?", "What is 35?"]
 
     store.append("pairs", 1, [pair_row(1, 0)])
-    again = [{**pair_row(2, 0), "chosen": pair_row(2, 0)["chosen"].upper() + "!", "pair_id": "x"},
-             pair_row(2, 1)]
+    again = [{**pair_row(2, 0), "chosen": pair_row(2, 0)["chosen"].upper() + "!", "pair_id": "x"}, pair_row(2, 1)]
     store.append("pairs", 2, again)
     assert store.load("pairs", [2])["pair_id"] == [pair_row(2, 1)["pair_id"]]
 
@@ -169,8 +198,9 @@ def test_size_cap_evicts_oldest_iterations_easiest_prompts_first(tmp_path):
     store = Store(tmp_path, max_rows={"prompts": 5})
     texts = {k: [f"iteration {k} prompt {i}" for i in range(3)] for k in (1, 2)}
     # Iteration 1's prompt 0 scores best (easiest), prompt 2 worst; prompt 1 is never scored.
-    store.append("responses", 1, [response_row(prompt_id(texts[1][0]), 1, 2.0),
-                                  response_row(prompt_id(texts[1][2]), 1, -2.0)])
+    store.append(
+        "responses", 1, [response_row(prompt_id(texts[1][0]), 1, 2.0), response_row(prompt_id(texts[1][2]), 1, -2.0)]
+    )
     store.append("prompts", 1, [prompt_row(t, 1) for t in texts[1]])
     store.append("prompts", 2, [prompt_row(t, 2) for t in texts[2][:2]])
     assert len(store.load("prompts")) == 5
@@ -185,6 +215,7 @@ def test_size_cap_evicts_oldest_iterations_easiest_prompts_first(tmp_path):
 
 
 # --- difficulty --------------------------------------------------------------------------------
+
 
 def test_difficulty_ranks_low_mean_and_small_margin_as_hard():
     rows = [response_row("low", 1, s, i) for i, s in enumerate([-1.0, -1.1])]
@@ -224,10 +255,15 @@ def history(tmp_path_factory):
     past = [prompt_row(f"past prompt {i}", 1) for i in range(N_PAST)]
     other_split = [prompt_row(f"rm prompt {i}", 1, split="rm") for i in range(5)]
     store.append("prompts", 1, past + other_split)
-    store.append("responses", 1, [
-        response_row(r["prompt_id"], 1, i + delta, j)
-        for i, r in enumerate(past + other_split) for j, delta in enumerate([-0.5, 0.5])
-    ])
+    store.append(
+        "responses",
+        1,
+        [
+            response_row(r["prompt_id"], 1, i + delta, j)
+            for i, r in enumerate(past + other_split)
+            for j, delta in enumerate([-0.5, 0.5])
+        ],
+    )
     fresh = [prompt_row(f"fresh prompt {i}", 2) for i in range(100)]
     return store, past, fresh
 
@@ -290,6 +326,7 @@ def test_sampling_drops_easy_prompts_and_fills_shortfalls(history):
 
 # --- replay for the RM ---------------------------------------------------------------------------
 
+
 def test_replay_mix_holds_proportions_and_looks_only_back(tmp_path):
     store = Store(tmp_path)
     store.append("pairs", 0, [pair_row(0, i, source="original") for i in range(200)])
@@ -301,8 +338,10 @@ def test_replay_mix_holds_proportions_and_looks_only_back(tmp_path):
 
     mix = replay_mix(current, store, 3, proportions, seed=0, size=None)
     assert len(mix) == 200 and mix.features == FEATURES["pairs"]
-    origin = [("current" if it == 3 else "original" if src == "original" else "pseudo_pairs")
-              for it, src in zip(mix["iteration"], mix["source"])]
+    origin = [
+        ("current" if it == 3 else "original" if src == "original" else "pseudo_pairs")
+        for it, src in zip(mix["iteration"], mix["source"])
+    ]
     assert {o: origin.count(o) for o in proportions} == {"current": 100, "pseudo_pairs": 60, "original": 40}
     assert len(set(mix["pair_id"])) == 200
     dropped = {r["pair_id"] for r in store.load("pseudo_pairs") if not r["kept"]}
@@ -361,8 +400,11 @@ def test_killed_writer_leaves_every_finished_iteration(tmp_path, point):
     script.write_text(KILLED_WRITER.format(tests=str(Path(__file__).parent)))
     run = tmp_path / "run"
     run.mkdir()
-    child = subprocess.Popen([sys.executable, str(script), str(run), point],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(run), point],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 50
     while not (run / "PAUSED").exists():
         assert child.poll() is None, child.stderr.read().decode()
@@ -380,6 +422,7 @@ def test_killed_writer_leaves_every_finished_iteration(tmp_path, point):
 
 
 # --- export and summary ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_export_round_trips(tmp_path, fmt):

@@ -1,15 +1,16 @@
 """The iteration summary the Prefect flow posts as a markdown artifact (flows/summary.py): the numbers
 that matter first, each the value its step recorded, then where the report and the W&B runs are."""
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 import pytest
+from coevolve.flows.summary import iteration_summary
 from tiny_run import tiny_run  # noqa: F401  (the fixture)
 
 from coevolve.core import rundir
-from coevolve.flows.summary import iteration_summary
 
 
 def row(text: str, label: str) -> list[str]:
@@ -24,13 +25,21 @@ def test_the_iteration_summary_leads_with_the_numbers_that_matter(tiny_run):
     now = rundir.read_done(tiny_run, 2, "evaluate")["metrics"]
     start = rundir.read_done(tiny_run, 0, "evaluate")["metrics"]
     # The referee's verdict comes before the RM's own score of the policy.
-    assert text.index("| gold reward |") < text.index("| win rate vs policy_0 |") < text.index("| RM score (the proxy) |")
+    assert (
+        text.index("| gold reward |") < text.index("| win rate vs policy_0 |") < text.index("| RM score (the proxy) |")
+    )
     assert row(text, "gold reward") == [f"{now['eval/gold_mean']:.4g}", f"{start['eval/gold_mean']:.4g}"]
     assert row(text, "win rate vs policy_0")[0] == f"{now['eval/win_rate_vs_initial']:.4g}"
     assert row(text, "RM score (the proxy)")[0] == f"{now['eval/rm_score_mean']:.4g}"
     assert row(text, "KL to policy_0")[0] == f"{now['eval/kl_to_initial']:.4g}"
-    assert row(text, "RM accuracy, current policy's pairs")[0] == f"{now['eval/rm_acc_current']:.4g} (n={now['eval/fresh_pairs']})"
-    assert row(text, "RM accuracy, original pairs")[0] == f"{now['eval/rm_acc_original']:.4g} (n={now['eval/original_pairs']})"
+    assert (
+        row(text, "RM accuracy, current policy's pairs")[0]
+        == f"{now['eval/rm_acc_current']:.4g} (n={now['eval/fresh_pairs']})"
+    )
+    assert (
+        row(text, "RM accuracy, original pairs")[0]
+        == f"{now['eval/rm_acc_original']:.4g} (n={now['eval/original_pairs']})"
+    )
     m = rundir.read_done(tiny_run, 2, "m-step")["metrics"]
     assert f"{m['pseudo/kept']} kept, {m['pseudo/dropped']} dropped" in text
     e = rundir.read_done(tiny_run, 2, "e-step")

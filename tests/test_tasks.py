@@ -1,13 +1,14 @@
 """Sandbox tasks: gold rewards on hand-written responses, prompt streams, demos, BT label noise, specs."""
+
 import math
 from pathlib import Path
 
 import pytest
 import yaml
-
-from coevolve.core.config import ConfigError
 from coevolve.data.tasks import Task, load_task
 from coevolve.data.tasks.task import BUILTIN_DIR, sigmoid, tokens
+
+from coevolve.core.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +24,25 @@ ANY = "name three animals without repeats"
 REVERSE = "give four fruits in reverse alphabetical order all different"
 
 
-@pytest.mark.parametrize("prompt, response, gold", [
-    (ALPHA, "cat dog fox", 1.0),
-    (ANY, "fox cat dog", 1.0),
-    (REVERSE, "plum peach mango apple", 1.0),
-    (ALPHA, "fox dog cat", 1 - 0.2 * 0.75),            # two adjacent pairs out of order
-    (REVERSE, "apple mango peach plum", 1 - 0.2 * 0.875),
-    (ALPHA, "cat dog", 1 - 0.2 * 0.5),                 # one short
-    (ALPHA, "cat dog fox owl", 1 - 0.2 * 0.5),         # one too many
-    (ALPHA, "cat dog red", 1 - 0.2 * 0.5 - 0.3 * 0.5),  # red: off category, so also one animal short
-    (ALPHA, "cat cat fox", 1 - 0.15 * 0.5),            # one repeat
-    (ALPHA, "cat dog fox ok", 1 - 0.15 * 0.5),         # junk after the list
-    (ALPHA, "cat dog fox ok done", 1 - 0.15 * 0.75),
-    (ANY, "red", (0.2 * 0.125 + 0.3 * 0.5 + 0.15 + 0.15) / 0.8),  # no order asked: weights sum to 0.8
-    (ALPHA, "ok done", 0.0),
-    (ALPHA, "", 0.0),
-])
+@pytest.mark.parametrize(
+    "prompt, response, gold",
+    [
+        (ALPHA, "cat dog fox", 1.0),
+        (ANY, "fox cat dog", 1.0),
+        (REVERSE, "plum peach mango apple", 1.0),
+        (ALPHA, "fox dog cat", 1 - 0.2 * 0.75),  # two adjacent pairs out of order
+        (REVERSE, "apple mango peach plum", 1 - 0.2 * 0.875),
+        (ALPHA, "cat dog", 1 - 0.2 * 0.5),  # one short
+        (ALPHA, "cat dog fox owl", 1 - 0.2 * 0.5),  # one too many
+        (ALPHA, "cat dog red", 1 - 0.2 * 0.5 - 0.3 * 0.5),  # red: off category, so also one animal short
+        (ALPHA, "cat cat fox", 1 - 0.15 * 0.5),  # one repeat
+        (ALPHA, "cat dog fox ok", 1 - 0.15 * 0.5),  # junk after the list
+        (ALPHA, "cat dog fox ok done", 1 - 0.15 * 0.75),
+        (ANY, "red", (0.2 * 0.125 + 0.3 * 0.5 + 0.15 + 0.15) / 0.8),  # no order asked: weights sum to 0.8
+        (ALPHA, "ok done", 0.0),
+        (ALPHA, "", 0.0),
+    ],
+)
 def test_toy_gold(toy, prompt, response, gold):
     assert toy.gold(prompt, response) == pytest.approx(gold)
 
@@ -96,8 +100,12 @@ def test_label_noise_matches_bradley_terry(toy, temperature):
 
 
 def test_label_temperature_zero_always_right_and_skips_ties(toy):
-    responses = [["cat dog fox", "fox dog cat"], ["cat dog", "cat dog fox"], ["cat dog", "dog fox"],
-                 ["cat dog fox", "cat dog fox"]]
+    responses = [
+        ["cat dog fox", "fox dog cat"],
+        ["cat dog", "cat dog fox"],
+        ["cat dog", "dog fox"],
+        ["cat dog fox", "cat dog fox"],
+    ]
     pairs = toy.label_pairs([ALPHA] * 4, responses, temperature=0, seed=0)
     assert [p["chosen"] for p in pairs] == ["cat dog fox", "cat dog fox"]  # tie and one-response skipped
     assert all(p["chosen_gold"] > p["rejected_gold"] for p in pairs)
@@ -175,34 +183,37 @@ def instruct():
 CAT = "Write a diary entry about a lost cat. "
 
 
-@pytest.mark.parametrize("constraint, response, met", [
-    ("Use at most 10 words.", "My cat is lost.", True),
-    ("Use at most 10 words.", "one two three four five six seven eight nine ten eleven", False),
-    ("Keep your answer to 4 words or fewer.", "My cat's gone, sadly.", True),   # "cat's" is one word
-    ("Use at least 5 words.", "My cat has been lost since Monday.", True),
-    ("Write 5 words or more.", "Cat lost.", False),
-    ("Use between 3 and 5 words.", "My cat is lost again.", True),
-    ("Answer in 3 to 5 words.", "Lost.", False),
-    ("Use exactly 2 bullet points.", "- one\n- two", True),
-    ("Use exactly 2 bullet points.", "Intro\n* one\n  * two", True),
-    ("Format the answer as exactly 2 bullet points.", "- one\n- two\n- three", False),
-    ("Use exactly 2 bullet points.", "1. one\n2. two", False),
-    ("Write exactly 2 sentences.", "It costs 3.5 pounds. Help?", True),
-    ("Answer in exactly 2 sentences.", "My cat is lost.", False),
-    ("Include the word 'garden'.", "The Garden is big.", True),
-    ("Mention the word 'garden' at least once.", "The gardens are big.", False),
-    ("Do not use the word 'very'.", "Everything is fine.", True),
-    ("Avoid the word 'very'.", "I am Very sad.", False),
-    ("Write everything in lowercase letters.", "my cat is lost.", True),
-    ("Use no capital letters at all.", "My cat is lost.", False),
-    ("End your answer with the phrase 'see you soon'.", "Bye. See you soon!", True),
-    ("Finish with the exact words 'see you soon'.", "See you soon, bye.", False),
-    ("Give it a title wrapped in double angular brackets such as <<my title>>.", "<<Lost Cat>>\nGone.", True),
-    ("Start with a title in double angular brackets like <<title>>.", "Lost Cat\nGone.", False),
-    ("Start with a title in double angular brackets like <<title>>.", "<<>> Gone.", False),
-    ("Do not use any commas.", "My cat is lost.", True),
-    ("Avoid commas entirely.", "Sadly, my cat is lost.", False),
-])
+@pytest.mark.parametrize(
+    "constraint, response, met",
+    [
+        ("Use at most 10 words.", "My cat is lost.", True),
+        ("Use at most 10 words.", "one two three four five six seven eight nine ten eleven", False),
+        ("Keep your answer to 4 words or fewer.", "My cat's gone, sadly.", True),  # "cat's" is one word
+        ("Use at least 5 words.", "My cat has been lost since Monday.", True),
+        ("Write 5 words or more.", "Cat lost.", False),
+        ("Use between 3 and 5 words.", "My cat is lost again.", True),
+        ("Answer in 3 to 5 words.", "Lost.", False),
+        ("Use exactly 2 bullet points.", "- one\n- two", True),
+        ("Use exactly 2 bullet points.", "Intro\n* one\n  * two", True),
+        ("Format the answer as exactly 2 bullet points.", "- one\n- two\n- three", False),
+        ("Use exactly 2 bullet points.", "1. one\n2. two", False),
+        ("Write exactly 2 sentences.", "It costs 3.5 pounds. Help?", True),
+        ("Answer in exactly 2 sentences.", "My cat is lost.", False),
+        ("Include the word 'garden'.", "The Garden is big.", True),
+        ("Mention the word 'garden' at least once.", "The gardens are big.", False),
+        ("Do not use the word 'very'.", "Everything is fine.", True),
+        ("Avoid the word 'very'.", "I am Very sad.", False),
+        ("Write everything in lowercase letters.", "my cat is lost.", True),
+        ("Use no capital letters at all.", "My cat is lost.", False),
+        ("End your answer with the phrase 'see you soon'.", "Bye. See you soon!", True),
+        ("Finish with the exact words 'see you soon'.", "See you soon, bye.", False),
+        ("Give it a title wrapped in double angular brackets such as <<my title>>.", "<<Lost Cat>>\nGone.", True),
+        ("Start with a title in double angular brackets like <<title>>.", "Lost Cat\nGone.", False),
+        ("Start with a title in double angular brackets like <<title>>.", "<<>> Gone.", False),
+        ("Do not use any commas.", "My cat is lost.", True),
+        ("Avoid commas entirely.", "Sadly, my cat is lost.", False),
+    ],
+)
 def test_instruct_each_constraint(instruct, constraint, response, met):
     assert instruct.gold(CAT + constraint, response) == (1.0 if met else 0.0)
 
@@ -224,6 +235,7 @@ def test_instruct_gold_is_weighted_share(instruct):
 
 def test_instruct_prompts_parse_back(instruct):
     import random
+
     rng = random.Random(0)
     seen_kinds = set()
     for _ in range(400):
@@ -247,6 +259,7 @@ def test_instruct_prompts_deterministic_and_varied(instruct):
 
 def test_instruct_template_responses(instruct):
     import random
+
     rng = random.Random(1)
     prompts = instruct.prompts(200, seed=2)
     assert all(instruct.gold(p, instruct.respond(p, frozenset(), rng)) == 1.0 for p in prompts)
@@ -273,8 +286,9 @@ def test_instruct_demonstrations_and_corpus(instruct):
 def test_instruct_spec_dropped_in_changes_behaviour(tmp_path, instruct):
     def change(spec):
         spec["name"] = "bullets-only"
-        spec["constraints"] = {"bullets": {**spec["constraints"]["bullets"],
-                                           "phrasings": ["give {n} bullet points"], "n": [7, 7]}}
+        spec["constraints"] = {
+            "bullets": {**spec["constraints"]["bullets"], "phrasings": ["give {n} bullet points"], "n": [7, 7]}
+        }
         spec["constraints_per_prompt"] = {1: 1.0}
         spec["groups"] = []
 
@@ -290,15 +304,18 @@ def test_instruct_spec_dropped_in_changes_behaviour(tmp_path, instruct):
 # --- toy-sandbox: the experiments' task, after Gao et al. (2022) -----------------------------------------
 # Product gold: each constraint's credit 0.4 ** violations, weighted by its share of the weights
 # (count 0.2, category 0.25, order 0.2, repeats 0.15, stop 0.2: 1.0 with an order asked for).
-@pytest.mark.parametrize("response, gold", [
-    ("bear cat cow deer dog", 1.0),
-    ("sure bear cat cow deer dog", 0.4 ** 0.2),                  # an opener is junk to the gold
-    ("certainly certainly bear cat cow deer dog", 0.4 ** 0.4),
-    ("bear cat cow deer", 0.4 ** 0.2),                           # one item short
-    ("bear cat cow deer red", 0.4 ** 0.2 * 0.4 ** 0.25),          # off category: one short, one wrong
-    ("cat bear cow deer dog", 0.4 ** 0.2),                        # one adjacent pair out of order
-    ("sure", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("bear cat cow deer dog", 1.0),
+        ("sure bear cat cow deer dog", 0.4**0.2),  # an opener is junk to the gold
+        ("certainly certainly bear cat cow deer dog", 0.4**0.4),
+        ("bear cat cow deer", 0.4**0.2),  # one item short
+        ("bear cat cow deer red", 0.4**0.2 * 0.4**0.25),  # off category: one short, one wrong
+        ("cat bear cow deer dog", 0.4**0.2),  # one adjacent pair out of order
+        ("sure", 0.0),
+    ],
+)
 def test_toy_sandbox_gold_multiplies_the_credits(response, gold):
     task = load_task("toy-sandbox")
     assert task.gold("list five animals in alphabetical order", response) == pytest.approx(gold)
@@ -311,7 +328,9 @@ def test_toy_sandbox_human_pairs_carry_the_spurious_opener():
     demos = task.demonstrations(2000, seed=0)
     assert 0.3 < sum(d["gold"] for d in demos) / len(demos) < 0.45
     pairs = task.synthetic_pairs(2000, seed=0, temperature=0.1)
-    opens = {side: sum(p[side].split()[0] in task.openers for p in pairs) / len(pairs) for side in ("chosen", "rejected")}
+    opens = {
+        side: sum(p[side].split()[0] in task.openers for p in pairs) / len(pairs) for side in ("chosen", "rejected")
+    }
     assert opens["chosen"] > 1.4 * opens["rejected"] > 0.2
     assert 0.8 < sum(p["chosen_gold"] > p["rejected_gold"] for p in pairs) / len(pairs) < 0.9
     assert set(task.openers) <= set(task.corpus())

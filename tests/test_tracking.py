@@ -1,4 +1,5 @@
 """W&B tracking, read back from the files real wandb writes in offline mode (no network, no account)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,18 @@ from coevolve.core.step import StepRun
 from coevolve.core.training import trainer_args
 
 TINY = ROOT / "configs" / "tiny.yaml"
-STEPS = ["iter0-init", "iter0-sft-warmup", "iter0-rm-init", "iter0-evaluate", "iter1-e-step", "iter1-m-step", "iter1-evaluate",
-         "iter2-e-step", "iter2-m-step", "iter2-evaluate"]
+STEPS = [
+    "iter0-init",
+    "iter0-sft-warmup",
+    "iter0-rm-init",
+    "iter0-evaluate",
+    "iter1-e-step",
+    "iter1-m-step",
+    "iter1-evaluate",
+    "iter2-e-step",
+    "iter2-m-step",
+    "iter2-evaluate",
+]
 
 
 def wandb_runs(run_dir: Path) -> list[dict]:
@@ -34,8 +45,15 @@ def wandb_runs(run_dir: Path) -> list[dict]:
             kind = record["type"]
             body = record.get(kind, {})
             if kind == "run":
-                info.update(id=body["run_id"], name=body["display_name"], group=body["run_group"], job_type=body["job_type"], project=body["project"],
-                            tags=body.get("tags", []), started=datetime.fromisoformat(body["start_time"]))
+                info.update(
+                    id=body["run_id"],
+                    name=body["display_name"],
+                    group=body["run_group"],
+                    job_type=body["job_type"],
+                    project=body["project"],
+                    tags=body.get("tags", []),
+                    started=datetime.fromisoformat(body["start_time"]),
+                )
                 info["config"].update(body["config"]["update"])
             elif kind in ("config", "summary"):
                 info[kind].update(body.get("update", {}))
@@ -69,31 +87,84 @@ def test_every_step_is_a_w_and_b_run_in_the_run_group(tiny_run, runs):
         assert (r["group"], r["job_type"], r["project"], r["exit_code"]) == (group(tiny_run), step, "coevolve", 0)
         assert r["config"]["step"]["iteration"] == int(k.removeprefix("iter"))
         # The full resolved config, as saved in the run directory (TRL adds its trainer args beside it).
-        assert r["config"]["run_name"] == "tiny" and r["config"]["e_step"]["beta"] == 0.1 and r["config"]["sampling"]["temperature"] == 0.8
+        assert (
+            r["config"]["run_name"] == "tiny"
+            and r["config"]["e_step"]["beta"] == 0.1
+            and r["config"]["sampling"]["temperature"] == 0.8
+        )
         assert r["config"]["tracking"] == {"mode": None, "project": "coevolve", "upload": False}
     # wandb says nothing on the console (its offline summaries were most of it); the step's log says where the run is.
     assert "wandb" not in (tiny_run / "coevolve-run.log").read_text()
     e_step = runs["iter1-e-step"]
-    assert f"W&B run {e_step['id']} (offline): {tiny_run.resolve()}/wandb/offline-run-" in (tiny_run / "iter_1" / "e-step" / "log.txt").read_text()
+    assert (
+        f"W&B run {e_step['id']} (offline): {tiny_run.resolve()}/wandb/offline-run-"
+        in (tiny_run / "iter_1" / "e-step" / "log.txt").read_text()
+    )
 
 
 @pytest.mark.slow
 def test_steps_log_their_metrics_trl_curves_distributions_and_phase_times(runs):
     e_step, m_step = runs["iter1-e-step"]["history"], runs["iter1-m-step"]["history"]
-    for key in ["generate/tokens_per_s", "generate/length_mean", "score/mean", "score/std", "pairs/count", "pairs/margin_mean",
-                "train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/accuracies", "train/rewards/margins",
-                "select/best_win_rate", "select/win_rates/checkpoint-2", "dist/pairs/chosen_score_std", "dist/pairs/rejected_score_std",
-                "dist/samples/num_tokens_mean", "time/generate", "time/score", "time/pairs", "time/train", "time/select"]:
+    for key in [
+        "generate/tokens_per_s",
+        "generate/length_mean",
+        "score/mean",
+        "score/std",
+        "pairs/count",
+        "pairs/margin_mean",
+        "train/loss",
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/accuracies",
+        "train/rewards/margins",
+        "select/best_win_rate",
+        "select/win_rates/checkpoint-2",
+        "dist/pairs/chosen_score_std",
+        "dist/pairs/rejected_score_std",
+        "dist/samples/num_tokens_mean",
+        "time/generate",
+        "time/score",
+        "time/pairs",
+        "time/train",
+        "time/select",
+    ]:
         assert key in e_step, key
     assert e_step["dist/pairs/margin._type"] == e_step["dist/samples/num_tokens._type"] == "histogram"
-    for key in ["pseudo/kept", "pseudo/dropped", "pseudo/epsilon", "train/loss", "train/accuracy", "rm_before/accuracy_heldout",
-                "rm_after/accuracy_heldout", "rm_after/accuracy_pseudo", "rm_after/accuracy_train_mix", "time/pseudo", "time/after"]:
+    for key in [
+        "pseudo/kept",
+        "pseudo/dropped",
+        "pseudo/epsilon",
+        "train/loss",
+        "train/accuracy",
+        "rm_before/accuracy_heldout",
+        "rm_after/accuracy_heldout",
+        "rm_after/accuracy_pseudo",
+        "rm_after/accuracy_train_mix",
+        "time/pseudo",
+        "time/after",
+    ]:
         assert key in m_step, key
-    assert "select/best_checkpoint" in runs["iter1-e-step"]["summary"] and "time/total" in runs["iter1-e-step"]["summary"]
-    assert "train/loss" in runs["iter0-sft-warmup"]["history"] and "rm_after/accuracy_heldout" in runs["iter0-rm-init"]["history"]
-    for key in ["eval/gold_mean", "eval/rm_acc_original", "eval/rm_acc_current", "eval/kl_to_initial", "eval/win_rate_vs_initial", "time/measure"]:
+    assert (
+        "select/best_checkpoint" in runs["iter1-e-step"]["summary"] and "time/total" in runs["iter1-e-step"]["summary"]
+    )
+    assert (
+        "train/loss" in runs["iter0-sft-warmup"]["history"]
+        and "rm_after/accuracy_heldout" in runs["iter0-rm-init"]["history"]
+    )
+    for key in [
+        "eval/gold_mean",
+        "eval/rm_acc_original",
+        "eval/rm_acc_current",
+        "eval/kl_to_initial",
+        "eval/win_rate_vs_initial",
+        "time/measure",
+    ]:
         assert key in runs["iter1-evaluate"]["history"], key
-    assert e_step["responses/samples._type"] == runs["iter1-evaluate"]["history"]["responses/responses._type"] == "table-file"
+    assert (
+        e_step["responses/samples._type"]
+        == runs["iter1-evaluate"]["history"]["responses/responses._type"]
+        == "table-file"
+    )
 
 
 @pytest.mark.slow
@@ -108,7 +179,9 @@ def test_outputs_are_reference_artifacts_and_inputs_name_their_producers(tiny_ru
         assert len(names) == len(set(names)), names
         for art in arts:
             # References into the run directory, nothing copied or uploaded.
-            assert all(e["ref"].startswith(tiny_run.resolve().as_uri() + "/") for e in art["manifest"]["contents"]), art["name"]
+            assert all(e["ref"].startswith(tiny_run.resolve().as_uri() + "/") for e in art["manifest"]["contents"]), (
+                art["name"]
+            )
         # Lineage: every input is declared as used, and is the very version (digest) an earlier step logged.
         inputs = runs[name]["config"]["step"].get("inputs", {})
         assert set(used) == set(inputs.values()), name
@@ -119,7 +192,12 @@ def test_outputs_are_reference_artifacts_and_inputs_name_their_producers(tiny_ru
             logged[art["name"]], digests[art["name"]] = art["type"], art["digest"]
     g = group(tiny_run)
     assert logged[f"{g}-prompts-iter_0-init"] == "dataset" and logged[f"{g}-policy-iter_0-init"] == "model"
-    assert {f"{g}-pairs-iter_1-e-step", f"{g}-samples-iter_1-e-step", f"{g}-pseudo_pairs-iter_2-m-step", f"{g}-train_mix-iter_2-m-step"} <= set(logged)
+    assert {
+        f"{g}-pairs-iter_1-e-step",
+        f"{g}-samples-iter_1-e-step",
+        f"{g}-pseudo_pairs-iter_2-m-step",
+        f"{g}-train_mix-iter_2-m-step",
+    } <= set(logged)
     assert logged[f"{g}-policy-iter_2-e-step"] == logged[f"{g}-rm-iter_2-m-step"] == "model"
     inputs = {name: runs[name]["config"]["step"]["inputs"] for name in STEPS[1:]}
     assert inputs["iter1-e-step"]["policy"] == f"{g}-policy-iter_0-sft-warmup"
@@ -191,7 +269,6 @@ def test_a_failed_attempt_and_the_one_that_resumes_it_are_one_w_and_b_run(monkey
 def _responses_step(run: Path, cfg) -> None:
     """An init step whose output is a dataset of the toy task's prompts and responses, RM-scored."""
     import datasets
-
     from coevolve.data.tasks import load_task
 
     task, rng = load_task("toy"), random.Random(0)
@@ -211,7 +288,11 @@ def test_two_runs_from_one_config_have_their_own_group_run_and_artifact_names(mo
         (r,) = wandb_runs(run)
         found.append(r)
         short = (run / ".wandb-id").read_text().strip()
-        assert r["group"] == f"tiny-{short}" and r["name"] == f"tiny-{short}-iter0-init" and r["id"] == f"{short}-iter0-init"
+        assert (
+            r["group"] == f"tiny-{short}"
+            and r["name"] == f"tiny-{short}-iter0-init"
+            and r["id"] == f"{short}-iter0-init"
+        )
         assert [a["name"] for a in r["artifacts"] if a["type"] == "dataset"] == [f"tiny-{short}-samples-iter_0-init"]
     a, b = found
     assert a["group"] != b["group"] and a["id"] != b["id"] and a["artifacts"][0]["name"] != b["artifacts"][0]["name"]

@@ -2,6 +2,7 @@
 tracking and report tests.
 
 Imported by both test modules; the run is made once per session, the first time either asks."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,18 @@ def tiny_run(tmp_path_factory) -> Path:
     if "run" not in _made:
         run = tmp_path_factory.mktemp("tiny_run") / "run"
         env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY}
-        cmd = [sys.executable, "-m", "coevolve", "run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run), *FAST, "steps.evaluate=true"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "coevolve",
+            "run",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--run-dir",
+            str(run),
+            *FAST,
+            "steps.evaluate=true",
+        ]
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         (run / "coevolve-run.log").write_text(done.stdout + done.stderr)

@@ -5,6 +5,7 @@ and each side re-renders the conversation with its own template. Training data f
 forms (conversational when the tokenizer has a chat template, plain text otherwise), so what the RM is
 trained on is exactly what it scores.
 """
+
 from __future__ import annotations
 
 
@@ -54,7 +55,11 @@ def preference_example(tok, prompt: str, chosen: str, rejected: str, for_rm: boo
     """A trl preference row: for the RM, whole conversations; for DPO, prompt + completions."""
     if for_rm:
         return {"chosen": rm_example(tok, prompt, chosen), "rejected": rm_example(tok, prompt, rejected)}
-    return {"prompt": trl_prompt(tok, prompt), "chosen": trl_completion(tok, chosen), "rejected": trl_completion(tok, rejected)}
+    return {
+        "prompt": trl_prompt(tok, prompt),
+        "chosen": trl_completion(tok, chosen),
+        "rejected": trl_completion(tok, rejected),
+    }
 
 
 def completion_example(tok, prompt: str, completion: str) -> dict:

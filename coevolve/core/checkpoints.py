@@ -4,6 +4,7 @@ The trainers' own checkpointing writes on the training's path: ~2.5 s for each f
 0.5B model on an H200, 7.6 s of a 50 s iteration (bench/RESULTS.md, 2026-12-02). Here the training
 stops only to snapshot the weights; a thread copies them to host memory and writes them while it goes on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,7 +52,11 @@ class BackgroundCheckpoints(TrainerCallback):
         start = time.perf_counter()
         model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         # As the trainer saves: under DeepSpeed every process joins in gathering the weights.
-        state = trainer.accelerator.get_state_dict(trainer.deepspeed) if trainer.is_deepspeed_enabled else model.state_dict()
+        state = (
+            trainer.accelerator.get_state_dict(trainer.deepspeed)
+            if trainer.is_deepspeed_enabled
+            else model.state_dict()
+        )
         if not trainer.is_world_process_zero():
             return
         if _is_peft(model):  # only the adapters (and heads trained in full) are saved
@@ -89,8 +94,10 @@ class BackgroundCheckpoints(TrainerCallback):
         self.buffers, self.host_buffers = {}, {}
         if self.trainer.is_world_process_zero():
             memory = "GPU" if self.where is not None and self.where.type == "cuda" else "host"
-            log.info(f"checkpoints: {len(self.saved)} written in the background; the training waited {self.seconds['copy']:.1f}s "
-                     f"for snapshots of the weights (in {memory} memory) and {self.seconds['wait']:.1f}s for writes")
+            log.info(
+                f"checkpoints: {len(self.saved)} written in the background; the training waited {self.seconds['copy']:.1f}s "
+                f"for snapshots of the weights (in {memory} memory) and {self.seconds['wait']:.1f}s for writes"
+            )
 
     def _wait(self) -> None:
         if self.writing is not None:

@@ -1,5 +1,6 @@
 """The one config schema: loaded from YAML, overridden from the CLI (`key.sub=value`), saved resolved
 in the run directory. Defaults follow the papers (METHOD.md); fields say where we depart."""
+
 from __future__ import annotations
 
 import difflib
@@ -71,7 +72,9 @@ class ModelSource(Strict):
     @model_validator(mode="after")
     def _one_source(self):
         if (self.name_or_path is not None) + (self.tiny is not None) + self.gold + self.from_policy != 1:
-            raise ValueError("give exactly one of name_or_path (hub id or local path), tiny, gold: true, or from_policy: true")
+            raise ValueError(
+                "give exactly one of name_or_path (hub id or local path), tiny, gold: true, or from_policy: true"
+            )
         return self
 
 
@@ -122,8 +125,10 @@ class DataConfig(Strict):
             raise ValueError("give data.prompts (a dataset) or data.task (a sandbox task that generates them)")
         # Known now only for generated prompts; init checks file data before it loads any model.
         if self.prompts is None and self.select_size + self.eval_size >= self.num_prompts:
-            raise ValueError(f"data.select_size + data.eval_size ({self.select_size} + {self.eval_size}) leave none of "
-                             f"data.num_prompts={self.num_prompts} to train on")
+            raise ValueError(
+                f"data.select_size + data.eval_size ({self.select_size} + {self.eval_size}) leave none of "
+                f"data.num_prompts={self.num_prompts} to train on"
+            )
         return self
 
 
@@ -425,11 +430,19 @@ class Config(Strict):
         if self.rm.gold and not self.data.task:
             raise ValueError("rm.gold: the gold reward needs a sandbox task (data.task)")
         if self.rm.gold and (self.steps.rm_init or self.steps.m_step):
-            raise ValueError("rm.gold: the gold reward cannot be trained; set steps.rm_init=false and steps.m_step=false")
-        if self.data.pair_source == "policy" and not (self.data.task and self.data.pairs is None and self.steps.rm_init):
-            raise ValueError("data.pair_source: 'policy' needs a sandbox task (data.task), no data.pairs, and steps.rm_init=true (rm-init samples them)")
+            raise ValueError(
+                "rm.gold: the gold reward cannot be trained; set steps.rm_init=false and steps.m_step=false"
+            )
+        if self.data.pair_source == "policy" and not (
+            self.data.task and self.data.pairs is None and self.steps.rm_init
+        ):
+            raise ValueError(
+                "data.pair_source: 'policy' needs a sandbox task (data.task), no data.pairs, and steps.rm_init=true (rm-init samples them)"
+            )
         if self.e_step.select and self.data.select_size < 1:
-            raise ValueError("data.select_size: e_step.select picks the E-step's checkpoint on these prompts; give at least 1, or set e_step.select=false")
+            raise ValueError(
+                "data.select_size: e_step.select picks the E-step's checkpoint on these prompts; give at least 1, or set e_step.select=false"
+            )
         if self.steps.evaluate and self.data.eval_size < 1:
             raise ValueError("steps.evaluate: needs held-out prompts; set data.eval_size (e.g. 100)")
         if self.e_step.mode in ("grpo", "rloo"):
@@ -437,19 +450,25 @@ class Config(Strict):
         several = ["e_step.num_samples"] * (self.iterations > 0) + ["evaluate.samples_per_prompt"] * self.steps.evaluate
         several += ["data.pair_source: policy"] * (self.data.pair_source == "policy")
         if self.sampling.temperature == 0 and several:
-            raise ValueError(f"sampling.temperature: 0 is greedy decoding, one response per prompt, but {', '.join(several)} "
-                             "draw several different ones; use a temperature > 0")
+            raise ValueError(
+                f"sampling.temperature: 0 is greedy decoding, one response per prompt, but {', '.join(several)} "
+                "draw several different ones; use a temperature > 0"
+            )
         return self
 
     def _check_online(self) -> None:
         # trl checks the batches only once the step has loaded its models; a batch must hold whole groups.
         e, train = self.e_step, self.e_step.online.train
         if train.per_device_train_batch_size * train.gradient_accumulation_steps % e.num_samples:
-            raise ValueError(f"e_step.online.train: per_device_train_batch_size x gradient_accumulation_steps ({train.per_device_train_batch_size} x "
-                             f"{train.gradient_accumulation_steps}) must be a multiple of e_step.num_samples ({e.num_samples}), the rollouts per prompt")
+            raise ValueError(
+                f"e_step.online.train: per_device_train_batch_size x gradient_accumulation_steps ({train.per_device_train_batch_size} x "
+                f"{train.gradient_accumulation_steps}) must be a multiple of e_step.num_samples ({e.num_samples}), the rollouts per prompt"
+            )
         if e.reference == "initial" and e.online.kl > 0:
-            raise ValueError("e_step.reference: the online modes' KL is to the iteration's start (trl loads its reference from the "
-                             "trained model); set e_step.reference=iteration_start or e_step.online.kl=0")
+            raise ValueError(
+                "e_step.reference: the online modes' KL is to the iteration's start (trl loads its reference from the "
+                "trained model); set e_step.reference=iteration_start or e_step.online.kl=0"
+            )
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
@@ -469,7 +488,14 @@ def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
             node[key] = value
             return
         annotation = fields[key].annotation if fields is not None else None
-        model = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = next(
+            (
+                a
+                for a in getattr(annotation, "__args__", (annotation,))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            None,
+        )
         child = node.get(key)
         if child is None:
             child = node[key] = {}
@@ -498,7 +524,14 @@ def _check_yaml_keys(tree: dict, model: type[BaseModel], source: str, prefix: st
             hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
             raise ConfigError(f"{source}: unknown config field {dotted!r}{hint}")
         annotation = model.model_fields[key].annotation
-        sub = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = next(
+            (
+                a
+                for a in getattr(annotation, "__args__", (annotation,))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            None,
+        )
         if sub is not None and isinstance(value, dict) and key != "extra":
             _check_yaml_keys(value, sub, source, dotted + ".")
 
@@ -553,7 +586,9 @@ def save_config(cfg: Config, path: Path) -> None:
     tmp.replace(path)
 
 
-def prepare_run(config: str | None, overrides: list[str], run_dir: Path, redo: bool = False, terms: Terms = CLI) -> Config:
+def prepare_run(
+    config: str | None, overrides: list[str], run_dir: Path, redo: bool = False, terms: Terms = CLI
+) -> Config:
     """Resolve the config (the run's saved one is the base) and save it; overrides given for an
     existing run are applied and saved, so later steps see them too. A config file given for an existing
     run must hold what its config.yaml holds (the fields that differ are named); a change to fields that
@@ -566,10 +601,14 @@ def prepare_run(config: str | None, overrides: list[str], run_dir: Path, redo: b
         run_fields, given = provenance.flat(cfg), provenance.flat(load_config(config, overrides))
         differ = provenance.changed(run_fields, given)
         if differ:
-            shown = ", ".join(f"{key} ({run_fields.get(key)!r} in the run, {given.get(key)!r} given)" for key in differ[:6])
+            shown = ", ".join(
+                f"{key} ({run_fields.get(key)!r} in the run, {given.get(key)!r} given)" for key in differ[:6]
+            )
             shown += f" and {len(differ) - 6} more" if len(differ) > 6 else ""
-            raise ConfigError(f"{run_dir} already has a config.yaml, and {terms.config} ({config}) differs from it in {shown}: "
-                              f"{terms.drop_config}, {terms.overrides}, or use {terms.run_dir}")
+            raise ConfigError(
+                f"{run_dir} already has a config.yaml, and {terms.config} ({config}) differs from it in {shown}: "
+                f"{terms.drop_config}, {terms.overrides}, or use {terms.run_dir}"
+            )
     if saved.exists():
         provenance.check_change(run_dir, load_config(None, [], run_dir), cfg, redo, terms)
     # Under a multi-process launcher every process resolves the same config; one writes it.

@@ -7,6 +7,7 @@ trainers split their batches themselves. Only the main process writes the run di
 process (no launcher), every function here is a no-op. torch is imported only with several processes:
 the run directory's tools (the stores) ask `is_main` without it.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """KL divergence of a policy from a reference along given responses, batched by length."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +27,10 @@ def response_kl(cfg: Config, policy: Path, reference: Path, prompts: list[str], 
     ref, _ = load_policy(reference, cfg)
     device = next(model.parameters()).device
     rows = [
-        (tok(policy_prompt_text(tok, p), add_special_tokens=False)["input_ids"], tok(r, add_special_tokens=False)["input_ids"])
+        (
+            tok(policy_prompt_text(tok, p), add_special_tokens=False)["input_ids"],
+            tok(r, add_special_tokens=False)["input_ids"],
+        )
         for p, r in zip(prompts, responses, strict=True)
     ]
     out = [0.0] * len(rows)

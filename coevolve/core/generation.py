@@ -5,6 +5,7 @@ A backend turns chat-rendered prompt texts into `n` sampled completions per prom
 by `generation.backend` in the config (`auto`: `choose_backend`). What a backend declares, how one is
 added, and why `static` is our own engine and not vLLM or SGLang: docs/generation.md.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -77,9 +78,12 @@ class Backend(Protocol):
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Sample from these weights (another checkpoint of the same model) from the next call on."""
+
     # Completions as token ids from prompts as token ids: out[i][j] is sample j of prompt i (EOS included
     # when produced); with params.logprobs, where the backend gives them, each token's log-prob; stats.
-    def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[list[int]]], list | None, dict]: ...
+    def generate_ids(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> tuple[list[list[list[int]]], list | None, dict]: ...
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -112,11 +116,16 @@ class HFBackend:
         encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         start = time.perf_counter()
         tokens, _, _ = self.generate_ids(encoded, params)
-        texts = [[truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), params.stop) for ids in rows] for rows in tokens]
+        texts = [
+            [truncate_at_stop(tok.decode(ids, skip_special_tokens=True).strip(), params.stop) for ids in rows]
+            for rows in tokens
+        ]
         return Generations(texts, [[len(ids) for ids in rows] for rows in tokens], time.perf_counter() - start)
 
     @torch.no_grad()
-    def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[list[int]]], None, dict]:
+    def generate_ids(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> tuple[list[list[list[int]]], None, dict]:
         tok = self.tokenizer
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[list[int]]] = [[] for _ in prompts]
@@ -126,7 +135,9 @@ class HFBackend:
         device = next(self.model.parameters()).device
         for b in range(0, len(order), rows_per_batch):
             idx = order[b : b + rows_per_batch]
-            batch = tok.pad({"input_ids": [prompts[i] for i in idx]}, padding_side="left", return_tensors="pt").to(device)
+            batch = tok.pad({"input_ids": [prompts[i] for i in idx]}, padding_side="left", return_tensors="pt").to(
+                device
+            )
             generated = self.model.generate(
                 **batch,
                 do_sample=not params.greedy,
@@ -140,7 +151,11 @@ class HFBackend:
             )
             completions = generated[:, batch["input_ids"].shape[1] :]
             for row, seq in enumerate(completions):
-                ids = seq[seq != tok.pad_token_id] if tok.pad_token_id != tok.eos_token_id else _until_eos(seq, tok.eos_token_id)
+                ids = (
+                    seq[seq != tok.pad_token_id]
+                    if tok.pad_token_id != tok.eos_token_id
+                    else _until_eos(seq, tok.eos_token_id)
+                )
                 out[idx[row // params.n]].append(ids.tolist())
             if self.progress:
                 self.progress(min(b + rows_per_batch, len(order)), len(order))

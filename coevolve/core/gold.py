@@ -3,6 +3,7 @@
 Its "checkpoint" is a folder holding only a marker file that names the task, so the run directory
 contract (an `rm` output per step) holds, and every step that scores goes through `rollout.score`.
 """
+
 from __future__ import annotations
 
 import json

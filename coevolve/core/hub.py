@@ -1,6 +1,7 @@
 """Before anything is loaded from the Hugging Face hub: whether a name is meant as a local path, and
 whether the hub can be reached. Asked first because the hub's clients treat a missing local folder as a
 hub id, and retry an unreachable hub for 25-50 s before they fail."""
+
 from __future__ import annotations
 
 import os
@@ -45,5 +46,8 @@ def offline():
     own copy of the flag, read at import)."""
     import datasets
 
-    with mock.patch.object(constants, "HF_HUB_OFFLINE", True), mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True):
+    with (
+        mock.patch.object(constants, "HF_HUB_OFFLINE", True),
+        mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True),
+    ):
         yield

@@ -4,6 +4,7 @@ Steps hand models to each other as safetensors folders, and the trainers save th
 themselves, deep inside trl and transformers, where no hook of ours reaches. So the count wraps the
 libraries' own load and save methods for the length of a phase, and restores them after.
 """
+
 from __future__ import annotations
 
 import functools

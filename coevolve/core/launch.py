@@ -1,6 +1,7 @@
 """How a step is started: the command line (plain Python, or a multi-GPU launcher from `cfg.launch`)
 and a child process whose output is streamed line by line. Used by `coevolve run` and by the Prefect
 flows alike, so both launch exactly what a user would type."""
+
 from __future__ import annotations
 
 import os
@@ -24,10 +25,15 @@ class StepFailed(RuntimeError):
         self.code = code
         self.tail = tail
         head = f"step {step} (iteration {iteration}) exited with code {code}"
-        error = next((line.removeprefix("coevolve: error: ") for line in reversed(tail) if line.startswith("coevolve: error: ")), None)
+        error = next(
+            (line.removeprefix("coevolve: error: ") for line in reversed(tail) if line.startswith("coevolve: error: ")),
+            None,
+        )
         if log is not None and Path(log).exists():
             last = "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
-            super().__init__(f"{head}: {error or (tail[-1] if tail else '(no output)')}\nits log: {log}; its last lines:\n{last}")
+            super().__init__(
+                f"{head}: {error or (tail[-1] if tail else '(no output)')}\nits log: {log}; its last lines:\n{last}"
+            )
         else:
             last = "\n".join(tail) or "(no output)"
             super().__init__(f"{head}" + (f": {error}" if error else "") + f"; its last lines:\n{last}")
@@ -57,7 +63,11 @@ def step_command(cfg: Config, step: str, run_dir: Path, iteration: int) -> list[
 
 
 def run_process(
-    cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | None = None, tail: int = 30, launch: LaunchConfig | None = None
+    cmd: list[str],
+    on_line: Callable[[str], None],
+    env: dict[str, str] | None = None,
+    tail: int = 30,
+    launch: LaunchConfig | None = None,
 ) -> tuple[int, list[str]]:
     """Run `cmd` with stderr merged into stdout; every line goes to `on_line` as it arrives. Returns the
     exit code and the last `tail` lines. With `launch.preload`, a plain `python -m coevolve ...` command
@@ -66,7 +76,9 @@ def run_process(
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     last: deque[str] = deque(maxlen=tail)
     if launch is not None and launch.preload and cmd[:3] == [sys.executable, "-m", "coevolve"]:
-        proc: ForkedStep | subprocess.Popen[str] = ForkedStep(cmd[3:], child_env, launch.server_idle_s, launch.max_servers)
+        proc: ForkedStep | subprocess.Popen[str] = ForkedStep(
+            cmd[3:], child_env, launch.server_idle_s, launch.max_servers
+        )
     else:
         # The child stays in our process group: whoever kills this process's group (Prefect cancelling
         # a flow run does) kills the step too. A forked step is not in it, but ends with its client, which is.

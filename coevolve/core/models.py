@@ -1,5 +1,6 @@
 """Loading policies and RMs: from the config's source once (hub id, local folder, GGUF, tiny), saved
 as safetensors into the run directory; every later step loads the saved folder."""
+
 from __future__ import annotations
 
 import hashlib
@@ -61,8 +62,10 @@ def locate(source: ModelSource, role: str) -> tuple[str, dict]:
     if try_to_load_from_cache(path, "config.json", revision=source.revision) is None:
         # `owner/name` may have been meant as a path as well as a hub id: neither is there.
         folder = "no such local folder, and " if "/" in path else ""
-        raise ConfigError(f"{role}.name_or_path: {name!r}: {folder}no such model in the local Hugging Face cache, with the hub "
-                          "offline or unreachable; give the path of a local folder with the model")
+        raise ConfigError(
+            f"{role}.name_or_path: {name!r}: {folder}no such model in the local Hugging Face cache, with the hub "
+            "offline or unreachable; give the path of a local folder with the model"
+        )
     return path, {**kwargs, "local_files_only": True}
 
 
@@ -82,7 +85,9 @@ def materialize(source: ModelSource, role: str, out: Path, corpus: list[str]) ->
                 _check_rm_head(AutoConfig.from_pretrained(path, **kwargs), source, role)
             tok = AutoTokenizer.from_pretrained(path, **kwargs)
             if role == "policy":
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs)
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs
+                )
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=1, dtype=dtype_of(source.dtype, "cpu"), **kwargs, **model_kwargs
@@ -123,11 +128,19 @@ def _check_rm_head(config, source: ModelSource, role: str) -> None:
     with a shape-mismatch traceback, and gives a causal LM a random head with only a warning."""
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     if classifier and config.num_labels != 1:
-        raise ConfigError(f"{role}.name_or_path: {source.name_or_path!r} has {config.num_labels} outputs; an RM needs exactly 1")
+        raise ConfigError(
+            f"{role}.name_or_path: {source.name_or_path!r} has {config.num_labels} outputs; an RM needs exactly 1"
+        )
     if not classifier and not source.new_head:
-        hint = "; set rm.new_head: true to give it a new, untrained score head (then train it: steps.rm_init=true)" if role == "rm" else ""
-        raise ConfigError(f"{role}.name_or_path: {source.name_or_path!r} is not a sequence classifier "
-                          f"({', '.join(config.architectures or ['no architecture named'])}){hint}")
+        hint = (
+            "; set rm.new_head: true to give it a new, untrained score head (then train it: steps.rm_init=true)"
+            if role == "rm"
+            else ""
+        )
+        raise ConfigError(
+            f"{role}.name_or_path: {source.name_or_path!r} is not a sequence classifier "
+            f"({', '.join(config.architectures or ['no architecture named'])}){hint}"
+        )
 
 
 def policy_reader(source: ModelSource, corpus: list[str]) -> tuple[object, int | None]:
@@ -202,6 +215,8 @@ def load_policy(path: Path, cfg: Config, trainable: bool = False):
 def load_rm(path: Path, cfg: Config):
     device = device_of(cfg)
     with whole_weights():
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype_of(cfg.rm.dtype, device), device_map=device)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype_of(cfg.rm.dtype, device), device_map=device
+        )
     model.eval()
     return model, load_tokenizer(path)

@@ -1,6 +1,7 @@
 """Which steps a run is made of, in order (read from the registry, core/steps.py): the plan that
 `coevolve run`, the Prefect flow and `coevolve experiment` share; and which finished steps a step needs
 before it may start."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,11 @@ from coevolve.data.fingerprint import changed_since_init
 
 def up_to_date(run: Path, cfg: Config, k: int, name: str) -> bool:
     """Finished, and still what config.yaml and the data files describe: a run skips it."""
-    return (rundir.is_done(run, k, name) and not provenance.stale_because(run, cfg, k, name)
-            and not (name == "init" and changed_since_init(run, cfg)))
+    return (
+        rundir.is_done(run, k, name)
+        and not provenance.stale_because(run, cfg, k, name)
+        and not (name == "init" and changed_since_init(run, cfg))
+    )
 
 
 def iteration_steps(cfg: Config, k: int) -> list[str]:
@@ -40,7 +44,11 @@ def require_ready(run: Path, cfg: Config, k: int, name: str) -> None:
     """Refuse to start (k, name) before the steps it reads are finished and still hold."""
     for i, s in prerequisites(cfg, k, name):
         if not rundir.is_done(run, i, s):
-            raise RunDirError(f"{run}: iteration {k} {name} needs iteration {i} {s} finished first (coevolve step {s} --iteration {i}, or coevolve run)")
+            raise RunDirError(
+                f"{run}: iteration {k} {name} needs iteration {i} {s} finished first (coevolve step {s} --iteration {i}, or coevolve run)"
+            )
         why = provenance.stale_because(run, cfg, i, s)
         if why:
-            raise RunDirError(f"{run}: iteration {k} {name} needs iteration {i} {s}, which is stale ({why}); redo it first (coevolve run)")
+            raise RunDirError(
+                f"{run}: iteration {k} {name} needs iteration {i} {s}, which is stale ({why}); redo it first (coevolve run)"
+            )

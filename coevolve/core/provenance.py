@@ -7,6 +7,7 @@ that a change is named field by field, and a field the schema gains later (its d
 behaviour) changes nothing already made. A step is stale when either no longer holds: its fields
 changed since (accepted with --redo or --force), or a step it was built on was redone. Stale steps are
 redone by the next `coevolve run`, and no step starts from one."""
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coevolve")
 
+
 def step_key(k: int, name: str) -> str:
     return f"iter_{k}/{name}"
 
 
 def fields(cfg: Config, name: str) -> dict:
     """The step's config fields by dotted name, as they read in config.yaml."""
-    return {key: value for key, value in flat(cfg).items() if any(key == p or key.startswith(p + ".") for p in STEPS[name].depends_on)}
+    return {
+        key: value
+        for key, value in flat(cfg).items()
+        if any(key == p or key.startswith(p + ".") for p in STEPS[name].depends_on)
+    }
 
 
 def changed(made: dict, now: dict) -> list[str]:
@@ -50,8 +56,11 @@ def changed(made: dict, now: dict) -> list[str]:
 def built_on(run: Path, k: int, name: str) -> dict[str, str]:
     """The finished steps before (k, name), but those that only measure, by their `finished` stamps."""
     before = (k, position(name))
-    return {step_key(i, s): done["finished"] for i, s, done in rundir.finished_steps(run)
-            if (i, position(s)) < before and not STEPS[s].measures}
+    return {
+        step_key(i, s): done["finished"]
+        for i, s, done in rundir.finished_steps(run)
+        if (i, position(s)) < before and not STEPS[s].measures
+    }
 
 
 def record(run: Path, cfg: Config, k: int, name: str) -> dict:
@@ -85,8 +94,11 @@ def stale_because(run: Path, cfg: Config, k: int, name: str) -> str | None:
 def stale_after(run: Path, cfg: Config, k: int, name: str) -> list[str]:
     """The finished steps after (k, name) that are stale."""
     here = (k, position(name))
-    return [step_key(i, s) for i, s, _ in rundir.finished_steps(run)
-            if (i, position(s)) > here and stale_because(run, cfg, i, s)]
+    return [
+        step_key(i, s)
+        for i, s, _ in rundir.finished_steps(run)
+        if (i, position(s)) > here and stale_because(run, cfg, i, s)
+    ]
 
 
 def check_change(run: Path, old: Config, new: Config, redo: bool, terms: Terms = CLI) -> None:
@@ -108,8 +120,10 @@ def check_change(run: Path, old: Config, new: Config, redo: bool, terms: Terms =
     if redo:
         log.info(f"{run}: {names} changed: {', '.join(affected)} are stale now, redone by `coevolve run`")
         return
-    raise RunDirError(f"{run}: changing {names} would invalidate the finished steps {', '.join(affected)}; "
-                      f"{terms.redo}, or use {terms.run_dir}")
+    raise RunDirError(
+        f"{run}: changing {names} would invalidate the finished steps {', '.join(affected)}; "
+        f"{terms.redo}, or use {terms.run_dir}"
+    )
 
 
 def restart_if_changed(partial: Path, made: dict) -> None:

@@ -1,6 +1,7 @@
 """Third-party messages that every step would print and that say nothing about the run: filtered once,
 here, each with its reason. `coevolve -v` keeps them: it sets COEVOLVE_VERBOSE=1, which the steps it
 launches inherit (and which keys their step server, core/stepserver.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,9 @@ def quiet_third_party() -> None:
     # set the old name (default True), so every trainer warns whatever our config says; the old name
     # works until transformers 6. trl's unwrap_model_for_generation (online E-step) reads the old
     # `is_gradient_checkpointing` the same way.
-    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning
+    )
     # DeepSpeed, imported by transformers and trl, says on every host without a GPU that it picked the
     # CPU, whether or not the step uses DeepSpeed.
     logging.getLogger("DeepSpeed").addFilter(_not_cpu_accelerator)

@@ -1,5 +1,6 @@
 """Sampling from saved policies and scoring with a saved RM: the two GPU workloads every step shares.
 Each loads its model once, does its batched passes, and frees the memory before the next model loads."""
+
 from __future__ import annotations
 
 import logging
@@ -23,14 +24,26 @@ log = logging.getLogger("coevolve")
 
 def sampling_params(cfg: Config, n: int, seed: int, logprobs: bool = False) -> SamplingParams:
     s = cfg.sampling
-    return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, seed=seed, logprobs=logprobs)
+    return SamplingParams(
+        n=n,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+        seed=seed,
+        logprobs=logprobs,
+    )
 
 
-def sample(cfg: Config, policy: Path, prompts: list[str], n: int, seed: int, label: str = "generate", logprobs: bool = False) -> Generations:
+def sample(
+    cfg: Config, policy: Path, prompts: list[str], n: int, seed: int, label: str = "generate", logprobs: bool = False
+) -> Generations:
     return sample_each(cfg, [(policy, seed, label)], prompts, n, logprobs)[0]
 
 
-def sample_each(cfg: Config, policies: list[tuple[Path, int, str]], prompts: list[str], n: int, logprobs: bool = False) -> list[Generations]:
+def sample_each(
+    cfg: Config, policies: list[tuple[Path, int, str]], prompts: list[str], n: int, logprobs: bool = False
+) -> list[Generations]:
     """`n` samples per prompt from each (policy, seed, progress label). The policies must share one
     architecture (checkpoints of one model): the first is loaded, and each next one's weights are
     copied into it in place, so one backend, with its captured CUDA graphs, serves them all. Under
@@ -61,10 +74,19 @@ def _gathered(gens: Generations) -> Generations:
     """Every process's share of `gens`, whole, on each; the optional lists where the backend gave them."""
     # A process with an empty share has no way to know whether the others' backend gave them.
     given = distributed.from_main(gens.logprobs is not None)
-    optional = {name: distributed.gather(getattr(gens, name) or []) for name in ("prompt_ids", "token_ids", "logprobs")} if given else {}
+    optional = (
+        {name: distributed.gather(getattr(gens, name) or []) for name in ("prompt_ids", "token_ids", "logprobs")}
+        if given
+        else {}
+    )
     # Throughput over the slowest process's time: the processes sample side by side.
-    return Generations(distributed.gather(gens.texts), distributed.gather(gens.num_tokens),
-                       max(distributed.gather([gens.seconds])), gens.stats, **optional)
+    return Generations(
+        distributed.gather(gens.texts),
+        distributed.gather(gens.num_tokens),
+        max(distributed.gather([gens.seconds])),
+        gens.stats,
+        **optional,
+    )
 
 
 def _weights(policy: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -77,7 +99,9 @@ def score(cfg: Config, rm: Path, prompts: list[str], responses: list[str], label
     return score_each(cfg, rm, prompts, [responses], label)[0]
 
 
-def score_each(cfg: Config, rm: Path, prompts: list[str], answers: list[list[str]], label: str = "score") -> list[list[float]]:
+def score_each(
+    cfg: Config, rm: Path, prompts: list[str], answers: list[list[str]], label: str = "score"
+) -> list[list[float]]:
     """The RM's scores of each list of responses to `prompts` (e.g. several models' answers), from one
     load of the RM and one length-sorted pass over them all (under several processes, each scores its
     share)."""

@@ -1,5 +1,6 @@
 """The run directory contract (README: "The run directory"): where each step's outputs live, when a
 step counts as finished, and which policy / RM is current before a given step."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def finished_steps(run: Path) -> list[tuple[int, str, dict]]:
     return sorted(found, key=lambda t: (t[0], position(t[1])))
 
 
-def latest_output(run: Path, key: str, before: tuple[int, str] | None = None, iteration_max: int | None = None) -> Path | None:
+def latest_output(
+    run: Path, key: str, before: tuple[int, str] | None = None, iteration_max: int | None = None
+) -> Path | None:
     """The `outputs[key]` of the latest finished step that precedes `before` (or of any step)."""
     limit = (before[0], position(before[1])) if before else None
     found = None

@@ -7,6 +7,7 @@ The holder passes a token in `COEVOLVE_RUN_LOCK`: a step whose token is the one 
 the lock is held, runs under its launcher's lock. The kernel drops an flock with the process that held
 it, so the lock of a killed command is free at once; the holder's record left in the file tells who
 died holding it. Readers (`report`, `data show/export`) take no lock."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -46,7 +47,9 @@ def held(run: Path | str, command: str) -> Iterator[None]:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path(run), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise RunDirError(f"{run}: cannot take its lock {lock_path(run)} ({err.strerror}); a command that writes the run needs it writable") from None
+        raise RunDirError(
+            f"{run}: cannot take its lock {lock_path(run)} ({err.strerror}); a command that writes the run needs it writable"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,8 +61,13 @@ def held(run: Path | str, command: str) -> Iterator[None]:
         if left:
             log.info(f"{run}: took over the lock of {describe(left)}, which ended without releasing it")
         token = secrets.token_hex(8)
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                  "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "token": token}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "token": token,
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         outer = os.environ.get(LOCK_ENV)

@@ -2,6 +2,7 @@
 the whole loop with each step its own process, and the rule that ends the loop early. `coevolve step`,
 `coevolve run`, the Prefect flow and `coevolve experiment` all go through it; the steps themselves are
 the registry's (core/steps.py)."""
+
 from __future__ import annotations
 
 import importlib
@@ -26,14 +27,18 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
     if iteration < 0:
         raise rundir.RunDirError(f"--iteration {iteration}: iterations are 0 (the starting point) or more")
     if not STEPS[name].runs_at(iteration):
-        raise ConfigError(f"step {name!r} runs at iteration {'0' if STEPS[name].iterations == 'zero' else '1 or later'}, not {iteration}")
+        raise ConfigError(
+            f"step {name!r} runs at iteration {'0' if STEPS[name].iterations == 'zero' else '1 or later'}, not {iteration}"
+        )
     require_ready(run_dir, cfg, iteration, name)
     stale = rundir.is_done(run_dir, iteration, name) and provenance.stale_because(run_dir, cfg, iteration, name)
     if name == "init":
         force = force or init_is_stale(run_dir, cfg)
     step = StepRun(run_dir, iteration, name, cfg, force or bool(stale))
     if step.already_done:
-        log.info(f"iteration {iteration} {name}: already done ({rundir.step_dir(run_dir, iteration, name)}), skipped; --force to redo")
+        log.info(
+            f"iteration {iteration} {name}: already done ({rundir.step_dir(run_dir, iteration, name)}), skipped; --force to redo"
+        )
         return rundir.read_done(run_dir, iteration, name)
     if stale:
         log.info(f"iteration {iteration} {name}: stale ({stale}); redoing it")
@@ -46,7 +51,9 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
     # Redone, it leaves the steps built on it stale: say so now rather than at the next run.
     stale_now = provenance.stale_after(run_dir, cfg, iteration, name)
     if stale_now:
-        log.info(f"iteration {iteration} {name}: built on it, now stale: {', '.join(stale_now)}; `coevolve run` redoes them")
+        log.info(
+            f"iteration {iteration} {name}: built on it, now stale: {', '.join(stale_now)}; `coevolve run` redoes them"
+        )
     return done
 
 
@@ -60,7 +67,9 @@ def stop_reason(run: Path, k: int, name: str, cfg: Config) -> str | None:
     """The line that says why the run ends after (k, name), if it does."""
     if not stopped(run, k, name):
         return None
-    return f"iteration {k}: the E-step's best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy"
+    return (
+        f"iteration {k}: the E-step's best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy"
+    )
 
 
 def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
@@ -72,7 +81,9 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
             log.info(f"iteration {k} {name}: already done, skipped")
         else:
             cmd = step_command(cfg, name, run_dir, k) + (["--force"] if force else [])
-            code, tail = run_process(cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True), launch=cfg.launch)
+            code, tail = run_process(
+                cmd, on_line=lambda line: print(line, file=sys.stderr, flush=True), launch=cfg.launch
+            )
             if code != 0:
                 step_log = rundir.partial_dir(run_dir, k, name) / "log.txt"
                 if code == 2 and not step_log.exists():

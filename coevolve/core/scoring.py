@@ -1,5 +1,6 @@
 """Scoring (prompt, response) pairs with a sequence-classification RM, batched by length; and the one
 way scores are compared pairwise (win rates, pair accuracies)."""
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,9 @@ class RewardScorer:
         device = next(self.model.parameters()).device
         for b in range(0, len(order), self.batch_size):
             idx = order[b : b + self.batch_size]
-            batch = self.tok.pad({"input_ids": [ids[i] for i in idx]}, padding_side="right", return_tensors="pt").to(device)
+            batch = self.tok.pad({"input_ids": [ids[i] for i in idx]}, padding_side="right", return_tensors="pt").to(
+                device
+            )
             logits = self.model(**batch).logits[:, 0].float().cpu().tolist()
             for i, s in zip(idx, logits):
                 scores[i] = s
@@ -38,7 +41,9 @@ def win_rate(first: list[float], second: list[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(first, second, strict=True)) / len(first)
 
 
-def pairwise_accuracy(rm_a: list[float], rm_b: list[float], ref_a: list[float], ref_b: list[float]) -> tuple[float, int]:
+def pairwise_accuracy(
+    rm_a: list[float], rm_b: list[float], ref_a: list[float], ref_b: list[float]
+) -> tuple[float, int]:
     """Share of pairs the RM orders as the referee does, over the pairs the referee does not tie; an
     RM tie counts half. Also returns how many pairs counted."""
     preferred, other = [], []

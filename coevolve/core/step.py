@@ -4,6 +4,7 @@ killed step resumes at its first unfinished phase), a full log, and `DONE.json` 
 Under a multi-process launcher every process runs the step (core/distributed.py): the main one writes
 the step folder and its log; the others build each phase into a scratch folder of their own, thrown
 away, and all wait for the main one at the end of each phase, so each reads the phase's one output."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -99,8 +100,10 @@ class StepRun:
             self.timings[record.stem] = saved["seconds"]
             self.io[record.stem] = saved.get("io", {})  # phases finished before io was counted: none
         # The pid: a step forked from the step server has that server's command line, not its own.
-        log.info(f"iteration {self.iteration} {self.name} (pid {os.getpid()}): working in {self.dir}"
-                 + (f" (resuming after {sorted(self.timings)})" if self.timings else ""))
+        log.info(
+            f"iteration {self.iteration} {self.name} (pid {os.getpid()}): working in {self.dir}"
+            + (f" (resuming after {sorted(self.timings)})" if self.timings else "")
+        )
         # Finished outputs never change: without this, datasets' map/filter would write cache files
         # into earlier steps' dataset folders (changing what their W&B artifacts' digests describe).
         import datasets
@@ -122,12 +125,19 @@ class StepRun:
             failed = f"iteration {self.iteration} {self.name} failed: {exc_type.__name__}: {first_line}"
         if self._handler is not None:
             if failed:
-                self._handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, failed, None, (exc_type, exc, tb)))
+                self._handler.handle(
+                    log.makeRecord(log.name, logging.ERROR, __file__, 0, failed, None, (exc_type, exc, tb))
+                )
             log.removeHandler(self._handler)
             self._handler.close()
         distributed.finish()
         # Bad input says itself in one line (cli); anything else is a bug, told as one line naming the log.
-        if failed and self._handler is not None and issubclass(exc_type, Exception) and not issubclass(exc_type, InputError):
+        if (
+            failed
+            and self._handler is not None
+            and issubclass(exc_type, Exception)
+            and not issubclass(exc_type, InputError)
+        ):
             raise StepCrashed(f"{failed}; its log: {self.dir / 'log.txt'}") from exc
 
     def note(self, message: str, level: int = logging.INFO) -> None:
@@ -179,7 +189,11 @@ class StepRun:
             shutil.rmtree(tmp, ignore_errors=True)
         tracking.log_phase(name, metrics, seconds, io)
         summary = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (list, dict)))
-        moved = f"; {io['loads']} loads {io['load_s']:.1f}s, {io['saves']} saves {io['save_s']:.1f}s" if io["loads"] + io["saves"] else ""
+        moved = (
+            f"; {io['loads']} loads {io['load_s']:.1f}s, {io['saves']} saves {io['save_s']:.1f}s"
+            if io["loads"] + io["saves"]
+            else ""
+        )
         log.info(f"{name}: done in {seconds:.1f}s{moved}" + (f" ({summary})" if summary else ""))
         distributed.barrier()
         return final
@@ -187,14 +201,18 @@ class StepRun:
     def finish(self, outputs: dict[str, str], stop: bool = False, extra: dict | None = None) -> dict:
         """Write DONE.json and move the step folder into place; `outputs` are names inside the step
         folder or paths already relative to RUN."""
-        resolved = {k: v if v.startswith("iter_") else str(self.final.relative_to(self.run_dir) / v) for k, v in outputs.items()}
+        resolved = {
+            k: v if v.startswith("iter_") else str(self.final.relative_to(self.run_dir) / v) for k, v in outputs.items()
+        }
         done = {
             "step": self.name,
             "iteration": self.iteration,
             "config_hash": self.cfg.hash(),
             "started": self.started,
             "finished": _now(),
-            "inputs": {k: rundir.relative(self.run_dir, v) if isinstance(v, Path) else v for k, v in self.inputs.items()},
+            "inputs": {
+                k: rundir.relative(self.run_dir, v) if isinstance(v, Path) else v for k, v in self.inputs.items()
+            },
             "outputs": resolved,
             "metrics": self.metrics,
             "timings": self.timings,

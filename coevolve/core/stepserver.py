@@ -22,6 +22,7 @@ ends. A client that goes away (killed, interrupted) takes its step with it: the 
 step whose client hung up, as a process group kill would have. A request {"stop_if_idle": true}, with no
 pipe, is answered {"stopped": bool}, and a server with no step running then exits.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -47,11 +48,32 @@ from pathlib import Path
 # they, and only they, key the server. Whatever a step reads after the fork, it reads from its own
 # client's environment (`_run_step`), and a variable outside this list gets no server of its own.
 KEY_ENV = (
-    "PATH", "LD_", "PYTHON",  # what the interpreter loads: libraries, PYTHONPATH, PYTHONHASHSEED, ...
-    "HOME", "XDG_CACHE_HOME", "TMPDIR", "LANG", "LC_",  # cache and temporary folders, locale: fixed at import
-    "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRITON_", "NCCL_",
-    "OMP_", "MKL_", "OPENBLAS_", "KMP_",  # thread pools, sized when their library loads
-    "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DATASETS_", "ACCELERATE_", "DS_", "WANDB_",
+    "PATH",
+    "LD_",
+    "PYTHON",  # what the interpreter loads: libraries, PYTHONPATH, PYTHONHASHSEED, ...
+    "HOME",
+    "XDG_CACHE_HOME",
+    "TMPDIR",
+    "LANG",
+    "LC_",  # cache and temporary folders, locale: fixed at import
+    "CUDA_",
+    "NVIDIA_",
+    "TORCH",
+    "PYTORCH_",
+    "TRITON_",
+    "NCCL_",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "KMP_",  # thread pools, sized when their library loads
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "DATASETS_",
+    "ACCELERATE_",
+    "DS_",
+    "WANDB_",
     "COEVOLVE_",
 )
 # Set per run by coevolve itself, read by the step only.
@@ -70,8 +92,10 @@ def runtime_dir(env: dict[str, str]) -> Path:
     # Whoever can write there can have steps run as us: it must be ours alone.
     stat = path.stat()
     if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
-        raise RuntimeError(f"step server folder {path}: must be owned by this user and closed to others (chmod 700); "
-                           "or set COEVOLVE_RUNTIME_DIR, or launch.preload: false")
+        raise RuntimeError(
+            f"step server folder {path}: must be owned by this user and closed to others (chmod 700); "
+            "or set COEVOLVE_RUNTIME_DIR, or launch.preload: false"
+        )
     return path
 
 
@@ -204,12 +228,16 @@ def _connect(path: Path, env: dict[str, str], idle_s: float, max_servers: int) -
         with open(log, "ab") as out:
             server = subprocess.Popen(
                 [sys.executable, "-m", "coevolve.core.stepserver", str(path), str(idle_s)],
-                env={**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env={**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # not in our process group: it outlives us
             )
         logging.getLogger("coevolve").info(
             f"step server {server.pid} started: it imports the libraries once for this and later runs, exits after {idle_s:g} s "
-            f"without a step (launch.server_idle_s); log: {log}")
+            f"without a step (launch.server_idle_s); log: {log}"
+        )
         # It listens before it imports: requests wait in the socket's queue meanwhile.
         while not path.exists():
             if server.poll() is not None:
@@ -229,7 +257,8 @@ def _make_room(folder: Path, keep: int) -> None:
         excess -= _stop_if_idle(sock)
     if excess > 0:
         logging.getLogger("coevolve").info(
-            f"{len(live)} step servers run steps (launch.max_servers: {keep + 1}); one more starts, each ends after its idle time")
+            f"{len(live)} step servers run steps (launch.max_servers: {keep + 1}); one more starts, each ends after its idle time"
+        )
 
 
 def _mtime(path: Path) -> float:
@@ -322,7 +351,10 @@ def serve(path: Path, idle_s: float) -> None:
 
         for step in STEPS.values():
             importlib.import_module(step.module)
-        print(f"{time.strftime('%F %T')} step server {os.getpid()} ready ({path.name}, exits after {idle_s:g} s idle)", flush=True)
+        print(
+            f"{time.strftime('%F %T')} step server {os.getpid()} ready ({path.name}, exits after {idle_s:g} s idle)",
+            flush=True,
+        )
         _loop(listener, steps, idle_s, pid_file)
     finally:
         for pid in steps:
@@ -351,7 +383,10 @@ def _loop(listener: socket.socket, steps: dict[int, socket.socket], idle_s: floa
                     stopped = _send(conn, {"stopped": not steps}) and not steps
                     conn.close()
                     if stopped:
-                        print(f"{time.strftime('%F %T')} step server {os.getpid()} stopped: another was starting over launch.max_servers", flush=True)
+                        print(
+                            f"{time.strftime('%F %T')} step server {os.getpid()} stopped: another was starting over launch.max_servers",
+                            flush=True,
+                        )
                         return
                     continue
                 if request is None:

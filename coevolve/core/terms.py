@@ -1,5 +1,6 @@
 """How an error message names what the user changes: a command's flags on the CLI, or the flow's
 parameters in the Prefect UI's run form, where `--run-dir` or `--redo` mean nothing."""
+
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -1,6 +1,7 @@
 """Tiny Llama-shaped models and tokenizers made locally from a task's corpus: the CPU demo and the
 tests need no download. The policy and the RM get different tokenizers (word vs char level) and
 different chat templates on purpose: coevolve must not assume they share either."""
+
 from __future__ import annotations
 
 import torch

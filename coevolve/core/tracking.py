@@ -23,6 +23,7 @@ was never tracked is logged then. Inputs are also named in the run's config (`st
 A table shows the first rows of each output dataset of responses (the e-step's samples, evaluate's
 responses) with their RM score, and their gold score where the run has a sandbox task.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,12 +94,23 @@ def start(step) -> None:
     k = step.iteration
     dir_id = make_dir_id(step.run_dir)
     group = group_name(cfg, step.run_dir)
-    config = {**cfg.model_dump(mode="json"), "step": {"name": step.name, "iteration": k, "run_dir": str(step.run_dir.resolve())}}
+    config = {
+        **cfg.model_dump(mode="json"),
+        "step": {"name": step.name, "iteration": k, "run_dir": str(step.run_dir.resolve())},
+    }
     _run = wandb.init(
-        project=cfg.tracking.project, group=group, job_type=step.name, name=f"{group}-iter{k}-{step.name}",
-        id=f"{dir_id}-iter{k}-{step.name}", resume="allow",
-        config=config, tags=[f"iter{k}"] + ["resumed"] * bool(step.timings), dir=step.run_dir, mode=mode,  # type: ignore[arg-type]  # WANDB_MODE's spelling is wandb's to check
-        reinit="finish_previous", settings=wandb.Settings(silent=True),
+        project=cfg.tracking.project,
+        group=group,
+        job_type=step.name,
+        name=f"{group}-iter{k}-{step.name}",
+        id=f"{dir_id}-iter{k}-{step.name}",
+        resume="allow",
+        config=config,
+        tags=[f"iter{k}"] + ["resumed"] * bool(step.timings),
+        dir=step.run_dir,
+        mode=mode,  # type: ignore[arg-type]  # WANDB_MODE's spelling is wandb's to check
+        reinit="finish_previous",
+        settings=wandb.Settings(silent=True),
     )
     step.note(f"W&B run {_run.id} ({mode}): {_run.sync_dir}")
     if not _run.offline:
@@ -231,7 +243,11 @@ def _artifact(step, rel: str):
 
     path = (step.run_dir / rel).resolve()
     kind = "model" if output_key(step.run_dir, rel) in MODEL_KEYS else "dataset"
-    artifact = wandb.Artifact(artifact_name(step.cfg, step.run_dir, rel), type=kind, metadata={"path": rel, "run_dir": str(step.run_dir.resolve())})
+    artifact = wandb.Artifact(
+        artifact_name(step.cfg, step.run_dir, rel),
+        type=kind,
+        metadata={"path": rel, "run_dir": str(step.run_dir.resolve())},
+    )
     if step.cfg.tracking.upload:
         # Outputs never change once their step is done, so wandb need not copy them before uploading.
         artifact.add_dir(str(path), policy="immutable")
@@ -280,4 +296,6 @@ def _log_responses(cfg, key: str, path: Path) -> None:
         columns["gold"] = [task.gold(p, r) for p, r in zip(rows["prompt"], rows["response"])]
     if "model" in ds.column_names:
         columns["model"] = rows["model"]
-    _run.log({f"responses/{key}": wandb.Table(columns=list(columns), data=[list(row) for row in zip(*columns.values())])})
+    _run.log(
+        {f"responses/{key}": wandb.Table(columns=list(columns), data=[list(row) for row in zip(*columns.values())])}
+    )

@@ -1,4 +1,5 @@
 """What every trl-trained step shares: the trainer config built from ours, and the training log kept."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ from transformers import AutoConfig
 from trl import SFTConfig, SFTTrainer
 
 from coevolve.core import tracking
-from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.chat import completion_example, preference_example
+from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.config import Config, ConfigError, TrainConfig
 from coevolve.core.models import device_of, load_tokenizer, whole_weights
 
@@ -84,8 +85,10 @@ def keep_log(trainer, out: Path, prefix: str) -> dict:
     out.write_text("".join(json.dumps(h) + "\n" for h in trainer.state.log_history))
     steps, a = trainer.state.global_step, trainer.args
     if steps < FEW_STEPS:
-        log.warning(f"{prefix}: only {steps} optimizer step(s), each of {a.per_device_train_batch_size} x {a.gradient_accumulation_steps} "
-                    f"(per device x gradient_accumulation_steps) x {a.world_size} process(es); lower them for more steps")
+        log.warning(
+            f"{prefix}: only {steps} optimizer step(s), each of {a.per_device_train_batch_size} x {a.gradient_accumulation_steps} "
+            f"(per device x gradient_accumulation_steps) x {a.world_size} process(es); lower them for more steps"
+        )
     metrics = {f"{prefix}/steps": steps}
     keys = sorted({k for h in history for k in h if k not in ("epoch", "step", "learning_rate", "grad_norm")})
     for key in keys:
@@ -112,8 +115,14 @@ def lora_config(train: TrainConfig, start: Path, task_type: str):
         layers = list(range(max(0, n - lora.top_layers), n))
         if isinstance(targets, str):  # peft takes layers_to_transform only with a list of names
             targets, layers = _linear_modules(config, task_type, layers, start), None
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      layers_to_transform=layers, task_type=task_type)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        task_type=task_type,
+    )
 
 
 def _linear_modules(config, task_type: str, layers: list[int], start: Path) -> list[str]:
@@ -125,10 +134,17 @@ def _linear_modules(config, task_type: str, layers: list[int], start: Path) -> l
     with torch.device("meta"), whole_weights():
         model = cls.from_config(config)
     wanted = {str(i) for i in layers}
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and (m := re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", name)) and m.group(1) in wanted]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and (m := re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", name))
+        and m.group(1) in wanted
+    ]
     if not names:
-        raise ConfigError(f"lora.top_layers: found no linear modules in layers {layers} of {start}; name lora.target_modules")
+        raise ConfigError(
+            f"lora.top_layers: found no linear modules in layers {layers} of {start}; name lora.target_modules"
+        )
     return names
 
 
@@ -156,15 +172,22 @@ def merge_adapter_checkpoint(path: Path) -> None:
     merged.save_pretrained(path)
 
 
-def train_sft(cfg: Config, start: Path, rows, train: TrainConfig, output_dir: Path, save_every: int | None = None) -> SFTTrainer:
+def train_sft(
+    cfg: Config, start: Path, rows, train: TrainConfig, output_dir: Path, save_every: int | None = None
+) -> SFTTrainer:
     """trl's SFTTrainer from `start`, trained on rows of prompt and completion; with `save_every`, a
     checkpoint in `output_dir` every that many steps and at the end. Also used by the reviser and by
     E-step mode seft."""
     tok = load_tokenizer(start)
     train_set = datasets.Dataset.from_list([completion_example(tok, r["prompt"], r["completion"]) for r in rows])
     args = trainer_args(SFTConfig, train, cfg, output_dir)
-    trainer = SFTTrainer(model=str(start), args=args, train_dataset=train_set, processing_class=tok,
-                         peft_config=lora_config(train, start, "CAUSAL_LM"))
+    trainer = SFTTrainer(
+        model=str(start),
+        args=args,
+        train_dataset=train_set,
+        processing_class=tok,
+        peft_config=lora_config(train, start, "CAUSAL_LM"),
+    )
     checkpoints = BackgroundCheckpoints(trainer, output_dir, save_every) if save_every else None
     trainer.train()
     if checkpoints:

@@ -4,6 +4,7 @@ A constraint is `(type, args)`, e.g. `("bullets", {"n": 3})`. The spec gives eac
 (clause templates such as "use exactly {n} bullet points"); a phrasing doubles as the parser, so the
 constraints of a stored prompt can always be read back from its text.
 """
+
 from __future__ import annotations
 
 import random
@@ -76,11 +77,13 @@ def draw_args(kind: str, params: dict, rng: random.Random) -> dict:
 def phrasing_regex(template: str) -> re.Pattern:
     """'use exactly {n} bullet points' -> a case-blind regex with a named group per placeholder."""
     parts = re.split(r"\{(\w+)\}", template)
-    pattern = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{PLACEHOLDERS[part]})"
-                      for i, part in enumerate(parts))
+    pattern = "".join(
+        re.escape(part) if i % 2 == 0 else f"(?P<{part}>{PLACEHOLDERS[part]})" for i, part in enumerate(parts)
+    )
     return re.compile(rf"\b{pattern}", re.I)
 
 
 def read_args(match: re.Match) -> dict:
-    return {key: int(value) if PLACEHOLDERS[key] == r"\d+" else value.lower()
-            for key, value in match.groupdict().items()}
+    return {
+        key: int(value) if PLACEHOLDERS[key] == r"\d+" else value.lower() for key, value in match.groupdict().items()
+    }

@@ -3,6 +3,7 @@
 Gold = weighted share of the prompt's constraints met, read back from the prompt text. Template
 responses break a chosen number of constraints (flaws `miss_one`, `miss_two`, `miss_all`).
 """
+
 from __future__ import annotations
 
 import random
@@ -50,16 +51,20 @@ class InstructTask(Task):
         kinds: list[str] = []
         for i in range(count):
             used = {self.group_of.get(k, k) for k in kinds}
-            free = [k for k in self.types if self.group_of.get(k, k) not in used
-                    and not (i == 0 and k in constraints.TRIVIAL)]
+            free = [
+                k
+                for k in self.types
+                if self.group_of.get(k, k) not in used and not (i == 0 and k in constraints.TRIVIAL)
+            ]
             if not free:
                 break
             kinds.append(rng.choices(free, [self.types[k]["frequency"] for k in free])[0])
         return kinds
 
     def parse(self, prompt: str) -> list[tuple[str, dict]]:
-        found = sorted((m.start(), kind, constraints.read_args(m)) for kind, regex in self.parsers
-                       for m in regex.finditer(prompt))
+        found = sorted(
+            (m.start(), kind, constraints.read_args(m)) for kind, regex in self.parsers for m in regex.finditer(prompt)
+        )
         if not found:
             raise ValueError(f"no {self.name} constraint in prompt: {prompt!r}")
         return [(kind, args) for _, kind, args in found]
@@ -75,7 +80,9 @@ class InstructTask(Task):
         # A constraint stated twice counts once.
         stated = {(kind, tuple(sorted(args.items()))): (kind, args) for kind, args in self.parse(prompt)}
         total = sum(self.weights[kind] for kind, _ in stated.values())
-        return sum(self.weights[kind] * constraints.check(kind, args, response) for kind, args in stated.values()) / total
+        return (
+            sum(self.weights[kind] * constraints.check(kind, args, response) for kind, args in stated.values()) / total
+        )
 
     # --- template responses -----------------------------------------------------------------
     def respond(self, prompt: str, flaws: frozenset[str], rng: random.Random) -> str:
@@ -103,8 +110,11 @@ class Writer:
         self.wanted, self.broken, self.topic, self.rng = wanted, broken, topic, rng
         self.types, self.cfg = task.types, task.response
         banned = wanted.get("exclude_word", {}).get("word")
-        self.sentences = [s.format(topic=topic).split() for s in self.cfg["sentences"]
-                          if not banned or not constraints.has_word(s, banned)]
+        self.sentences = [
+            s.format(topic=topic).split()
+            for s in self.cfg["sentences"]
+            if not banned or not constraints.has_word(s, banned)
+        ]
         self.extensions = [e for e in self.cfg["extensions"] if not banned or not constraints.has_word(e, banned)]
 
     def keeps(self, kind: str) -> bool:

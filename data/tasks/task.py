@@ -4,13 +4,14 @@ A task is a spec file (YAML) whose `kind` names the module holding its code (`to
 What every kind shares lives here: the prompt stream, mixed-quality demonstrations, and
 Bradley-Terry "human" labels drawn from r*. A kind supplies `draw_prompt`, `respond`, `gold`, `corpus`.
 """
+
 from __future__ import annotations
 
 import importlib
-from abc import ABC, abstractmethod
 import math
 import random
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import yaml
@@ -37,8 +38,7 @@ class Task(ABC):
 
     # --- what a kind implements -------------------------------------------------------------
     @abstractmethod
-    def draw_prompt(self, rng: random.Random) -> str:
-        ...
+    def draw_prompt(self, rng: random.Random) -> str: ...
 
     @abstractmethod
     def respond(self, prompt: str, flaws: frozenset[str], rng: random.Random) -> str:
@@ -65,12 +65,12 @@ class Task(ABC):
         demos = []
         for prompt in self._prompts(n, rng):
             completion = self.respond(prompt, self._draw_flaws(rng), rng)
-            demos.append({"prompt": prompt, "completion": completion,
-                          "gold": self.gold(prompt, completion)})
+            demos.append({"prompt": prompt, "completion": completion, "gold": self.gold(prompt, completion)})
         return demos
 
-    def label_pairs(self, prompts: list[str], responses: list[list[str]],
-                    temperature: float | None = None, seed: int = 0) -> list[dict]:
+    def label_pairs(
+        self, prompts: list[str], responses: list[list[str]], temperature: float | None = None, seed: int = 0
+    ) -> list[dict]:
         """One Bradley-Terry labelled pair per prompt: P(a preferred) = sigmoid((r*(a) - r*(b)) / T).
 
         `temperature=None` takes the spec's `noise.temperature`. At T = 0 the gold-better response is
@@ -96,8 +96,7 @@ class Task(ABC):
                 a_wins = rng.random() < sigmoid((gold_a - gold_b) / temperature)
             if not a_wins:
                 a, b, gold_a, gold_b = b, a, gold_b, gold_a
-            pairs.append({"prompt": prompt, "chosen": a, "rejected": b,
-                          "chosen_gold": gold_a, "rejected_gold": gold_b})
+            pairs.append({"prompt": prompt, "chosen": a, "rejected": b, "chosen_gold": gold_a, "rejected_gold": gold_b})
         return pairs
 
     def pair_prompts(self, n: int, seed: int) -> list[str]:

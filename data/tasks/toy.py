@@ -9,6 +9,7 @@ with a probability that falls with the number of flaws. The gold counts it as ju
 generator's responses, and so in the "human" pairs labelled from them, it marks the better answer: the
 kind of spurious feature a proxy RM learns and a policy optimised against that RM exploits.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,13 @@ class ToyTask(Task):
     def draw_prompt(self, rng: random.Random) -> str:
         count = rng.choice(sorted(self.count_words))
         order = rng.choices(list(self.order_weights), list(self.order_weights.values()))[0]
-        parts = [rng.choice(self.verbs), self.count_words[count], rng.choice(list(self.categories)),
-                 self.order_phrases[order], rng.choice(self.extras)]
+        parts = [
+            rng.choice(self.verbs),
+            self.count_words[count],
+            rng.choice(list(self.categories)),
+            self.order_phrases[order],
+            rng.choice(self.extras),
+        ]
         return " ".join(part for part in parts if part)
 
     def parse(self, prompt: str) -> Request:
@@ -98,7 +104,7 @@ class ToyTask(Task):
         total = sum(self.weights[key] for key in violations)
         if self.aggregate == "product":
             return math.prod(self.decay ** (n * self.weights[key] / total) for key, n in violations.items())
-        return sum(self.weights[key] * self.decay ** n for key, n in violations.items()) / total
+        return sum(self.weights[key] * self.decay**n for key, n in violations.items()) / total
 
     def respond(self, prompt: str, flaws: frozenset[str], rng: random.Random) -> str:
         request = self.parse(prompt)

@@ -11,6 +11,7 @@ The loop, per window of `sync_every` decode steps:
 The prompt's last token is fed by the first decode step, so prefill computes keys and values only and
 every sampled token, the first included, comes out of the same graph.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,17 @@ import torch
 
 from coevolve.core.generation import Generations, SamplingParams, truncate_at_stop
 
-from .model import KVCache, DecodeState, UnsupportedModel, Weights, attend_bmm, attend_sdpa, check_supported, decode_step, prefill
+from .model import (
+    DecodeState,
+    KVCache,
+    UnsupportedModel,
+    Weights,
+    attend_bmm,
+    attend_sdpa,
+    check_supported,
+    decode_step,
+    prefill,
+)
 from .sampling import Sampler, sequence_key
 
 LEN_BUCKET = 64  # granularity of the attended length (and of max_len)
@@ -105,7 +116,10 @@ class StaticGraphBackend:
         start = time.perf_counter()
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         tokens, logprobs, stats = self.generate_ids(ids, params)
-        texts = [[truncate_at_stop(t.strip(), params.stop) for t in tok.batch_decode(rows, skip_special_tokens=True)] for rows in tokens]
+        texts = [
+            [truncate_at_stop(t.strip(), params.stop) for t in tok.batch_decode(rows, skip_special_tokens=True)]
+            for rows in tokens
+        ]
         counts = [[len(t) for t in rows] for rows in tokens]
         sampled = dict(prompt_ids=ids, token_ids=tokens, logprobs=logprobs) if params.logprobs else {}
         return Generations(texts, counts, time.perf_counter() - start, stats, **sampled)
@@ -126,7 +140,9 @@ class StaticGraphBackend:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generation backend 'static': empty prompt")
         n = params.n
-        lengths = [[(max_new[i][j] if max_new else params.max_new_tokens) for j in range(n)] for i in range(len(prompts))]
+        lengths = [
+            [(max_new[i][j] if max_new else params.max_new_tokens) for j in range(n)] for i in range(len(prompts))
+        ]
         if any(m < 1 for row in lengths for m in row):
             raise ValueError("max_new_tokens must be >= 1")
         stats = {"backend": "static", "attention": self.attention, "cuda_graphs": self.use_graphs, "slots": self.slots}
@@ -139,7 +155,12 @@ class StaticGraphBackend:
         run = _Run(self, prompts, lengths, params, stats)
         run.loop()
         # Draws past the exact fallback's budget under graphs (see sampling.py); 0 means every draw was exact.
-        stats.update(inexact_draws=int(self.sampler.inexact), max_len=self.cache.max_len, kv_cache_gib=round(self.cache.nbytes / 2**30, 3), graphs=len(self._graphs))
+        stats.update(
+            inexact_draws=int(self.sampler.inexact),
+            max_len=self.cache.max_len,
+            kv_cache_gib=round(self.cache.nbytes / 2**30, 3),
+            graphs=len(self._graphs),
+        )
         logprobs = [[s.logprobs for s in row] for row in run.seqs] if params.logprobs else None
         return run.outputs(), logprobs, stats
 
@@ -286,7 +307,15 @@ class _Run:
                 del self.group_kv[g]
         seed, first = self.params.seed, self.params.first_prompt
         init = torch.tensor(
-            [[self.prompts[s.prompt][-1], len(self.prompts[s.prompt]) - 1, s.max_new, sequence_key(seed, first + s.prompt, s.sample)] for s in take],
+            [
+                [
+                    self.prompts[s.prompt][-1],
+                    len(self.prompts[s.prompt]) - 1,
+                    s.max_new,
+                    sequence_key(seed, first + s.prompt, s.sample),
+                ]
+                for s in take
+            ],
             dtype=torch.long,
         ).to(be.w.device)
         idx = torch.tensor(slots, device=be.w.device)
@@ -348,7 +377,11 @@ class _Run:
             toks = toks[: step[slot]]
             if not any(s in tok.decode(toks, skip_special_tokens=True) for s in stop):
                 continue
-            cut = next(c for c in range(1, len(toks) + 1) if any(s in tok.decode(toks[:c], skip_special_tokens=True) for s in stop))
+            cut = next(
+                c
+                for c in range(1, len(toks) + 1)
+                if any(s in tok.decode(toks[:c], skip_special_tokens=True) for s in stop)
+            )
             self.cut_at[slot] = cut
             hits.append(slot)
         if hits:

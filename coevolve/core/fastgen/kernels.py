@@ -8,6 +8,7 @@ reference and the CPU path).
 - Row statistics of the logits for sampling: chunk maxima and log-sum-exp in one read, instead of a
   reduction plus an fp32 softmax that writes the whole [rows, vocab] tensor; in the same read, when
   asked, the log-sum-exp of the untempered logits, which normalises the sampled tokens' log-probs."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,20 @@ import triton.language as tl
 
 @triton.jit
 def _decode_attention(
-    Q, K, V, OUT, POS, scale, stride_qs, stride_qh, max_len,
-    N_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    OUT,
+    POS,
+    scale,
+    stride_qs,
+    stride_qh,
+    max_len,
+    N_KV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     s = pid // N_KV
@@ -47,10 +60,14 @@ def _decode_attention(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(OUT + s * (N_KV * G * D) + heads[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty), mask=(g < G)[:, None])
+    tl.store(
+        OUT + s * (N_KV * G * D) + heads[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty), mask=(g < G)[:, None]
+    )
 
 
-def attend_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, L: int, scale: float, mask=None) -> torch.Tensor:
+def attend_triton(
+    q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, L: int, scale: float, mask=None
+) -> torch.Tensor:
     """Same contract as model.attend_bmm, but reads each row's keys/values only up to its position
     (L and the mask are not needed)."""
     S, nq, d = q.shape
@@ -59,8 +76,22 @@ def attend_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torc
     out = torch.empty(S, nq * d, device=q.device, dtype=q.dtype)
     G = nq // nkv
     _decode_attention[(S * nkv,)](
-        q, kc, vc, out, pos, scale, q.stride(0), q.stride(1), max_len,
-        N_KV=nkv, G=G, D=d, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=64, num_warps=4, num_stages=2,
+        q,
+        kc,
+        vc,
+        out,
+        pos,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        max_len,
+        N_KV=nkv,
+        G=G,
+        D=d,
+        BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_N=64,
+        num_warps=4,
+        num_stages=2,
     )
     return out
 
@@ -83,7 +114,9 @@ def _row_stats(X, LSE, CMAX, TEMP, LSE_RAW, n_chunks, CHUNK: tl.constexpr, BLOCK
     for c0 in range(0, n_chunks, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         live = c < n_chunks
-        x = tl.load(X + row * n_chunks * CHUNK + c[:, None] * CHUNK + j[None, :], mask=live[:, None], other=float("-inf")).to(tl.float32)
+        x = tl.load(
+            X + row * n_chunks * CHUNK + c[:, None] * CHUNK + j[None, :], mask=live[:, None], other=float("-inf")
+        ).to(tl.float32)
         cmax = tl.max(x, 1)
         tl.store(CMAX + row * n_chunks + c, cmax, mask=live)
         m_new = tl.maximum(m, tl.max(cmax, 0))
@@ -104,5 +137,16 @@ def row_stats(logits: torch.Tensor, chunk: int, temp: torch.Tensor | None = None
     cmax = torch.empty(S, n_chunks, device=logits.device, dtype=torch.float32)
     lse = torch.empty(S, device=logits.device, dtype=torch.float32)
     lse_raw = torch.empty(S, device=logits.device, dtype=torch.float32) if temp is not None else lse
-    _row_stats[(S,)](logits, lse, cmax, temp if temp is not None else lse, lse_raw, n_chunks, CHUNK=chunk, BLOCK_C=8, RAW=temp is not None, num_warps=8)
+    _row_stats[(S,)](
+        logits,
+        lse,
+        cmax,
+        temp if temp is not None else lse,
+        lse_raw,
+        n_chunks,
+        CHUNK=chunk,
+        BLOCK_C=8,
+        RAW=temp is not None,
+        num_warps=8,
+    )
     return cmax, lse, lse_raw if temp is not None else None

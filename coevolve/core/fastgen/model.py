@@ -9,6 +9,7 @@ token at position p has its keys at [:, s, :, p]. The decode step is written so 
 as a CUDA graph: fixed shapes per (rows, attended length), no host syncs, every persistent update in
 place.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,10 @@ class Weights:
         if biases is not None:
             if all(b is None for b in biases):
                 return None
-            weights = [b if b is not None else torch.zeros(w.shape[0], device=self.device, dtype=self.dtype) for w, b in zip(weights, biases)]
+            weights = [
+                b if b is not None else torch.zeros(w.shape[0], device=self.device, dtype=self.dtype)
+                for w, b in zip(weights, biases)
+            ]
         parts = [t.detach() for t in weights]
         shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
         out = self._buffers.get(name)
@@ -195,7 +199,9 @@ def prefill(w: Weights, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
             break  # the last layer's output feeds nothing we keep
         o = F.scaled_dot_product_attention(q, ks[i], vs[i], is_causal=True, scale=w.scale, enable_gqa=True)
         add_linear_(x.view(P * T, -1), o.transpose(1, 2).reshape(P * T, nq * d), w.o_w[i], w.o_b[i])
-        add_linear_(x.view(P * T, -1), mlp(rms_norm(x, w.ln2[i], w.eps), w, i).view(P * T, -1), w.down_w[i], w.down_b[i])
+        add_linear_(
+            x.view(P * T, -1), mlp(rms_norm(x, w.ln2[i], w.eps), w, i).view(P * T, -1), w.down_w[i], w.down_b[i]
+        )
     return ks, vs
 
 
@@ -240,7 +246,9 @@ def attend_sdpa(q, kc, vc, pos, L, scale, mask=None):
     S, nq, d = q.shape
     nkv = kc.shape[1]
     mask = mask_bias(pos, L, q.dtype) if mask is None else mask
-    o = F.scaled_dot_product_attention(q.view(S, nkv, nq // nkv, d), kc[:S, :, :L], vc[:S, :, :L], attn_mask=mask[:, None, None, :], scale=scale)
+    o = F.scaled_dot_product_attention(
+        q.view(S, nkv, nq // nkv, d), kc[:S, :, :L], vc[:S, :, :L], attn_mask=mask[:, None, None, :], scale=scale
+    )
     return o.reshape(S, nq * d)
 
 

@@ -32,6 +32,7 @@ Randomness: one uniform per row and step, a hash of (the sequence's key, the ste
 completion). The key is derived on the host from (seed, prompt index, sample index), so a sample does
 not depend on which slot or batch it ran in.
 """
+
 from __future__ import annotations
 
 import torch
@@ -119,7 +120,9 @@ class Sampler:
         self.eos = torch.full((MAX_EOS,), -1, device=device, dtype=torch.long)
         self.mode, self.top_k, self.logprobs = "greedy", 0, False
 
-    def configure(self, temperature: float, top_p: float, top_k: int, eos_ids: list[int], logprobs: bool = False) -> None:
+    def configure(
+        self, temperature: float, top_p: float, top_k: int, eos_ids: list[int], logprobs: bool = False
+    ) -> None:
         if len(eos_ids) > MAX_EOS:
             raise ValueError(f"at most {MAX_EOS} EOS ids, got {len(eos_ids)}")
         self.eos.fill_(-1)
@@ -151,7 +154,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, st, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Next token [S], whether the nucleus was cut by the candidate limit [S], and with `logprobs`
         the token's untempered log-prob [S] fp32 (else None). `logits` are the tempered ones."""
-        stats = row_stats(logits, self.temp if self.logprobs else None) if self.logprobs or self.mode in ("top_p", "top_k") else None
+        stats = (
+            row_stats(logits, self.temp if self.logprobs else None)
+            if self.logprobs or self.mode in ("top_p", "top_k")
+            else None
+        )
         nxt, truncated = self._draw(logits, st, S, stats)
         if not self.logprobs:
             return nxt, truncated, None
@@ -163,7 +170,9 @@ class Sampler:
             return logits.argmax(-1), torch.zeros(S, device=logits.device, dtype=torch.bool)
         u = uniform(st.key[:S], st.step[:S])
         if self.mode == "full":
-            return _sample_full(torch.softmax(logits, -1, dtype=torch.float32), u), torch.zeros(S, device=logits.device, dtype=torch.bool)
+            return _sample_full(torch.softmax(logits, -1, dtype=torch.float32), u), torch.zeros(
+                S, device=logits.device, dtype=torch.bool
+            )
         k = min(self.top_k, self.candidates) if self.mode == "top_k" else self.candidates
         chunk_max, lse, _ = stats
         vals, ids = top_candidates(logits, k, chunk_max)
