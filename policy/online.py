@@ -30,7 +30,7 @@ from trl.models import unwrap_model_for_generation
 from coevolve.core.chat import trl_prompt
 from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.config import Config
-from coevolve.core.generation import Backend, choose_backend, make_backend
+from coevolve.core.generation import Backend, backend_for
 from coevolve.core.gold import gold_task
 from coevolve.core.models import load_rm, load_tokenizer
 from coevolve.core.rollout import sampling_params
@@ -80,13 +80,10 @@ class EngineRollouts:
         return [rows[0] for rows in tokens]
 
     def _make_engine(self, model):
-        name, why = choose_backend(self.cfg.generation.backend, model)
-        if name == "static" and hasattr(model, "peft_config"):
-            # The static engine reads the plain decoder's tensors: LoRA adapters would be left out.
-            name, why = "hf", "LoRA adapters: the static engine reads plain weights"
-        log.info(f"online rollouts: generation backend {name} ({why})")
-        self.rollout_stats["backend"] = f"{name} ({why})"
-        return make_backend(name, model, self.processing_class, batch_size=self.cfg.generation.batch_size)
+        engine, which = backend_for(self.cfg.generation, model, self.processing_class)
+        log.info(f"online rollouts: generation backend {which}")
+        self.rollout_stats["backend"] = which
+        return engine
 
 
 class GRPO(EngineRollouts, GRPOTrainer):

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from pydantic import ValidationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GPT2Config,
@@ -19,11 +20,18 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from coevolve.core.config import ConfigError
+from coevolve.core.config import ConfigError, GenerationConfig
 from coevolve.core.fastgen import StaticGraphBackend, UnsupportedModel, backend, sampling
 from coevolve.core.fastgen.model import CHUNK
 from coevolve.core.fastgen.sampling import Sampler, row_stats, sequence_key, top_candidates, uniform
-from coevolve.core.generation import SamplingParams, backend_class, choose_backend, make_backend, with_logprobs
+from coevolve.core.generation import (
+    SamplingParams,
+    backend_class,
+    backend_for,
+    choose_backend,
+    make_backend,
+    with_logprobs,
+)
 
 PROMPTS = ["hello there", "a", "the quick brown fox jumps over", "1 + 1 =", "zz", "once upon a time in a land far away"]
 
@@ -340,3 +348,18 @@ def test_auto_takes_static_on_a_gpu_for_the_decoders_it_runs(tok):
         assert choose_backend("auto", gpt2.cuda())[0] == "hf"
     else:
         assert choose_backend("auto", llama) == ("hf", "auto: no CUDA")
+
+
+def test_the_config_settings_block_reaches_the_backend_that_runs(tok):
+    llama = tiny("llama", tok)
+    static = GenerationConfig(
+        backend="static", batch_size=32, static={"candidates": 16, "fallback_rows": 0, "sync_every": 4}
+    )
+    engine, which = backend_for(static, llama, tok)
+    assert which == "static (generation.backend)"
+    assert (engine.slots, engine.sampler.candidates, engine.sampler.fallback_rows, engine.sync_every) == (32, 16, 0, 4)
+    # hf has no settings block: the static one is not passed to it.
+    engine, which = backend_for(static.model_copy(update={"backend": "hf"}), llama, tok)
+    assert which == "hf (generation.backend)" and engine.batch_size == 32
+    with pytest.raises(ValidationError, match="candidats"):
+        GenerationConfig(static={"candidats": 16})

@@ -140,11 +140,32 @@ class SamplingConfig(Strict):
     max_new_tokens: Count = 256
 
 
+class StaticEngineSettings(Strict):
+    """The static engine's knobs (coevolve/core/fastgen, docs/generation.md); the defaults are the ones
+    the generation benches measured."""
+
+    # auto: Triton's kernel on a GPU with triton, batched matmuls elsewhere.
+    attention: Literal["auto", "bmm", "sdpa", "triton"] = "auto"
+    # Top-p/top-k draw from this many highest logits; a nucleus wider than them is redrawn exactly.
+    candidates: Count = 64
+    # Rows per decode step that the exact redraw can take under CUDA graphs (a fixed shape); draws past
+    # it are counted in the step's `inexact_draws`. 0 turns the redraw off.
+    fallback_rows: int = Field(64, ge=0)
+    # Decode steps between host syncs (finished rows are swapped for new ones at a sync).
+    sync_every: Count = 16
+    # None: captured on CUDA, eager elsewhere.
+    cuda_graphs: bool | None = None
+    # Prompt tokens per prefill batch.
+    prefill_tokens: Count = 16384
+
+
 class GenerationConfig(Strict):
     # auto: "static" (our engine, coevolve/core/fastgen) on a GPU for the Llama/Qwen2-family decoders it
     # runs, "hf" (transformers' generate) otherwise; the step log and DONE.json say which ran and why.
     backend: Literal["auto", "hf", "static"] = "auto"
     batch_size: Count = 64
+    # Settings of one backend, used when it is the one that runs (hf has none beyond batch_size).
+    static: StaticEngineSettings = StaticEngineSettings()
 
 
 class LoraSettings(Strict):

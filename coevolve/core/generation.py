@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from coevolve.core.config import ConfigError
+from coevolve.core.config import ConfigError, GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -198,3 +198,13 @@ def with_logprobs() -> list[str]:
 
 def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:
     return backend_class(name)(model, tokenizer, **kwargs)
+
+
+def backend_for(cfg: GenerationConfig, model, tokenizer) -> tuple[Backend, str]:
+    """The configured backend for `model` with its settings block, and which it is and why (for the log)."""
+    name, why = choose_backend(cfg.backend, model)
+    if name == "static" and hasattr(model, "peft_config"):
+        # The static engine reads the plain decoder's tensors: LoRA adapters would be left out.
+        name, why = "hf", "LoRA adapters: the static engine reads plain weights"
+    settings = getattr(cfg, name).model_dump() if hasattr(cfg, name) else {}
+    return make_backend(name, model, tokenizer, batch_size=cfg.batch_size, **settings), f"{name} ({why})"

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from coevolve.core import distributed
 from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import Config
-from coevolve.core.generation import Generations, SamplingParams, choose_backend, make_backend
+from coevolve.core.generation import Generations, SamplingParams, backend_for
 from coevolve.core.gold import gold_task
 from coevolve.core.models import load_policy, load_rm, whole_weights
 from coevolve.core.scoring import RewardScorer
@@ -50,9 +50,8 @@ def sample_each(
     several processes each samples its share of the prompts, and each gets back all the samples.
     `logprobs`: also the sampled token ids and their log-probs, where the backend gives them."""
     model, tok = load_policy(policies[0][0], cfg)
-    name, why = choose_backend(cfg.generation.backend, model)
-    log.info(f"generation backend: {name} ({why})")
-    backend = make_backend(name, model, tok, batch_size=cfg.generation.batch_size)
+    backend, which = backend_for(cfg.generation, model, tok)
+    log.info(f"generation backend: {which}")
     mine = distributed.share(len(prompts))
     texts = [policy_prompt_text(tok, prompts[i]) for i in mine]
     out = []
@@ -63,7 +62,7 @@ def sample_each(
         # A process whose share is empty (fewer prompts than processes) still joins the gather.
         params = replace(sampling_params(cfg, n, seed, logprobs), first_prompt=mine.start)
         gens = backend.generate(texts, params) if texts else Generations([], [], 0.0, {})
-        gens.stats["backend"] = f"{name} ({why})"
+        gens.stats["backend"] = which
         out.append(_gathered(gens))
     del model, backend
     _release_gpu_memory()
