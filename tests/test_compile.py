@@ -13,12 +13,23 @@ from pathlib import Path
 import pytest
 from trl import DPOConfig, RewardConfig
 
-from coevolve.core import compile_cache
+from coevolve.core import compile_cache, provenance
 from coevolve.core.config import ConfigError, load_config
+from coevolve.core.steps import STEPS
 from coevolve.core.training import trainer_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
+# Every training config.
+SECTIONS = (
+    "sft_warmup",
+    "rm_init",
+    "e_step.train",
+    "e_step.sft",
+    "e_step.online.train",
+    "m_step.train",
+    "reviser.train",
+)
 
 
 def test_the_cache_folder_is_under_the_users_cache_folder_unless_set(tmp_path, monkeypatch):
@@ -71,6 +82,14 @@ def test_compile_is_one_typed_field_that_turns_trls_on_with_padded_lengths(tmp_p
         load_config(TINY, ["e_step.train.extra={torch_compile: true}"])
     with pytest.raises(ConfigError, match=r"m_step.train: extra.torch_compile_backend/mode turn torch.compile on"):
         load_config(TINY, ["m_step.train.extra={torch_compile_mode: max-autotune}"])
+
+
+def test_compiling_is_how_a_step_computes_not_what_so_no_finished_step_goes_stale():
+    plain, compiled = (load_config(TINY, [f"{s}.compile={on}" for s in SECTIONS]) for on in ("false", "true"))
+    for name in STEPS:
+        assert provenance.fields(plain, name) == provenance.fields(compiled, name)
+        assert not [key for key in provenance.fields(compiled, name) if key.endswith(".compile")]
+    assert "e_step.train.learning_rate" in provenance.fields(compiled, "e-step")
 
 
 def test_the_gpu_config_that_pays_for_it_compiles_its_training():
