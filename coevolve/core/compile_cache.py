@@ -66,7 +66,7 @@ def stats() -> dict[str, float | int]:
         from torch._dynamo.utils import calculate_time_spent
 
         seconds = round(calculate_time_spent().get("total_wall_time", 0.0), 2)
-    except ImportError:  # torch before 2.5
+    except ImportError:  # a torch without it
         seconds = float("nan")
     return {
         "compile_s": seconds,
