@@ -199,7 +199,22 @@ class TrainConfig(Strict):
     bf16: bool | None = None
     logging_steps: Count = 1
     lora: LoraSettings | None = None
+    # torch.compile of the trained model (trl's `torch_compile`), lengths then padded to multiples of 64 unless
+    # `extra` names `pad_to_multiple_of`. On a GPU a compiled DPO or RM step takes about half an eager one
+    # (0.5B, bench/RESULTS.md), and the kernels are cached on disk (`launch.compile_cache`): the machine's
+    # first step process compiles each shape (minutes for 0.5B), later ones load it (seconds). Off by
+    # default, because that only pays on long trainings of large enough models: a sandbox model trains in
+    # less time than even a warm compile takes, and on a CPU Inductor builds C++ for minutes.
+    compile: bool = False
     extra: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _one_compile_field(self):
+        if "torch_compile" in self.extra:
+            raise ValueError("extra.torch_compile: set `compile: true` instead (the one field that turns it on)")
+        if not self.compile and {"torch_compile_backend", "torch_compile_mode"} & self.extra.keys():
+            raise ValueError("extra.torch_compile_backend/mode turn torch.compile on; set `compile: true` with them")
+        return self
 
 
 class SFTTrainConfig(TrainConfig):
@@ -362,6 +377,10 @@ class LaunchConfig(Strict):
     server_idle_s: float = Field(600.0, gt=0)
     # Each server holds ~500 MB of imported libraries; starting one more stops the one idle the longest.
     max_servers: int = Field(3, ge=1)
+    # torch.compile's caches (Inductor's graphs and kernels, autotuning, Triton's binaries), shared by every
+    # step process of every run on the machine (core/compile_cache.py). None: $XDG_CACHE_HOME/coevolve/compile,
+    # else ~/.cache/coevolve/compile (torch's own default, /tmp/torchinductor_USER, is gone at a reboot).
+    compile_cache: str | None = None
 
     @model_validator(mode="after")
     def _processes(self):

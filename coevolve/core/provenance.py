@@ -33,12 +33,19 @@ def step_key(k: int, name: str) -> str:
     return f"iter_{k}/{name}"
 
 
+# Fields inside a step's sections that change how fast it computes, not what: a compiled training runs
+# the same steps through other kernels, as `device` and `generation` (in no step's list) do. Switching it
+# on for the rest of a run leaves the finished steps as they are.
+HOW_NOT_WHAT = ("compile",)
+
+
 def fields(cfg: Config, name: str) -> dict:
     """The step's config fields by dotted name, as they read in config.yaml."""
     return {
         key: value
         for key, value in flat(cfg).items()
         if any(key == p or key.startswith(p + ".") for p in STEPS[name].depends_on)
+        and key.rsplit(".", 1)[-1] not in HOW_NOT_WHAT
     }
 
 

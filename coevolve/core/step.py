@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coevolve.core import distributed, provenance, rundir, tracking
+from coevolve.core import compile_cache, distributed, provenance, rundir, tracking
 from coevolve.core.config import Config
 from coevolve.core.errors import InputError
 from coevolve.core.quiet import quiet_third_party
@@ -82,6 +82,8 @@ class StepRun:
         return rundir.is_done(self.run_dir, self.iteration, self.name) and not self.force
 
     def __enter__(self) -> StepRun:
+        # Before anything compiles; under a multi-process launcher every process sets it for itself.
+        compile_env = compile_cache.use(compile_cache.folder(self.cfg.launch.compile_cache))
         distributed.init()
         self.provenance = provenance.record(self.run_dir, self.cfg, self.iteration, self.name)
         if distributed.is_main():
@@ -103,6 +105,9 @@ class StepRun:
         log.info(
             f"iteration {self.iteration} {self.name} (pid {os.getpid()}): working in {self.dir}"
             + (f" (resuming after {sorted(self.timings)})" if self.timings else "")
+        )
+        self.note(
+            "torch.compile caches (launch.compile_cache): " + ", ".join(f"{k}={v}" for k, v in compile_env.items())
         )
         # Finished outputs never change: without this, datasets' map/filter would write cache files
         # into earlier steps' dataset folders (changing what their W&B artifacts' digests describe).

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig
 from trl import SFTConfig, SFTTrainer
 
-from coevolve.core import tracking
+from coevolve.core import compile_cache, tracking
 from coevolve.core.chat import completion_example, preference_example
 from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.config import Config, ConfigError, TrainConfig
@@ -56,8 +56,14 @@ def trainer_args(config_cls, train: TrainConfig, cfg: Config, output_dir: Path, 
         ddp_find_unused_parameters=False,
     )
     # GRPO's and RLOO's configs have none: their sequences are as long as the rollouts.
-    if not dataclasses.is_dataclass(config_cls) or "max_length" in {f.name for f in dataclasses.fields(config_cls)}:
+    names = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else None
+    if names is None or "max_length" in names:
         args["max_length"] = train.max_length
+    if train.compile:
+        args["torch_compile"] = True
+        if names is None or "pad_to_multiple_of" in names:
+            args["pad_to_multiple_of"] = compile_cache.PAD_MULTIPLE
+        log.info(f"torch.compile on; its caches in {compile_cache.in_use() or 'torch default folders'}")
     if train.group_by_length:
         # The sampler reads the `length` column of preference_dataset; trl's collators ignore it.
         args.update(train_sampling_strategy="group_by_length", remove_unused_columns=False)
@@ -89,7 +95,12 @@ def keep_log(trainer, out: Path, prefix: str) -> dict:
             f"{prefix}: only {steps} optimizer step(s), each of {a.per_device_train_batch_size} x {a.gradient_accumulation_steps} "
             f"(per device x gradient_accumulation_steps) x {a.world_size} process(es); lower them for more steps"
         )
-    metrics = {f"{prefix}/steps": steps}
+    metrics = {f"{prefix}/steps": steps, f"{prefix}/compiled": bool(a.torch_compile)}
+    if a.torch_compile:
+        # With a warm cache (an earlier step process on this machine compiled these shapes): hits, few seconds.
+        metrics.update({f"{prefix}/{k}": v for k, v in compile_cache.stats().items()})
+        if compile_cache.in_use() is not None:
+            metrics[f"{prefix}/compile_cache"] = str(compile_cache.in_use())
     keys = sorted({k for h in history for k in h if k not in ("epoch", "step", "learning_rate", "grad_norm")})
     for key in keys:
         values = [h[key] for h in history if key in h]

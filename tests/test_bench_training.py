@@ -1,0 +1,46 @@
+"""bench/bench_training.py --epoch's smoke run on the CPU: a whole DPO epoch per process, trl's and ours'
+with a cold and a warm compile cache, and the `training` row's fields."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_epoch_times_whole_epochs_from_process_start_cold_and_warm(tmp_path):
+    cmd = [sys.executable, "bench/bench_training.py", "--epoch", "--model", "tiny", "--pairs", "48", "--batch", "8"]
+    cmd += ["--max-len", "64", "--loop-skip", "2", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert res["errors"] == {}
+    m = res["measurements"]
+    for r in m.values():
+        # The whole epoch, from the process's start: every pair once, the start before the first step.
+        assert r["steps"] == 6 and r["batch_pairs"] == 8 and not r["gradient_checkpointing"]
+        assert 0 < r["start_to_imported_s"] < r["start_to_first_step_s"] < r["epoch_s"] < r["process_wall_s"]
+        assert r["tok_s_end_to_end"] == pytest.approx(r["tokens"] / r["epoch_s"], rel=0.01)
+        assert r["loop_tok_s"] > r["tok_s_end_to_end"] and r["loop_steps"] == 3
+    # The same pairs and the same tokens for all three.
+    assert len({r["tokens"] for r in m.values()}) == 1
+    assert not m["trl_tuned"]["compiled"] and m["ours_cold"]["compiled"] and m["ours_warm"]["compiled"]
+    # Cold compiles every graph; warm finds them all in the cache the cold run left, and pays less.
+    assert m["ours_cold"]["compile_cache_misses"] > 0 == m["ours_cold"]["compile_cache_hits"]
+    assert m["ours_warm"]["compile_cache_hits"] == m["ours_cold"]["compile_cache_misses"]
+    assert m["ours_warm"]["compile_cache_misses"] == 0
+    assert res["compile_warm_s"] < res["compile_cold_s"]
+    assert any((tmp_path / "work" / "compile-cache" / "inductor").iterdir())
+    # The row.
+    assert res["dpo_tok_s_end_to_end"] == m["ours_warm"]["tok_s_end_to_end"]
+    assert res["dpo_tok_s_end_to_end_cold"] == m["ours_cold"]["tok_s_end_to_end"]
+    assert res["dpo_loop_tok_s"] == m["ours_warm"]["loop_tok_s"]
+    assert res["trl_dpo_tuned_tok_s"] == m["trl_tuned"]["tok_s_end_to_end"]
+    assert res["dpo_speedup_end_to_end"] == round(res["dpo_tok_s_end_to_end"] / res["trl_dpo_tuned_tok_s"], 2)
+    assert "end-to-end tok/s" in done.stdout and "loop tok/s" in done.stdout
