@@ -585,7 +585,8 @@ def run(
 # first e-step), ours again on the cache it left (every later e-step: the next iteration's, later runs'),
 # and trl's DPOTrainer with the same batch, checkpointing off and its other defaults. trl first: its time is
 # the most predictable, and the comparison needs it.
-EPOCH_RUNS = (("trl_tuned", "trl"), ("ours_cold", "ours"), ("ours_warm", "ours"))
+# ours_eager: the same trainer uncompiled, which tells what compiling buys at these mixed lengths.
+EPOCH_RUNS = {"trl_tuned": "trl", "ours_cold": "ours", "ours_warm": "ours", "ours_eager": "ours-eager"}
 
 
 def epoch(a) -> None:
@@ -618,7 +619,8 @@ def epoch(a) -> None:
         "loop_skips_steps": a.loop_skip,
     }
     log(json.dumps(res, indent=1))
-    for label, kind in EPOCH_RUNS:
+    for label in a.epoch_runs.split(","):
+        kind = EPOCH_RUNS[label]
         left = deadline - (time.perf_counter() - t_start)
         if left < 30:
             res["errors"][label] = f"skipped: the bench had run {deadline - left:.0f}s (--deadline-s {deadline:g})"
@@ -681,7 +683,8 @@ def epoch_child(a) -> None:
     trl: DPOTrainer with the same batch, checkpointing off, its defaults otherwise."""
     launched = a.launched
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.child == "ours":
+    ours = a.child.startswith("ours")
+    if ours:
         from coevolve.core import compile_cache
 
         compile_cache.use(a.work / "compile-cache")  # as a step process does, before anything compiles
@@ -694,7 +697,7 @@ def epoch_child(a) -> None:
     rows = json.loads((a.work / "pairs.json").read_text())
     tok = build_tokenizer(MODELS[a.model]["vocab_size"])  # AutoTokenizer would read it as Qwen2's
     clock = EpochClock()
-    if a.child == "ours":
+    if ours:
         from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer
 
         from coevolve.core.config import DPOTrainConfig
@@ -706,7 +709,7 @@ def epoch_child(a) -> None:
             gradient_accumulation_steps=1,
             max_length=a.max_len,
             group_by_length=True,
-            compile=True,
+            compile=a.child == "ours",
             extra={"model_init_kwargs": {"attn_implementation": "sdpa"}},
         )
         args = trainer_args(DPOConfig, train, cfg, out, beta=cfg.e_step.beta)
@@ -749,7 +752,7 @@ def epoch_child(a) -> None:
     steps = [(b[0] - p[0], b[1] - p[1]) for p, b in zip([(built, 0), *marks[:-1]], marks)]
     r = {
         "trainer": "ours: core.training.trainer_args, SampledReferenceDPOTrainer"
-        if a.child == "ours"
+        if ours
         else "trl DPOTrainer, defaults but batch and checkpointing",
         "compiled": bool(args.torch_compile),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
@@ -785,6 +788,7 @@ def summarize_epoch(res) -> None:
     get = lambda r, key: r and r.get(key)  # noqa: E731
     res["dpo_tok_s_end_to_end"] = get(warm, "tok_s_end_to_end")
     res["dpo_tok_s_end_to_end_cold"] = get(cold, "tok_s_end_to_end")
+    res["dpo_tok_s_end_to_end_eager"] = get(m.get("ours_eager"), "tok_s_end_to_end")
     res["dpo_loop_tok_s"] = get(warm, "loop_tok_s")
     res["trl_dpo_tuned_tok_s"] = get(trl, "tok_s_end_to_end")
     res["trl_dpo_tuned_loop_tok_s"] = get(trl, "loop_tok_s")
@@ -897,8 +901,15 @@ def main():
     ap.add_argument("--pairs", type=int, default=2048, help="--epoch: pairs in the epoch")
     ap.add_argument("--batch", type=int, default=32, help="--epoch: pairs per step, ours and trl alike")
     ap.add_argument("--max-len", type=int, default=MAX_LEN, help="--epoch: longest sequence (lengths scale with it)")
+    ap.add_argument(
+        "--epoch-runs",
+        default="trl_tuned,ours_cold,ours_warm",
+        help=f"--epoch: which, in order, of {','.join(EPOCH_RUNS)}",
+    )
     ap.add_argument("--loop-skip", type=int, default=8, help="--epoch: first steps left out of the loop figure")
-    ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one --epoch measurement
+    ap.add_argument(
+        "--child", choices=sorted(set(EPOCH_RUNS.values())), help=argparse.SUPPRESS
+    )  # one --epoch measurement
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
