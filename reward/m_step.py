@@ -12,7 +12,9 @@ pseudo    pseudo pair per prompt: policy_K's response preferred. delta = r(new) 
           the share of pseudo labels the gold reward agrees with is measured too (it trains nothing).
 mix       the training set: kept pseudo pairs + the E-step's RM-ranked pairs (+ original pairs, if set)
 train     Bradley-Terry with trl's RewardTrainer, restarting from the base RM (paper) or rm_{K-1}
-measure   accuracy of rm_{K-1} and rm_K on held-out original pairs, the training mix and the pseudo pairs
+measure   accuracy of rm_{K-1} and rm_K on held-out original pairs, the training mix and the pseudo pairs;
+          with `m_step.max_heldout_drop` set, rm_K losing more than that on the held-out pairs ends the
+          loop with policy_{K-1} and rm_{K-1} (not in the paper)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from coevolve.data.tasks import load_task
 from coevolve.reward.training import accuracy_phase, train_rm
 
 from coevolve.core import rundir
+from coevolve.core.config import ConfigError
 from coevolve.core.rollout import sample_each, score_each
 from coevolve.core.scoring import pairwise_accuracy
 from coevolve.core.step import StepRun
@@ -172,6 +175,10 @@ def main(step: StepRun) -> dict:
         step.inputs["e_step_pairs"] = e_pairs
     if original is not None:  # its held-out split measures the RM, whatever the mix
         step.inputs["original_pairs"] = original
+    elif cfg.m_step.max_heldout_drop is not None:
+        raise ConfigError(
+            "m_step.max_heldout_drop: the run has no original preference pairs to hold out (data.pairs); unset it"
+        )
 
     batch = iteration_prompts(prompts, "rm", cfg.m_step.prompts_per_iteration, k)
     responses = step.phase("generate", lambda tmp: generate(step, new, old, batch, tmp))
@@ -199,4 +206,14 @@ def main(step: StepRun) -> dict:
     outputs = {"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "train_mix": "mix"}
     if dropped:
         outputs["dropped"] = "pseudo/dropped"
-    return step.finish(outputs)
+    stop = heldout_guard(step.metrics, cfg.m_step.max_heldout_drop)
+    if stop:  # the run goes on from what it had before this iteration, as after a tau stop
+        outputs.update(rm=rundir.relative(run, rm), policy=rundir.relative(run, old))
+    return step.finish(outputs, stop=stop)
+
+
+def heldout_guard(metrics: dict, max_drop: float | None) -> bool:
+    """Whether rm_K fell more than `max_drop` below rm_{K-1} on the held-out original pairs."""
+    if max_drop is None:
+        return False
+    return metrics["rm_before/accuracy_heldout"] - metrics["rm_after/accuracy_heldout"] > max_drop

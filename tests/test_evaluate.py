@@ -266,7 +266,8 @@ def test_experiment_carries_a_stopped_run_and_reports_the_m_step_and_gold_vs_kl(
 def test_the_ablation_arms_are_the_papers():
     assert "e_step.select=false" in ARMS["mt-no-selection"] and "m_step.epsilon_filter=false" in ARMS["mt-no-filter"]
     assert "m_step.original_pairs_ratio=1.0" in ARMS["mt-original-pairs"]
-    for arm in ("mt-no-selection", "mt-no-filter", "mt-original-pairs"):
+    assert "m_step.max_heldout_drop=0.05" in ARMS["mt-heldout-stop"]
+    for arm in ("mt-no-selection", "mt-no-filter", "mt-original-pairs", "mt-heldout-stop"):
         cfg = load_config(ROOT / "configs" / "sandbox-gpu.yaml", arm_overrides(arm, 0, "x"))
         assert cfg.steps.m_step and cfg.steps.evaluate
 

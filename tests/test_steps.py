@@ -21,6 +21,7 @@ from coevolve.data.tasks import load_task
 from coevolve.policy.e_step import reference_model
 from coevolve.policy.pairs import length_controlled
 from coevolve.policy.sampled_reference import SampledReferenceDPOTrainer, sampled_rows, unusable_because
+from coevolve.reward.m_step import heldout_guard
 from conftest import FAST, TINY
 from tiny_run import tiny_run  # noqa: F401  (the fixture)
 from transformers import (
@@ -41,6 +42,7 @@ from coevolve.core.config import TrainConfig, load_config, prepare_run
 from coevolve.core.models import load_tokenizer
 from coevolve.core.plan import step_plan
 from coevolve.core.rollout import sample, sample_each, score
+from coevolve.core.runner import stop_reason, stopped
 from coevolve.core.training import preference_dataset, trainer_args
 
 
@@ -183,6 +185,29 @@ def test_m_step_filters_pseudo_pairs_and_fits_the_rm(iterated_run):
     # The paper's default: the M-step restarts from the base RM, not from the previous one.
     assert result["inputs"]["rm_start"] == "iter_0/rm-init/train/rm"
     assert len(Store(run).load("pseudo_pairs", [1])) == len(scored)
+
+
+def test_m_step_heldout_rule_ends_the_loop_with_the_previous_policy_and_rm(iterated_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(iterated_run, run)
+    # -1: the RM would have to gain a whole 1.0 of accuracy, so this M-step stops whatever it measures.
+    cfg = prepare_run(None, ["m_step.max_heldout_drop=-1.0"], run, redo=True)
+    run_step("m-step", run, 1, cfg, force=True)
+    result = done(run, 1, "m-step")
+    assert result["stop"] and stopped(run, 1, "m-step")
+    assert result["outputs"]["rm"] == result["inputs"]["rm"] == "iter_0/rm-init/train/rm"
+    assert result["outputs"]["policy"] == result["inputs"]["policy_old"]
+    assert rundir.latest_output(run, "policy") == run / result["inputs"]["policy_old"]
+    assert (run / "iter_1/m-step/train/rm/config.json").exists()  # the RM it turned down stays to be looked at
+    assert stop_reason(run, 1, "m-step", cfg) == (
+        "iteration 1: the M-step's RM lost more than -1.0 accuracy on the held-out original pairs;"
+        " stopping with the previous policy"
+    )
+    # The rule itself, at the drop the fixture's own M-step measured, and unset (the paper).
+    m = done(iterated_run, 1, "m-step")["metrics"]
+    drop = m["rm_before/accuracy_heldout"] - m["rm_after/accuracy_heldout"]
+    assert heldout_guard(m, drop - 0.001) and not heldout_guard(m, drop + 0.001) and not heldout_guard(m, None)
+    assert not done(iterated_run, 1, "m-step")["stop"]
 
 
 def test_finished_step_is_skipped(prepared_run):

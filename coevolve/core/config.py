@@ -292,6 +292,11 @@ class MStepConfig(Strict):
     epsilon_filter: bool = True
     # Original preference pairs mixed in, as a multiple of the pseudo-pair count (0 = paper's mix).
     original_pairs_ratio: float = Field(0.0, ge=0)
+    # Not in the paper (off): the retrained RM must score the held-out original pairs at most this much
+    # less accurately than rm_{K-1}; past it, its pseudo labels are taken to teach it what the policy
+    # exploits rather than what it improved, and the loop stops with policy_{K-1} and rm_{K-1} (as the
+    # tau rule does). Negative: the RM must gain at least that much. Needs preference pairs (data.pairs).
+    max_heldout_drop: float | None = Field(None, ge=-1, le=1)
     train: RMTrainConfig = RMTrainConfig()
 
 

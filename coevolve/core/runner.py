@@ -58,18 +58,23 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
 
 
 def stopped(run: Path, k: int, name: str) -> bool:
-    """The rule that ends a run early, checked after each step: the E-step's best checkpoint won less
-    than tau (the E-step decides, and writes `stop`), so the run keeps the previous policy."""
-    return name == "e-step" and rundir.is_done(run, k, name) and rundir.read_done(run, k, name)["stop"]
+    """The rules that end a run early, checked after each step: the E-step's best checkpoint won less
+    than tau, or the M-step's RM lost too much on held-out pairs (`m_step.max_heldout_drop`). The step
+    decides, writes `stop`, and hands on the previous policy."""
+    return rundir.is_done(run, k, name) and bool(rundir.read_done(run, k, name).get("stop"))
+
+
+STOP_REASONS = {
+    "e-step": "the E-step's best checkpoint won under tau={cfg.e_step.tau}",
+    "m-step": "the M-step's RM lost more than {cfg.m_step.max_heldout_drop} accuracy on the held-out original pairs",
+}
 
 
 def stop_reason(run: Path, k: int, name: str, cfg: Config) -> str | None:
     """The line that says why the run ends after (k, name), if it does."""
     if not stopped(run, k, name):
         return None
-    return (
-        f"iteration {k}: the E-step's best checkpoint won under tau={cfg.e_step.tau}; stopping with the previous policy"
-    )
+    return f"iteration {k}: {STOP_REASONS[name].format(cfg=cfg)}; stopping with the previous policy"
 
 
 def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
