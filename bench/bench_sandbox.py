@@ -45,10 +45,23 @@ MD_METRICS = (
 )
 
 
-def record(summary_path: Path, command: str, bench: str = "sandbox") -> None:
+def merged(paths: list[Path]) -> dict:
+    """One experiment from the summaries of several device calls of the same design (other arms, the
+    same seeds): their arms side by side, their walls added."""
+    s = json.loads(paths[0].read_text())
+    for other in map(json.loads, (p.read_text() for p in paths[1:])):
+        if (other["seeds"], other["iterations"], other["overrides"]) != (s["seeds"], s["iterations"], s["overrides"]):
+            raise SystemExit(f"--also: not the same seeds, iterations and overrides as {paths[0]}")
+        s["arms"].update(other["arms"])
+        s["wall_s"] += other["wall_s"]
+        s["failed"] += other["failed"]
+    return s
+
+
+def record(paths: list[Path], command: str, bench: str = "sandbox") -> None:
     from coevolve.experiment import table
 
-    s = json.loads(summary_path.read_text())
+    s = merged(paths)
     arms = {
         arm: {k + tail: row[m + tail] for k, m in LINE_METRICS.items() if m in row for tail in ("", "_std")}
         for arm, row in s["arms"].items()
@@ -59,6 +72,7 @@ def record(summary_path: Path, command: str, bench: str = "sandbox") -> None:
         "device": s["device"],
         "date": s["date"],
         "seeds": s["seeds"],
+        "overrides": s["overrides"],
         "iterations": s["iterations"],
         "wall_s": s["wall_s"],
         "arms": arms,
@@ -68,6 +82,7 @@ def record(summary_path: Path, command: str, bench: str = "sandbox") -> None:
         f"`{command}`",
         f"Task {s['task']}, {s['seeds']} seeds x {s['iterations']} iterations per arm, {s['wall_s']:.0f} s wall for all runs"
         f" (sharing the GPU); mean ± std over seeds, iteration 0 first."
+        + (f" Overrides: {' '.join(s['overrides'])}." if s["overrides"] else "")
         + (f" Failed: {s['failed']}" if s["failed"] else ""),
         "",
         table(s, MD_METRICS),
@@ -123,10 +138,13 @@ def main() -> None:
         help="stop runs still going after this many seconds (a device call lasts 600 s at most)",
     )
     record_args(ap, "experiment.json", "bench_sandbox.py")
+    ap.add_argument(
+        "--also", type=Path, action="append", default=[], help="--record: another call's experiment.json, more arms"
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.record:
-        record(args.record, args.command)
+        record([args.record, *args.also], args.command)
         return
     from coevolve.experiment import run_experiment
 
