@@ -1,5 +1,5 @@
 """bench/bench_training.py --epoch's smoke run on the CPU: a whole DPO epoch per process, trl's and ours'
-with a cold and a warm compile cache, and the `training` row's fields."""
+uncompiled and compiled on a cold and a warm cache, and the `training` row's fields."""
 
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ def test_bench_epoch_times_whole_epochs_from_process_start_cold_and_warm(tmp_pat
         assert 0 < r["start_to_imported_s"] < r["start_to_first_step_s"] < r["epoch_s"] < r["process_wall_s"]
         assert r["tok_s_end_to_end"] == pytest.approx(r["tokens"] / r["epoch_s"], rel=0.01)
         assert r["loop_tok_s"] > r["tok_s_end_to_end"] and r["loop_steps"] == 3
-    # The same pairs and the same tokens for all three.
-    assert len({r["tokens"] for r in m.values()}) == 1
-    assert not m["trl_tuned"]["compiled"] and m["ours_cold"]["compiled"] and m["ours_warm"]["compiled"]
+    # The same pairs and the same tokens for all four.
+    assert len(m) == 4 and len({r["tokens"] for r in m.values()}) == 1
+    assert not m["trl_tuned"]["compiled"] and not m["ours_eager"]["compiled"]
+    assert m["ours_cold"]["compiled"] and m["ours_warm"]["compiled"]
     # Cold compiles every graph; warm finds them all in the cache the cold run left, and pays less.
     assert m["ours_cold"]["compile_cache_misses"] > 0 == m["ours_cold"]["compile_cache_hits"]
     assert m["ours_warm"]["compile_cache_hits"] == m["ours_cold"]["compile_cache_misses"]
@@ -43,4 +44,7 @@ def test_bench_epoch_times_whole_epochs_from_process_start_cold_and_warm(tmp_pat
     assert res["dpo_loop_tok_s"] == m["ours_warm"]["loop_tok_s"]
     assert res["trl_dpo_tuned_tok_s"] == m["trl_tuned"]["tok_s_end_to_end"]
     assert res["dpo_speedup_end_to_end"] == round(res["dpo_tok_s_end_to_end"] / res["trl_dpo_tuned_tok_s"], 2)
+    assert res["dpo_tok_s_end_to_end_eager"] == m["ours_eager"]["tok_s_end_to_end"]
+    eager_speedup = round(res["dpo_tok_s_end_to_end_eager"] / res["trl_dpo_tuned_tok_s"], 2)
+    assert res["dpo_speedup_end_to_end_eager"] == eager_speedup
     assert "end-to-end tok/s" in done.stdout and "loop tok/s" in done.stdout
