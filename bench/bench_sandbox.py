@@ -53,6 +53,8 @@ def merged(paths: list[Path]) -> dict:
         if (other["seeds"], other["iterations"], other["overrides"]) != (s["seeds"], s["iterations"], s["overrides"]):
             raise SystemExit(f"--also: not the same seeds, iterations and overrides as {paths[0]}")
         s["arms"].update(other["arms"])
+        if "per_seed" in s:
+            s["per_seed"].update(other.get("per_seed", {}))
         s["wall_s"] += other["wall_s"]
         s["failed"] += other["failed"]
     return s
@@ -76,6 +78,7 @@ def record(paths: list[Path], command: str, bench: str = "sandbox") -> None:
         "iterations": s["iterations"],
         "wall_s": s["wall_s"],
         "arms": arms,
+        "per_seed": s.get("per_seed"),  # older summaries have none
     }
     md = [
         f"\n## {bench}: {s['date']}, {s['device']}",

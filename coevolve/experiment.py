@@ -69,6 +69,9 @@ M_STEP_METRICS = {
     "pseudo_label_acc": "pseudo/gold_label_acc",
     "pseudo_kept": "pseudo/kept",
     "pseudo_dropped": "pseudo/dropped",
+    # What `m_step.max_heldout_drop` compares: rm_{K-1} and rm_K on the held-out original pairs.
+    "rm_heldout_before": "rm_before/accuracy_heldout",
+    "rm_heldout_after": "rm_after/accuracy_heldout",
 }
 
 
@@ -251,12 +254,19 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
         "seeds": len(seeds),
         "iterations": iterations,
         "arms": {},
+        # Each seed's own series beside the means, so that a rule read off one set of seeds can be checked
+        # on another's without running them again.
+        "per_seed": {},
     }
     for arm in arms:
         runs = [run_series(out / arm / f"seed_{s}", iterations) for s in seeds]
         row: dict[str, Any] = {"stopped_runs": sum(stopped for _, stopped in runs)}
+        per_seed: dict[str, Any] = {"seeds": list(seeds)}
         for metric in (f"{referee}_mean", *METRICS, *M_STEP_METRICS):
             name = referee if metric == f"{referee}_mean" else metric
+            per_seed[name] = [
+                [None if s[k] is None else s[k].get(metric) for k in range(iterations + 1)] for s, _ in runs
+            ]
             means, stds = [], []
             for k in range(iterations + 1):
                 # NaN is "nothing to measure" (e.g. no fresh pairs the referee tells apart): left out.
@@ -270,8 +280,9 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
             row[name], row[f"{name}_std"] = means, stds
         if not any(v is not None for m in M_STEP_METRICS for v in row[m]):  # no M-step in this arm
             for m in M_STEP_METRICS:
-                del row[m], row[f"{m}_std"]
+                del row[m], row[f"{m}_std"], per_seed[m]
         summary["arms"][arm] = row
+        summary["per_seed"][arm] = per_seed
     return summary
 
 

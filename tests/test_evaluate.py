@@ -250,6 +250,11 @@ def test_experiment_carries_a_stopped_run_and_reports_the_m_step_and_gold_vs_kl(
     assert mt["gold"] == [0.5, 0.7, 0.7] and mt["stopped_runs"] == 1
     assert mt["pseudo_label_acc"] == [None, 0.75, 0.75] and mt["pseudo_kept"][1] == 10
     assert "pseudo_label_acc" not in frozen  # no M-step in that arm
+    # Each seed's series too, as the means carry it.
+    assert summary["per_seed"]["mutual-taught"]["seeds"] == [0]
+    assert summary["per_seed"]["mutual-taught"]["gold"] == [[0.5, 0.7, 0.7]]
+    assert summary["per_seed"]["mutual-taught"]["pseudo_label_acc"] == [[None, 0.75, 0.75]]
+    assert "pseudo_label_acc" not in summary["per_seed"]["frozen-rm"]
     write_outputs(tmp_path, summary)
     table = (tmp_path / "table.md").read_text()
     assert "**pseudo_label_acc**" in table and "| mutual-taught | – | 0.750 ± 0.000 | 0.750 ± 0.000 |" in table
