@@ -176,7 +176,7 @@ def test_greedy_sampling_is_refused_where_several_samples_per_prompt_are_drawn()
     # E-step draws num_samples of them to pair up (transformers refuses several greedy sequences).
     with pytest.raises(ConfigError, match=r"sampling.temperature: 0 is greedy decoding.*e_step.num_samples"):
         load_config(str(TINY), ["sampling.temperature=0"])
-    # tiny.yaml's rm-init samples two answers per prompt to label: its generator pairs draw none.
+    # tiny.yaml's rm-init samples two answers per prompt for its "human" pairs; the generator's need none.
     with pytest.raises(ConfigError, match=r"sampling.temperature: 0 is greedy decoding.*data.pair_source: policy"):
         load_config(str(TINY), ["sampling.temperature=0", "iterations=0"])
     greedy = ["sampling.temperature=0", "iterations=0", "data.pair_source=generator"]
