@@ -23,8 +23,16 @@ os.environ["COEVOLVE_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="coevolve-tests-")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-# configs/tiny.yaml made smaller still: the tests check behaviour, not quality.
+# configs/tiny.yaml made smaller still: the tests check behaviour, not quality. The demo's RM (the SFT
+# policy with a score head, trained on pairs the policy samples in rm-init) and its heavier E- and M-steps
+# are for a policy that improves; here, the char-level RM on init's generator pairs, trained from scratch,
+# and the paper's pair rule, with one DPO epoch and no original pairs in the M-step's mix.
 FAST = [
+    "rm={tiny: {tokenizer: char, hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128, seed: 1, max_position_embeddings: 512}}",
+    "data.pair_source=generator",
+    "e_step.pair_rule=length_controlled",
+    "e_step.train.num_train_epochs=1",
+    "m_step.original_pairs_ratio=0",
     "data.num_prompts=120",
     "data.num_pairs=240",
     "data.num_demos=300",

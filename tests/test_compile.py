@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST
 from trl import DPOConfig, RewardConfig
 
 from coevolve.core import compile_cache, provenance
@@ -123,6 +124,7 @@ def test_a_launched_step_process_sets_the_cache_folders(tmp_path, preload):
     run, cache = tmp_path / "run", tmp_path / "cc"
     _run(
         run,
+        *FAST,
         "iterations=0",
         "steps.sft_warmup=false",
         "steps.rm_init=false",

@@ -135,11 +135,10 @@ def test_gold_reward_stands_in_for_the_rm(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["rm.gold=true", "rm.tiny=null"], "rm.gold: the gold reward cannot be trained"),
+        (["rm={gold: true}"], "rm.gold: the gold reward cannot be trained"),
         (
             [
-                "rm.gold=true",
-                "rm.tiny=null",
+                "rm={gold: true}",
                 "steps.rm_init=false",
                 "steps.m_step=false",
                 "data.task=null",
@@ -153,7 +152,7 @@ def test_gold_reward_stands_in_for_the_rm(tmp_path):
             "rm.from_policy: the RM is made from the policy by rm-init",
         ),
         (["steps.evaluate=true"], "steps.evaluate: needs held-out prompts"),
-        (["data.pair_source=policy", "steps.rm_init=false"], "data.pair_source: 'policy' needs"),
+        (["rm={tiny: {}}", "steps.rm_init=false"], "data.pair_source: 'policy' needs"),
     ],
 )
 def test_gold_and_evaluate_config_errors(overrides, message):

@@ -319,8 +319,8 @@ def test_served_deployment_resumes_its_run_directory_and_keeps_its_schedules(pre
 
         # A config given for the existing run that differs from its own is refused, field by field, in the
         # UI's words (its parameters), not the CLI's flags.
-        other = yaml.safe_load(TINY.read_text())
-        other["e_step"]["beta"] = 0.3
+        other = yaml.safe_load((run / "config.yaml").read_text())
+        other["e_step"]["beta"], other["data"]["num_prompts"] = 0.3, 360
         (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
         refused = prefect_server.prefect(
             "deployment",

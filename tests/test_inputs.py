@@ -86,7 +86,7 @@ def test_bad_pairs_name_row(tmp_path, row, message):
     good = {"prompt": "p", "chosen": "a", "rejected": "b"}
     data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError, match=f"pairs.jsonl.*{message}"):
-        _init(tmp_path, [f"data.pairs={json.dumps({'path': str(data)})}"])
+        _init(tmp_path, [f"data.pairs={json.dumps({'path': str(data)})}", "data.pair_source=generator"])
 
 
 def test_unknown_model_path_fails_at_init(tmp_path):
@@ -176,7 +176,11 @@ def test_greedy_sampling_is_refused_where_several_samples_per_prompt_are_drawn()
     # E-step draws num_samples of them to pair up (transformers refuses several greedy sequences).
     with pytest.raises(ConfigError, match=r"sampling.temperature: 0 is greedy decoding.*e_step.num_samples"):
         load_config(str(TINY), ["sampling.temperature=0"])
-    assert load_config(str(TINY), ["sampling.temperature=0", "iterations=0"]).sampling.temperature == 0
+    # tiny.yaml's rm-init samples two answers per prompt for its "human" pairs; the generator's need none.
+    with pytest.raises(ConfigError, match=r"sampling.temperature: 0 is greedy decoding.*data.pair_source: policy"):
+        load_config(str(TINY), ["sampling.temperature=0", "iterations=0"])
+    greedy = ["sampling.temperature=0", "iterations=0", "data.pair_source=generator"]
+    assert load_config(str(TINY), greedy).sampling.temperature == 0
 
 
 def test_e_step_mode_names_its_choices_and_online_batches_hold_whole_groups():
@@ -495,7 +499,7 @@ def test_a_config_given_for_an_existing_run_is_compared_field_by_field(tmp_path)
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert (
-        "differs from it in data.num_prompts (120 in the run, 360 given), serve.schedules ([] in the run, "
+        "differs from it in data.num_prompts (120 in the run, 900 given), serve.schedules ([] in the run, "
         in proc.stderr
     )
     assert "leave out --config to continue the run as it is" in proc.stderr and "a new --run-dir" in proc.stderr

@@ -19,7 +19,8 @@ def test_smollm2_loads_from_gguf_and_answers_with_its_chat_template(tmp_path):
     assert 130e6 < metrics["policy/parameters"] < 140e6
     assert sorted(p.name for p in (tmp_path / "policy").glob("*.safetensors"))
     cfg = load_config(
-        str(ROOT / "configs" / "tiny.yaml"), ["sampling.max_new_tokens=24", "sampling.temperature=0", "iterations=0"]
+        str(ROOT / "configs" / "tiny.yaml"),
+        ["sampling.max_new_tokens=24", "sampling.temperature=0", "iterations=0", "data.pair_source=generator"],
     )
     model, tok = load_policy(tmp_path / "policy", cfg)
     assert "<|im_start|>assistant" in tok.apply_chat_template(
