@@ -167,10 +167,11 @@ def reference_model(cfg: Config, policy: Path, reference: Path):
     reference is then the policy with its adapters off, the iteration's start, as the paper's."""
     if reference == policy and cfg.e_step.train.lora is not None:
         return None
-    if loaded.keeps():  # the step's own: the very model that sampled, where it is the reference
-        with loaded.current(cfg) as models:
-            return models.policy(reference)[0]
-    return AutoModelForCausalLM.from_pretrained(reference, dtype=dtype_of(cfg.policy.dtype, device_of(cfg)))
+    dtype = dtype_of(cfg.policy.dtype, device_of(cfg))
+    # The step's copy of the model that sampled, where it is the reference; trl prepares it for its
+    # training (under mixed precision it wraps its forward), which selection's baseline must not see.
+    kept = loaded.copy_of(reference, "policy", dtype)
+    return kept if kept is not None else AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
 
 
 def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset, tmp: Path) -> dict:

@@ -37,7 +37,12 @@ def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: Tr
     )
     trainer.train()
     save_trained(trainer, tmp / "rm")
-    loaded.wrote_rm(tmp / "rm", trainer.model, tok)  # the `after` measurement scores with it
+    # The `after` measurement scores with it as trained, not wrapped for mixed precision or compiled.
+    loaded.wrote_rm(
+        tmp / "rm",
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False, keep_torch_compile=False),
+        tok,
+    )
     return {"rm_train/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "rm_train")}
 
 

@@ -2,8 +2,8 @@
 
 A step's phases used to load their models each for itself: the e-step read the policy to sample, again
 to train and again to select, the RM to score and again to select, and read back every checkpoint it
-had just written. Here the policy that sampled is the start DPO trains a copy of, DPO's reference (when
-it is the iteration's start) and selection's baseline; the RM that scored serves the whole step; and a
+had just written. Here the policy that sampled is the start DPO trains a copy of, DPO's reference (a
+copy too, when it is the iteration's start) and selection's baseline; the RM that scored serves the whole step; and a
 checkpoint the step writes is kept as the weights it wrote, for selection and measurement.
 
 `StepRun` makes one `Loaded` current for the length of a step (`begin_step`, `current`). Outside a step (tests,
@@ -57,12 +57,13 @@ class Loaded:
         """The policy at `path`, for a caller that copies other weights into it: no longer kept."""
         return self._models.pop((_key(path), "policy"), None) or load_policy(path, self.cfg)
 
-    def trainable(self, path: Path, role: str, dtype: torch.dtype):
-        """A copy of the kept `role` ("policy" or "rm") model of `path` for a trainer to train in `dtype`,
-        or None where none is kept in that dtype: the trainer reads the folder. A cast copy would not
-        do: `.to(bf16)` casts the rotary frequencies too, which `from_pretrained` keeps in float32."""
+    def copy_of(self, path: Path, role: str, dtype: torch.dtype):
+        """A copy of the kept `role` ("policy" or "rm") model of `path` in `dtype`, for a trainer to train
+        or to prepare as its reference (which may wrap its forward), or None where none is kept in that
+        dtype: the caller reads the folder. A cast copy would not do: `.to(bf16)` casts the rotary
+        frequencies too, which `from_pretrained` keeps in float32."""
         kept = self._models.get((_key(path), role))
-        if kept is None or kept[0].dtype != dtype:
+        if kept is None or kept[0].dtype != dtype or _new_head(kept[0], role):
             return None
         return copy.deepcopy(kept[0])
 
@@ -82,8 +83,8 @@ class Loaded:
         self._weights[_key(path)] = {k: v.to("cpu", dtype, copy=True) for k, v in weights.items()}
 
     def wrote_rm(self, path: Path, model, tok) -> None:
-        """An RM this step trained and wrote at `path`, kept to score with where it is in `rm.dtype`
-        (else the next use reads the file)."""
+        """An RM this step trained and wrote at `path` (unwrapped from its trainer's mixed precision),
+        kept to score with where it is in `rm.dtype` (else the next use reads the file)."""
         plain = not hasattr(model, "peft_config")  # under LoRA the file holds the merged model
         if plain and model.dtype == dtype_of(self.cfg.rm.dtype, device_of(self.cfg)):
             self._models[(_key(path), "rm")] = (model.eval(), tok)
@@ -102,9 +103,9 @@ class Loaded:
         self._weights = {moved_key(k): w for k, w in self._weights.items()}
 
 
-def trainable(path: Path, role: str, dtype: torch.dtype):
-    """`Loaded.trainable` of the step's models; None outside a step of one process."""
-    return _current[-1].trainable(path, role, dtype) if keeps() else None
+def copy_of(path: Path, role: str, dtype: torch.dtype):
+    """`Loaded.copy_of` of the step's models; None outside a step of one process."""
+    return _current[-1].copy_of(path, role, dtype) if keeps() else None
 
 
 def wrote_policy(path: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -149,6 +150,12 @@ def current(cfg: Config) -> Iterator[Loaded]:
     finally:
         loaded.clear()
         _release_gpu_memory()
+
+
+def _new_head(model, role: str) -> bool:
+    """Whether loading gave the model a score head its folder lacks (an RM from a causal LM): a random
+    one, which a trainer draws anew after seeding, so a copy of this one would train differently."""
+    return role == "rm" and not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
 
 
 def _key(path: Path) -> str:

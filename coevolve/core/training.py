@@ -163,7 +163,7 @@ def start_model(path: Path, role: str, args):
     """What a trl trainer (`args`: its config) starts from: a copy of the `role` model the step holds from
     `path` (core/loaded.py), where it holds it as trl would load it (float32, trl's default, with no
     `model_init_kwargs`); else the folder, for trl to read."""
-    model = loaded.trainable(path, role, torch.float32) if args.model_init_kwargs is None else None
+    model = loaded.copy_of(path, role, torch.float32) if args.model_init_kwargs is None else None
     return str(path) if model is None else model
 
 
