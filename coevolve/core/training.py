@@ -189,6 +189,11 @@ def merge_adapter_checkpoint(path: Path) -> None:
     for adapter_file in path.glob("adapter_*"):
         adapter_file.unlink()
     merged.save_pretrained(path)
+    # What the step's later phases would read back: selection's candidates, the trained RM (core/loaded.py).
+    if task == "SEQ_CLS":
+        loaded.wrote_rm(path, merged, load_tokenizer(path))
+    else:
+        loaded.wrote_policy(path, merged.state_dict())
 
 
 def train_sft(
