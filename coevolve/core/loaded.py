@@ -3,13 +3,14 @@
 A step's phases used to load their models each for itself: the e-step read the policy to sample, again
 to train and again to select, the RM to score and again to select, and read back every checkpoint it
 had just written. Here the policy that sampled is the start DPO trains a copy of, DPO's reference (a
-copy too, when it is the iteration's start) and selection's baseline; the RM that scored serves the whole step; and a
-checkpoint the step writes is kept as the weights it wrote, for selection and measurement.
+copy too, when it is the iteration's start) and selection's baseline; the RM that scored serves the
+whole step; and a checkpoint the step writes is kept as the weights it wrote, for selection and
+measurement.
 
-`StepRun` makes one `Loaded` current for the length of a step (`begin_step`, `current`). Outside a step (tests,
-benches) each use gets one of its own, dropped after it. Under several processes nothing is kept
-between uses: ZeRO-3 partitions the trainers' models, and a model kept whole beside training would cost
-every GPU its memory.
+`StepRun` makes one `Loaded` current for the length of a step (`begin_step`, `current`). Outside a
+step (tests, benches) each use gets one of its own, dropped after it. Under several processes nothing
+is kept between uses: ZeRO-3 partitions the trainers' models, and a model kept whole beside training
+would cost every GPU its memory.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ _current: list[Loaded] = []
 
 class Loaded:
     """Models and checkpoint weights by the folder they were read from or written to. Callers share a
-    model handed out by `policy` or `rm` and do not change it; one that changes weights `take`s it."""
+    model handed out by `policy` or `rm` and do not change it; one that changes its weights takes it
+    (`take_policy`)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
