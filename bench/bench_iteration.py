@@ -9,8 +9,9 @@ loads and saves (DONE.json's `io`), which are a part of their own; the rest of t
 the phases, split by the steps' start and end times into the time until the first step starts (the
 process, and the step server's imports when no server is up), the time inside the steps (their setup,
 store appends, DONE.json) and the rest (step starts and exits, orchestration). `overhead_frac` is loads and
-saves + outside phases, over ours' wall time. The naive one by script; one save and one load of the
-policy checkpoint (safetensors), timed on their own.
+saves + outside phases, over ours' wall time; `ours_io`, per step, how many models and tokenizers its
+phases loaded and saved and the seconds that took (the fixed cost of a step, issue 24). The naive one by
+script; one save and one load of the policy checkpoint (safetensors), timed on their own.
 Ours is timed on its second run of the iteration: the first fills the machine's compile caches, which
 naive, run after it, shares; it is reported too (`ours_first_s`). Both find the step server up
 (`core/stepserver.py`), started by the `coevolve run` that made their iteration 0, as every run of a
@@ -203,6 +204,15 @@ def run_ours(
     return wall, {k: round(v, 2) for k, v in kinds.items()}, first_s
 
 
+def ours_io(run: Path) -> dict:
+    """Per step of iteration 1, the loads and saves of its phases and their seconds (DONE.json's `io`)."""
+    out = {}
+    for step in ("e-step", "m-step"):
+        phases = json.loads((run / "iter_1" / step / "DONE.json").read_text())["io"].values()
+        out[step] = {key: round(sum(io[key] for io in phases), 3) for key in ("loads", "saves", "load_s", "save_s")}
+    return out
+
+
 def profile_ours(a, work: Path, backend: str, out: Path) -> None:
     """Where ours' time goes, for `--profile`: the step server's imports in a fresh interpreter
     (`-X importtime`), then the iteration's steps each under torch.profiler (bench/profile_step.py)."""
@@ -285,6 +295,7 @@ def record(path: Path, command: str) -> None:
             "naive_s",
             "speedup",
             "overhead_frac",
+            "ours_io",
             "io",
         )
     }
@@ -311,7 +322,9 @@ def record(path: Path, command: str) -> None:
         *rows,
         "",
         f"One Mutual-Taught iteration: ours {r['ours_s']:.1f} s, {against}. "
-        f"Loads and saves, process start and orchestration: {100 * r['overhead_frac']:.1f}% of ours. {first}"
+        f"Loads and saves, process start and orchestration: {100 * r['overhead_frac']:.1f}% of ours; "
+        + ", ".join(f"{step} {io['loads']} loads and {io['saves']} saves" for step, io in r["ours_io"].items())
+        + f". {first}"
         f"Policy checkpoint: save {r['io']['save_s']} s, load {r['io']['load_s']} s.",
         "",
     ]
@@ -391,6 +404,7 @@ def main() -> None:
         "ours_first_s": first_s and round(first_s, 1),
         "overhead_frac": round(sum(ours_parts[k] for k in OVERHEAD) / ours_s, 3),
         "ours_breakdown": ours_parts,
+        "ours_io": ours_io(work / "ours"),
         "naive_breakdown": {},
         "io": io,
     }

@@ -42,7 +42,7 @@ from coevolve.policy.sampled_reference import (
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-from coevolve.core import distributed, rundir
+from coevolve.core import distributed, loaded, rundir
 from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.config import Config
 from coevolve.core.models import device_of, dtype_of, load_tokenizer
@@ -54,6 +54,7 @@ from coevolve.core.training import (
     lora_config,
     merge_adapter_checkpoint,
     preference_dataset,
+    start_model,
     train_sft,
     trainer_args,
 )
@@ -166,7 +167,11 @@ def reference_model(cfg: Config, policy: Path, reference: Path):
     reference is then the policy with its adapters off, the iteration's start, as the paper's."""
     if reference == policy and cfg.e_step.train.lora is not None:
         return None
-    return AutoModelForCausalLM.from_pretrained(reference, dtype=dtype_of(cfg.policy.dtype, device_of(cfg)))
+    dtype = dtype_of(cfg.policy.dtype, device_of(cfg))
+    # The step's copy of the model that sampled, where it is the reference; trl prepares it for its
+    # training (under mixed precision it wraps its forward), which selection's baseline must not see.
+    kept = loaded.copy_of(reference, "policy", dtype)
+    return kept if kept is not None else AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
 
 
 def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset, tmp: Path) -> dict:
@@ -181,13 +186,17 @@ def train(step: StepRun, policy: Path, reference: Path, pairs: datasets.Dataset,
         args.precompute_ref_log_probs = True
         rows = sampled_rows(pairs, args.max_length, cfg.e_step.train.group_by_length)
         trainer = SampledReferenceDPOTrainer(
-            model=str(policy), args=args, train_dataset=rows, processing_class=tok, peft_config=peft
+            model=start_model(policy, "policy", args),
+            args=args,
+            train_dataset=rows,
+            processing_class=tok,
+            peft_config=peft,
         )
     else:
         log.info(f"dpo: the reference's log-probs come from its forward in every step: {why_not}")
         rows = preference_dataset(tok, pairs, cfg.e_step.train, for_rm=False)
         trainer = DPOTrainer(
-            model=str(policy),
+            model=start_model(policy, "policy", args),
             ref_model=reference_model(cfg, policy, reference),
             args=args,
             train_dataset=rows,

@@ -27,12 +27,13 @@ import torch
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.models import unwrap_model_for_generation
 
+from coevolve.core import loaded
 from coevolve.core.chat import trl_prompt
 from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.config import Config
 from coevolve.core.generation import Backend, backend_for
 from coevolve.core.gold import gold_task
-from coevolve.core.models import load_rm, load_tokenizer
+from coevolve.core.models import load_tokenizer
 from coevolve.core.rollout import sampling_params
 from coevolve.core.scoring import RewardScorer
 from coevolve.core.training import keep_log, lora_config, trainer_args
@@ -106,7 +107,8 @@ def rm_reward(cfg: Config, rm: Path):
     if task is not None:
         score = lambda prompts, responses: [task.gold(p, r) for p, r in zip(prompts, responses)]  # noqa: E731
     else:
-        model, tok = load_rm(rm, cfg)
+        with loaded.current(cfg) as models:  # the step's RM, which then judges model selection too
+            model, tok = models.rm(rm)
         score = RewardScorer(model, tok, cfg.generation.batch_size).score
 
     def rm_score(prompts, completions, prompt_text, **_) -> list[float]:

@@ -7,12 +7,20 @@ from pathlib import Path
 import datasets
 from trl import RewardConfig, RewardTrainer
 
+from coevolve.core import loaded
 from coevolve.core.config import TrainConfig
 from coevolve.core.models import load_tokenizer
 from coevolve.core.rollout import score_each
 from coevolve.core.scoring import win_rate
 from coevolve.core.step import StepRun
-from coevolve.core.training import keep_log, lora_config, preference_dataset, save_trained, trainer_args
+from coevolve.core.training import (
+    keep_log,
+    lora_config,
+    preference_dataset,
+    save_trained,
+    start_model,
+    trainer_args,
+)
 
 
 def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: TrainConfig, tmp: Path) -> dict:
@@ -21,7 +29,7 @@ def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: Tr
     rows = preference_dataset(tok, pairs, train, for_rm=True)
     args = trainer_args(RewardConfig, train, step.cfg, tmp / "trainer")
     trainer = RewardTrainer(
-        model=str(start_from),
+        model=start_model(start_from, "rm", args),
         args=args,
         train_dataset=rows,
         processing_class=tok,
@@ -29,6 +37,12 @@ def train_rm(step: StepRun, start_from: Path, pairs: datasets.Dataset, train: Tr
     )
     trainer.train()
     save_trained(trainer, tmp / "rm")
+    # The `after` measurement scores with it as trained, not wrapped for mixed precision or compiled.
+    loaded.wrote_rm(
+        tmp / "rm",
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False, keep_torch_compile=False),
+        tok,
+    )
     return {"rm_train/pairs": len(rows), **keep_log(trainer, tmp / "train_log.jsonl", "rm_train")}
 
 

@@ -153,13 +153,14 @@ def test_e_step_builds_paper_pairs_and_dpo_raises_their_margin(iterated_run):
     assert result["metrics"]["generate/backend"] == "hf (auto: no CUDA)"
     assert result["metrics"]["dpo/reference_logps"] == "forward"
 
-    # Loads and saves, phase by phase: each checkpoint saved once; selection loads every candidate.
+    # Loads and saves, phase by phase: each checkpoint saved once; selection loads nothing: the policy
+    # that sampled, the RM that scored and the weights written are in memory (tests/test_loaded.py).
     # (This process may hold the policy's tokenizer from an earlier test: models count, not it.)
     io, candidates = result["io"], len(result["metrics"]["select/win_rates"])
     assert io["generate"]["loads"] >= 1 and io["generate"]["load_s"] > 0 and io["generate"]["saves"] == 0
     assert io["pairs"] == {"load_s": 0.0, "loads": 0, "save_s": 0.0, "saves": 0}
-    assert io["train"]["saves"] >= candidates > 1 and io["train"]["save_s"] > 0
-    assert io["select"]["loads"] >= candidates + 1 and io["select"]["saves"] == 0
+    assert io["train"]["saves"] == candidates > 1 and io["train"]["save_s"] > 0
+    assert (io["select"]["loads"], io["select"]["saves"]) == (0, 0)
 
 
 def test_m_step_filters_pseudo_pairs_and_fits_the_rm(iterated_run):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from coevolve.core import io_timing
+from coevolve.core import io_timing, loaded
 
 log = logging.getLogger("coevolve")
 
@@ -72,17 +72,23 @@ class BackgroundCheckpoints(TrainerCallback):
         if self.where.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        self.writing = self.writer.submit(self._write, model, snapshot, ready, self.folder / f"checkpoint-{step}")
+        self.writing = self.writer.submit(
+            self._write, model, snapshot, ready, self.folder / f"checkpoint-{step}", not _is_peft(model)
+        )
         copied = gathered + time.perf_counter() - start
         self.seconds["copy"] += copied
         io_timing.charge("save", copied)
 
-    def _write(self, model, snapshot: dict, ready, path: Path) -> None:
+    def _write(self, model, snapshot: dict, ready, path: Path, whole: bool) -> None:
         if ready is not None:  # a snapshot on the GPU: copied to host memory on a stream of its own, beside training
             stream = torch.cuda.Stream(self.where)
             with torch.cuda.stream(stream):
                 stream.wait_event(ready)
                 snapshot = _copy_into(self.host_buffers, snapshot, torch.device("cpu"))
+        # Model selection samples each candidate from these, not from the file (adapters: merged later).
+        # Kept before the write, which drops the names of tied weights from the dict it is given.
+        if whole:
+            loaded.wrote_policy(path, snapshot)
         model.save_pretrained(path, state_dict=snapshot)
         self.trainer.processing_class.save_pretrained(path)
 

@@ -13,14 +13,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-# Every model and tokenizer class inherits these; Auto* classes end in them too.
+# Every model and tokenizer class inherits these; Auto* classes end in them too. A trainer's
+# `save_model` writes one checkpoint, the model and its tokenizer: one save, as a checkpoint that
+# core/checkpoints.py writes in the background.
 CALLS = [
     ("load", PreTrainedModel, "from_pretrained"),
     ("load", PreTrainedTokenizerBase, "from_pretrained"),
     ("save", PreTrainedModel, "save_pretrained"),
     ("save", PreTrainedTokenizerBase, "save_pretrained"),
+    ("save", Trainer, "save_model"),
 ]
 
 

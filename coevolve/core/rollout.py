@@ -1,5 +1,6 @@
 """Sampling from saved policies and scoring with a saved RM: the two GPU workloads every step shares.
-Each loads its model once, does its batched passes, and frees the memory before the next model loads."""
+Each takes its model from the step's models (core/loaded.py), read once per step; outside a step it
+loads it, does its batched passes, and frees the memory before the next model loads."""
 
 from __future__ import annotations
 
@@ -7,15 +8,11 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
-
-from coevolve.core import distributed
+from coevolve.core import distributed, loaded
 from coevolve.core.chat import policy_prompt_text
 from coevolve.core.config import Config
 from coevolve.core.generation import Generations, SamplingParams, backend_for
 from coevolve.core.gold import gold_task
-from coevolve.core.models import load_policy, load_rm, whole_weights
 from coevolve.core.scoring import RewardScorer
 from coevolve.core.step import Progress
 
@@ -46,26 +43,28 @@ def sample_each(
 ) -> list[Generations]:
     """`n` samples per prompt from each (policy, seed, progress label). The policies must share one
     architecture (checkpoints of one model): the first is loaded, and each next one's weights are
-    copied into it in place, so one backend, with its captured CUDA graphs, serves them all. Under
-    several processes each samples its share of the prompts, and each gets back all the samples.
-    `logprobs`: also the sampled token ids and their log-probs, where the backend gives them."""
-    model, tok = load_policy(policies[0][0], cfg)
-    backend, which = backend_for(cfg.generation, model, tok)
-    log.info(f"generation backend: {which}")
-    mine = distributed.share(len(prompts))
-    texts = [policy_prompt_text(tok, prompts[i]) for i in mine]
-    out = []
-    for i, (policy, seed, label) in enumerate(policies):
-        if i > 0:
-            backend.update_weights(_weights(policy, model.dtype))
-        backend.progress = Progress(label, len(texts))
-        # A process whose share is empty (fewer prompts than processes) still joins the gather.
-        params = replace(sampling_params(cfg, n, seed, logprobs), first_prompt=mine.start)
-        gens = backend.generate(texts, params) if texts else Generations([], [], 0.0, {})
-        gens.stats["backend"] = which
-        out.append(_gathered(gens))
-    del model, backend
-    _release_gpu_memory()
+    copied into it in place, so one backend, with its captured CUDA graphs, serves them all (the
+    step keeps that model no longer). Under several processes each samples its share of the prompts,
+    and each gets back all the samples. `logprobs`: also the sampled token ids and their log-probs,
+    where the backend gives them."""
+    with loaded.current(cfg) as models:
+        first = policies[0][0]
+        model, tok = models.policy(first) if len(policies) == 1 else models.take_policy(first)
+        backend, which = backend_for(cfg.generation, model, tok)
+        log.info(f"generation backend: {which}")
+        mine = distributed.share(len(prompts))
+        texts = [policy_prompt_text(tok, prompts[i]) for i in mine]
+        out = []
+        for i, (policy, seed, label) in enumerate(policies):
+            if i > 0:
+                backend.update_weights(models.weights(policy, model.dtype))
+            backend.progress = Progress(label, len(texts))
+            # A process whose share is empty (fewer prompts than processes) still joins the gather.
+            params = replace(sampling_params(cfg, n, seed, logprobs), first_prompt=mine.start)
+            gens = backend.generate(texts, params) if texts else Generations([], [], 0.0, {})
+            gens.stats["backend"] = which
+            out.append(_gathered(gens))
+        del model, backend
     return out
 
 
@@ -88,12 +87,6 @@ def _gathered(gens: Generations) -> Generations:
     )
 
 
-def _weights(policy: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    # Read on the CPU: only one copy of the weights is ever on the GPU.
-    with whole_weights():
-        return AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).state_dict()
-
-
 def score(cfg: Config, rm: Path, prompts: list[str], responses: list[str], label: str = "score") -> list[float]:
     return score_each(cfg, rm, prompts, [responses], label)[0]
 
@@ -101,9 +94,8 @@ def score(cfg: Config, rm: Path, prompts: list[str], responses: list[str], label
 def score_each(
     cfg: Config, rm: Path, prompts: list[str], answers: list[list[str]], label: str = "score"
 ) -> list[list[float]]:
-    """The RM's scores of each list of responses to `prompts` (e.g. several models' answers), from one
-    load of the RM and one length-sorted pass over them all (under several processes, each scores its
-    share)."""
+    """The RM's scores of each list of responses to `prompts` (e.g. several models' answers), from the
+    step's RM and one length-sorted pass over them all (under several processes, each scores its share)."""
     n = len(prompts)
     if any(len(responses) != n for responses in answers):
         raise ValueError(f"score: {[len(r) for r in answers]} responses for {n} prompts")
@@ -112,18 +104,12 @@ def score_each(
     if task is not None:
         scores = [task.gold(p, r) for p, r in zip(flat_prompts, flat)]
     else:
-        model, tok = load_rm(rm, cfg)
-        mine = distributed.share(len(flat))
-        scorer = RewardScorer(model, tok, cfg.generation.batch_size, progress=Progress(label, len(mine)))
-        scores = distributed.gather(scorer.score(flat_prompts[mine.start : mine.stop], flat[mine.start : mine.stop]))
-        del model
-        _release_gpu_memory()
+        with loaded.current(cfg) as models:
+            model, tok = models.rm(rm)
+            mine = distributed.share(len(flat))
+            scorer = RewardScorer(model, tok, cfg.generation.batch_size, progress=Progress(label, len(mine)))
+            scores = distributed.gather(
+                scorer.score(flat_prompts[mine.start : mine.stop], flat[mine.start : mine.stop])
+            )
+            del model, scorer
     return [scores[i * n : (i + 1) * n] for i in range(len(answers))]
-
-
-def _release_gpu_memory() -> None:
-    """Hand the cached blocks of the models just deleted back to the driver, for the next model or
-    another process on the GPU. The models and backends hold no reference cycles, so the `del` freed
-    them (tests/test_steps.py checks); a full `gc.collect` cost ~0.3 s a model on the GPU machine."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

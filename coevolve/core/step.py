@@ -24,6 +24,7 @@ from coevolve.core.errors import InputError
 from coevolve.core.quiet import quiet_third_party
 
 if TYPE_CHECKING:
+    from coevolve.core.loaded import Loaded
     from coevolve.data.store import Store
 
 log = logging.getLogger("coevolve")
@@ -76,6 +77,8 @@ class StepRun:
         self.checked: dict = {}
         self.started = _now()
         self._handler: logging.Handler | None = None
+        # The models the step holds in memory (core/loaded.py), from __enter__ to __exit__.
+        self.models: Loaded | None = None
 
     @property
     def already_done(self) -> bool:
@@ -118,10 +121,18 @@ class StepRun:
         # Per-shard progress bars of datasets/transformers drown the step's own progress lines.
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+        from coevolve.core import loaded
+
+        self.models = loaded.begin_step(self.cfg)
         tracking.start(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.models is not None:
+            from coevolve.core import loaded
+
+            loaded.end_step(self.models)
+            self.models = None
         tracking.end(failed=exc_type is not None)
         failed = None
         if exc_type is not None:
@@ -187,6 +198,8 @@ class StepRun:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            if self.models is not None:
+                self.models.moved(tmp, final)
             record_tmp = record.with_suffix(".tmp")
             record_tmp.write_text(json.dumps({"metrics": metrics, "seconds": seconds, "io": io}))
             record_tmp.replace(record)

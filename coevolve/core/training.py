@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig
 from trl import SFTConfig, SFTTrainer
 
-from coevolve.core import compile_cache, tracking
+from coevolve.core import compile_cache, loaded, tracking
 from coevolve.core.chat import completion_example, preference_example
 from coevolve.core.checkpoints import BackgroundCheckpoints
 from coevolve.core.config import Config, ConfigError, TrainConfig
@@ -159,6 +159,14 @@ def _linear_modules(config, task_type: str, layers: list[int], start: Path) -> l
     return names
 
 
+def start_model(path: Path, role: str, args):
+    """What a trl trainer (`args`: its config) starts from: a copy of the `role` model the step holds from
+    `path` (core/loaded.py), where it holds it as trl would load it (float32, trl's default, with no
+    `model_init_kwargs`); else the folder, for trl to read."""
+    model = loaded.copy_of(path, role, torch.float32) if args.model_init_kwargs is None else None
+    return str(path) if model is None else model
+
+
 def save_trained(trainer, path: Path) -> None:
     """The trained model as a plain checkpoint, LoRA adapters merged in, with its tokenizer (the
     trainer saves its processing class with the model). Every process calls it: under ZeRO-3 the
@@ -181,6 +189,11 @@ def merge_adapter_checkpoint(path: Path) -> None:
     for adapter_file in path.glob("adapter_*"):
         adapter_file.unlink()
     merged.save_pretrained(path)
+    # What the step's later phases would read back: selection's candidates, the trained RM (core/loaded.py).
+    if task == "SEQ_CLS":
+        loaded.wrote_rm(path, merged, load_tokenizer(path))
+    else:
+        loaded.wrote_policy(path, merged.state_dict())
 
 
 def train_sft(
@@ -193,7 +206,7 @@ def train_sft(
     train_set = datasets.Dataset.from_list([completion_example(tok, r["prompt"], r["completion"]) for r in rows])
     args = trainer_args(SFTConfig, train, cfg, output_dir)
     trainer = SFTTrainer(
-        model=str(start),
+        model=start_model(start, "policy", args),
         args=args,
         train_dataset=train_set,
         processing_class=tok,
