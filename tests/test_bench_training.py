@@ -1,5 +1,7 @@
 """bench/bench_training.py --epoch's smoke run on the CPU: a whole DPO epoch per process, trl's and ours'
-uncompiled and compiled on a cold and a warm cache, and the `training` row's fields."""
+uncompiled, and the `training` row's fields. Its compiled runs' cold and warm caches are what
+tests/test_compile.py shows for a step (the second e-step loads what the first compiled); compiling
+twice more here would double the test's time."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_bench_epoch_times_whole_epochs_from_process_start_cold_and_warm(tmp_path):
-    cmd = [sys.executable, "bench/bench_training.py", "--epoch", "--model", "tiny", "--pairs", "48", "--batch", "8"]
+def test_bench_epoch_times_whole_epochs_from_process_start(tmp_path):
+    cmd = [sys.executable, "bench/bench_training.py", "--epoch", "--epoch-runs", "trl_tuned,ours_eager"]
+    cmd += ["--model", "tiny", "--pairs", "48", "--batch", "8"]
     cmd += ["--max-len", "64", "--loop-skip", "2", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -28,22 +31,11 @@ def test_bench_epoch_times_whole_epochs_from_process_start_cold_and_warm(tmp_pat
         assert 0 < r["start_to_imported_s"] < r["start_to_first_step_s"] < r["epoch_s"] < r["process_wall_s"]
         assert r["tok_s_end_to_end"] == pytest.approx(r["tokens"] / r["epoch_s"], rel=0.01)
         assert r["loop_tok_s"] > r["tok_s_end_to_end"] and r["loop_steps"] == 3
-    # The same pairs and the same tokens for all four.
-    assert len(m) == 4 and len({r["tokens"] for r in m.values()}) == 1
+    # The same pairs and the same tokens for both.
+    assert set(m) == {"trl_tuned", "ours_eager"} and len({r["tokens"] for r in m.values()}) == 1
     assert not m["trl_tuned"]["compiled"] and not m["ours_eager"]["compiled"]
-    assert m["ours_cold"]["compiled"] and m["ours_warm"]["compiled"]
-    # Cold compiles every graph; warm finds them all in the cache the cold run left, and pays less.
-    assert m["ours_cold"]["compile_cache_misses"] > 0 == m["ours_cold"]["compile_cache_hits"]
-    assert m["ours_warm"]["compile_cache_hits"] == m["ours_cold"]["compile_cache_misses"]
-    assert m["ours_warm"]["compile_cache_misses"] == 0
-    assert res["compile_warm_s"] < res["compile_cold_s"]
-    assert any((tmp_path / "work" / "compile-cache" / "inductor").iterdir())
     # The row.
-    assert res["dpo_tok_s_end_to_end"] == m["ours_warm"]["tok_s_end_to_end"]
-    assert res["dpo_tok_s_end_to_end_cold"] == m["ours_cold"]["tok_s_end_to_end"]
-    assert res["dpo_loop_tok_s"] == m["ours_warm"]["loop_tok_s"]
     assert res["trl_dpo_tuned_tok_s"] == m["trl_tuned"]["tok_s_end_to_end"]
-    assert res["dpo_speedup_end_to_end"] == round(res["dpo_tok_s_end_to_end"] / res["trl_dpo_tuned_tok_s"], 2)
     assert res["dpo_tok_s_end_to_end_eager"] == m["ours_eager"]["tok_s_end_to_end"]
     eager_speedup = round(res["dpo_tok_s_end_to_end_eager"] / res["trl_dpo_tuned_tok_s"], 2)
     assert res["dpo_speedup_end_to_end_eager"] == eager_speedup
