@@ -206,6 +206,18 @@ def test_a_step_server_listens_only_in_a_folder_closed_to_others(tmp_path):
     assert runtime_dir({"COEVOLVE_RUNTIME_DIR": str(tmp_path / "new")}).stat().st_mode & 0o777 == 0o700
 
 
+def test_a_step_server_folder_too_deep_for_its_sockets_is_refused_in_one_line(tmp_path):
+    # A Unix socket's path is at most 107 characters: past that the server died at start with
+    # "AF_UNIX path too long" in its own log, and every step of the run failed on it.
+    deep = tmp_path / ("d" * (120 - len(str(tmp_path))))
+    with pytest.raises(
+        RuntimeError, match=r"too long for the step servers' sockets .* set COEVOLVE_RUNTIME_DIR"
+    ) as err:
+        runtime_dir({"COEVOLVE_RUNTIME_DIR": str(deep)})
+    assert str(deep) in str(err.value) and "\n" not in str(err.value)
+    assert not deep.exists()  # refused before anything is made
+
+
 def test_a_killed_client_takes_its_forked_step_with_it(fresh_run):
     # The client forks a real e-step, says its pid, and is killed with no chance to clean up. A process
     # of its own holds the step's output open: the step must not end merely by writing to a closed pipe.

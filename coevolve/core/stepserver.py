@@ -81,6 +81,19 @@ NOT_KEY_ENV = frozenset({"COEVOLVE_RUN_LOCK"})
 HEADER = struct.Struct("!Q")
 
 
+# A Unix socket's path holds at most 107 characters (Linux's 108 bytes, the last a NUL); the longest name
+# in the folder is a server's socket while it binds: a 20-character key, its pid, ".binding".
+SOCKET_PATH_MAX = 107
+
+
+def _longest_name() -> int:
+    try:
+        pid_digits = len(str(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1))
+    except (OSError, ValueError):
+        pid_digits = 7  # 64-bit Linux's largest
+    return len(f"/{'0' * 20}.{'0' * pid_digits}.binding")
+
+
 def runtime_dir(env: dict[str, str]) -> Path:
     if "COEVOLVE_RUNTIME_DIR" in env:
         path = Path(env["COEVOLVE_RUNTIME_DIR"])
@@ -88,6 +101,11 @@ def runtime_dir(env: dict[str, str]) -> Path:
         path = Path(env["XDG_RUNTIME_DIR"]) / "coevolve"
     else:
         path = Path(f"/tmp/coevolve-{os.getuid()}")
+    if len(str(path.absolute())) + _longest_name() > SOCKET_PATH_MAX:
+        raise RuntimeError(
+            f"step server folder {path.absolute()}: too long for the step servers' sockets (at most "
+            f"{SOCKET_PATH_MAX - _longest_name()} characters); set COEVOLVE_RUNTIME_DIR to a shorter folder, or launch.preload: false"
+        )
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Whoever can write there can have steps run as us: it must be ours alone.
     stat = path.stat()
