@@ -224,8 +224,8 @@ def _device() -> str:
 
 
 def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
-    """Evaluate metrics for iterations 0..N of one run. After a stop (tau, or the held-out rule) the loop hands the same
-    policy and RM on, so its last measurement stands for the iterations it did not run."""
+    """Evaluate metrics for iterations 0..N of one run. After a stop (tau, or the held-out rule) the loop
+    hands the same policy and RM on, so its last measurement stands for the iterations it did not run."""
     series, stopped, last = [], False, None
     for k in range(iterations + 1):
         stopped = stopped or any(stop_rule(run, k, name) for name in STEPS)

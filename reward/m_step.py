@@ -153,6 +153,15 @@ def mix(step: StepRun, kept: datasets.Dataset, e_pairs: Path | None, original: P
     }
 
 
+def check(step: StepRun) -> None:
+    """Refused before the step writes anything: the held-out rule with no held-out pairs to measure."""
+    original = rundir.latest_output(step.run_dir, "pairs", iteration_max=0)
+    if step.cfg.m_step.max_heldout_drop is not None and original is None:
+        raise ConfigError(
+            "m_step.max_heldout_drop: the run has no original preference pairs to hold out (data.pairs); unset it"
+        )
+
+
 def main(step: StepRun) -> dict:
     cfg, k, run = step.cfg, step.iteration, step.run_dir
     here = (k, step.name)
@@ -175,10 +184,6 @@ def main(step: StepRun) -> dict:
         step.inputs["e_step_pairs"] = e_pairs
     if original is not None:  # its held-out split measures the RM, whatever the mix
         step.inputs["original_pairs"] = original
-    elif cfg.m_step.max_heldout_drop is not None:
-        raise ConfigError(
-            "m_step.max_heldout_drop: the run has no original preference pairs to hold out (data.pairs); unset it"
-        )
 
     batch = iteration_prompts(prompts, "rm", cfg.m_step.prompts_per_iteration, k)
     responses = step.phase("generate", lambda tmp: generate(step, new, old, batch, tmp))
