@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.record:
-        record(args.record, args.command, bench="real")
+        record([args.record], args.command, bench="real")
         return
     from coevolve.experiment import run_experiment
 

@@ -161,7 +161,7 @@ def test_gold_and_evaluate_config_errors(overrides, message):
 
 
 @pytest.mark.slow
-def test_experiment_writes_its_table_and_plot(tmp_path):
+def test_experiment_writes_its_table_and_plot(tmp_path, monkeypatch):
     out = tmp_path / "exp"
     cmd = [
         sys.executable,
@@ -209,6 +209,19 @@ def test_experiment_writes_its_table_and_plot(tmp_path):
     assert "| frozen-rm |" in table and "| oracle |" in table and "**gold**" in table
     assert (out / "experiment.png").stat().st_size > 10_000
     assert (out / "oracle" / "seed_0" / "iter_1" / "evaluate" / "DONE.json").exists()
+
+    # The benches record such a summary as a results.jsonl row (here caught, not appended to bench/).
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_real
+    import bench_sandbox
+
+    rows = []
+    monkeypatch.setattr(bench_sandbox, "append_result", lambda folder, line, md: rows.append(line))
+    for bench in (bench_real, bench_sandbox):
+        monkeypatch.setattr(sys, "argv", ["bench", "--record", str(out / "experiment.json"), "--command", "cmd"])
+        bench.main()
+    assert [row["bench"] for row in rows] == ["real", "sandbox"]
+    assert rows[0]["arms"]["oracle"]["gold"] == arms["oracle"]["gold"] and rows[0]["seeds"] == 1
 
 
 def test_experiment_table_leaves_out_what_could_not_be_measured(tmp_path):
