@@ -41,11 +41,12 @@ chromium:
 
 # `python -m`, not the venv's scripts: in a venv copied from another checkout their shebangs run that
 # checkout's Python, and its code. One worker per core, a file's tests on one worker (they share its
-# fixtures), one thread each: most tests wait on one step process at a time, so one worker left a core
-# idle (25 min here, 15 with two). A short temporary folder: the step servers' sockets live in it, and a
-# Unix socket's path is limited to ~100 characters.
+# fixtures; tests/conftest.py also keeps the files on the shared tiny run together and starts the longest
+# files first, in the collection's order), one thread each: most tests wait on one step process at a time,
+# so one worker left a core idle (25 min here, 15 with two). A short temporary folder: the step servers'
+# sockets live in it, and a Unix socket's path is limited to ~100 characters.
 test: $(STAMP) chromium
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile --basetemp="$$(mktemp -d /tmp/ct.XXXXXX)" -v --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder --basetemp="$$(mktemp -d /tmp/ct.XXXXXX)" -v --durations=15
 
 # The unit tests: no tiny run, no step process, no server (markers in pyproject.toml, tests/conftest.py).
 test-fast: $(STAMP)

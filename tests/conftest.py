@@ -49,7 +49,42 @@ FAST = [
 RUN_FIXTURES = {"prepared_run", "tiny_run", "prefect_server"}
 
 
+# The files on the shared tiny run (tiny_run.py; built in ~90 s): `make test` hands them to one xdist
+# worker together, as --dist loadfile hands it each other file, so that the run is built once.
+ON_TINY_RUN = {"test_readme.py", "test_report.py", "test_steps.py", "test_summary.py", "test_tracking.py"}
+# The files that take longest here (1.5 to 5 minutes of a worker each, `make test` on 2026-12-07), started
+# first (`make test` keeps the collection's order, --no-loadscope-reorder): a long file started last kept
+# one worker busy for minutes after the other had finished.
+LONGEST_FIRST = [
+    "test_flows.py",
+    "test_data_parallel.py",
+    *sorted(ON_TINY_RUN),
+    "test_launch.py",
+    "test_compile.py",
+    "test_demo.py",
+    "test_real_model.py",
+    "test_evaluate.py",
+]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class TinyRunTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return "tiny_run" if Path(file).name in ON_TINY_RUN else file
+
+    return TinyRunTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    on_tiny_run = {Path(item.fspath).name for item in items if "tiny_run" in item.fixturenames}
+    assert on_tiny_run <= ON_TINY_RUN, f"add {sorted(on_tiny_run - ON_TINY_RUN)} to conftest.ON_TINY_RUN"
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.fspath).name, len(rank)))
     cuda = None
     for item in items:
         if RUN_FIXTURES & set(item.fixturenames):

@@ -129,23 +129,27 @@ from pathlib import Path
 from coevolve.core import distributed, rundir
 from coevolve.core.config import load_config
 from coevolve.core.rollout import sample_each, score_each
-run, prompts, out = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+run, lists, out = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 distributed.init()
 cfg = load_config(run / "config.yaml", ["generation.backend=static"])
-gens = sample_each(cfg, [(rundir.latest_output(run, "policy"), 7, "sample")], prompts, 2)[0]
-scores = score_each(cfg, rundir.latest_output(run, "rm"), prompts, [[t[0] for t in gens.texts]])[0]
+results = []
+for prompts in lists:
+    gens = sample_each(cfg, [(rundir.latest_output(run, "policy"), 7, "sample")], prompts, 2)[0]
+    scores = score_each(cfg, rundir.latest_output(run, "rm"), prompts, [[t[0] for t in gens.texts]])[0]
+    results.append({"texts": gens.texts, "scores": scores})
 if distributed.is_main():
-    Path(out).write_text(json.dumps({"texts": gens.texts, "scores": scores}))
+    Path(out).write_text(json.dumps(results))
 distributed.finish()
 """
 
 
-@pytest.mark.parametrize("count", [1, 3])  # fewer prompts than processes; shares of 1 and 2
-def test_uneven_shares_come_back_whole_and_in_order(prepared_run, tmp_path, count):
+def test_uneven_shares_come_back_whole_and_in_order(prepared_run, tmp_path):
     from coevolve.core.config import load_config
     from coevolve.core.rollout import sample_each, score_each
 
-    prompts = [f"list {word} animals" for word in ("two", "three", "four")][:count]
+    # One prompt (fewer than processes) and three (shares of 1 and 2), in one launch.
+    words = ("two", "three", "four")
+    lists = [[f"list {word} animals" for word in words][:count] for count in (1, 3)]
     script = tmp_path / "shares.py"
     script.write_text(SHARES_SCRIPT)
     cmd = [
@@ -156,17 +160,17 @@ def test_uneven_shares_come_back_whole_and_in_order(prepared_run, tmp_path, coun
         "2",
         str(script),
         str(prepared_run),
-        json.dumps(prompts),
+        json.dumps(lists),
         str(tmp_path / "out.json"),
     ]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    two = json.loads((tmp_path / "out.json").read_text())
     cfg = load_config(prepared_run / "config.yaml", ["generation.backend=static"])
-    gens = sample_each(cfg, [(rundir.latest_output(prepared_run, "policy"), 7, "sample")], prompts, 2)[0]
-    assert two["texts"] == gens.texts and len(gens.texts) == count
-    scores = score_each(cfg, rundir.latest_output(prepared_run, "rm"), prompts, [[t[0] for t in gens.texts]])[0]
-    assert two["scores"] == pytest.approx(scores, abs=1e-4)
+    for prompts, two in zip(lists, json.loads((tmp_path / "out.json").read_text()), strict=True):
+        gens = sample_each(cfg, [(rundir.latest_output(prepared_run, "policy"), 7, "sample")], prompts, 2)[0]
+        assert two["texts"] == gens.texts and len(gens.texts) == len(prompts)
+        scores = score_each(cfg, rundir.latest_output(prepared_run, "rm"), prompts, [[t[0] for t in gens.texts]])[0]
+        assert two["scores"] == pytest.approx(scores, abs=1e-4)
 
 
 @pytest.mark.slow

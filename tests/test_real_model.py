@@ -30,7 +30,9 @@ def test_smollm2_loads_from_gguf_and_answers_with_its_chat_template(tmp_path):
         cfg, tmp_path / "policy", ["What is the capital of France? Answer in one word."], n=1, seed=0
     ).texts[0][0]
     assert "paris" in answer.lower()
-    # The same weights with a fresh scalar head make an RM base.
-    materialize(SMOLLM2.model_copy(update={"new_head": True}), "rm", tmp_path / "rm", corpus=[])
+    # The same weights with a fresh scalar head make an RM base: from the plain folder, as init makes an
+    # RM that names the policy's own source (dequantising the GGUF file again takes another ~20 s here).
+    policy_folder = ModelSource(name_or_path=str(tmp_path / "policy"), new_head=True)
+    materialize(policy_folder, "rm", tmp_path / "rm", corpus=[])
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert rm.config.num_labels == 1
