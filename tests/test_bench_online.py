@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration  # both trainers in processes of their own
 def test_bench_online_times_both_trainers_on_the_tiny_model(tmp_path):
     cmd = [
         sys.executable,

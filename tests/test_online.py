@@ -97,6 +97,7 @@ def test_static_engine_rollouts_sample_the_trainers_current_weights(prepared_run
     assert seen["engine"] != at_start
 
 
+@pytest.mark.integration  # a whole tiny loop in its own processes
 def test_coevolve_run_completes_the_tiny_loop_with_the_online_e_step(tmp_path):
     run = tmp_path / "run"
     cmd = [
