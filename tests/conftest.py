@@ -52,9 +52,9 @@ RUN_FIXTURES = {"prepared_run", "tiny_run", "prefect_server"}
 # The files on the shared tiny run (tiny_run.py; built in ~90 s): `make test` hands them to one xdist
 # worker together, as --dist loadfile hands it each other file, so that the run is built once.
 ON_TINY_RUN = {"test_readme.py", "test_report.py", "test_steps.py", "test_summary.py", "test_tracking.py"}
-# The files that take longest here (1.5 to 5 minutes of a worker each, `make test` on 2026-12-07), started
-# first (`make test` keeps the collection's order, --no-loadscope-reorder): a long file started last kept
-# one worker busy for minutes after the other had finished.
+# The files that take longest here (1.5 to 6 minutes of a worker each, `make test` on 2026-12-07), started
+# first (`make test` keeps the collection's order, --no-loadscope-reorder): xdist's own order, by number of
+# tests, started test_flows, the longest, after 88% of the tests, when little was left to balance it.
 LONGEST_FIRST = [
     "test_flows.py",
     "test_data_parallel.py",
