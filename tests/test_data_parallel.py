@@ -148,8 +148,8 @@ def test_uneven_shares_come_back_whole_and_in_order(prepared_run, tmp_path):
     from coevolve.core.rollout import sample_each, score_each
 
     # One prompt (fewer than processes) and three (shares of 1 and 2), in one launch.
-    words = ("two", "three", "four")
-    lists = [[f"list {word} animals" for word in words][:count] for count in (1, 3)]
+    prompts = [f"list {word} animals" for word in ("two", "three", "four")]
+    lists = [prompts[:1], prompts]
     script = tmp_path / "shares.py"
     script.write_text(SHARES_SCRIPT)
     cmd = [
