@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_sandbox import export, record, step_seconds  # noqa: E402
-from common import log, record_args  # noqa: E402
+from bench_sandbox import experiment_record_args, export, record, step_seconds  # noqa: E402
+from common import log  # noqa: E402
 
 
 def dequantise(gguf: Path, folder: Path) -> None:
@@ -50,11 +50,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=6)
     ap.add_argument("--deadline-s", type=float)
-    record_args(ap, "experiment.json", "bench_real.py")
+    experiment_record_args(ap, "bench_real.py")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.record:
-        record([args.record], args.command, bench="real")
+        record([args.record, *args.also], args.command, bench="real")
         return
     from coevolve.experiment import run_experiment
 

@@ -45,19 +45,58 @@ MD_METRICS = (
 )
 
 
+def _seeds(summary: dict) -> list[int]:
+    return next(iter(summary["per_seed"].values()))["seeds"]
+
+
+def _pooled(s: dict, other: dict) -> None:
+    """`other`'s seeds added to `s`'s: each seed's series joined, means and stds recomputed from them."""
+    from coevolve.experiment import seed_stats
+
+    for arm, series in s["per_seed"].items():
+        row = s["arms"][arm]
+        for name, runs in other["per_seed"][arm].items():
+            series[name] = series[name] + runs
+            if name != "seeds":
+                row[name], row[f"{name}_std"] = seed_stats(series[name])
+        row["stopped_runs"] += other["arms"][arm]["stopped_runs"]
+    s["seeds"] += other["seeds"]
+    s["overrides"] = [o for o in s["overrides"] if not o.startswith("seed=")]
+
+
 def merged(paths: list[Path]) -> dict:
-    """One experiment from the summaries of several device calls of the same design (other arms, the
-    same seeds): their arms side by side, their walls added."""
+    """One experiment from the summaries of several device calls of the same design: other arms on the
+    same seeds side by side, or the same arms on other seeds pooled; their walls added."""
     s = json.loads(paths[0].read_text())
-    for other in map(json.loads, (p.read_text() for p in paths[1:])):
-        if (other["seeds"], other["iterations"], other["overrides"]) != (s["seeds"], s["iterations"], s["overrides"]):
-            raise SystemExit(f"--also: not the same seeds, iterations and overrides as {paths[0]}")
-        s["arms"].update(other["arms"])
-        if "per_seed" in s:
-            s["per_seed"].update(other.get("per_seed", {}))
+    for path, other in zip(paths[1:], (json.loads(p.read_text()) for p in paths[1:]), strict=True):
+        design = [o for o in other["overrides"] if not o.startswith("seed=")]
+        if other["iterations"] != s["iterations"] or design != [o for o in s["overrides"] if not o.startswith("seed=")]:
+            raise SystemExit(f"--also {path}: not the same iterations and overrides as {paths[0]}")
+        if other["overrides"] == s["overrides"]:
+            s["arms"].update(other["arms"])
+            if "per_seed" in s:
+                s["per_seed"].update(other.get("per_seed", {}))
+        elif set(other["arms"]) == set(s["arms"]) and not set(_seeds(other)) & set(_seeds(s)):
+            _pooled(s, other)
+        else:
+            raise SystemExit(
+                f"--also {path}: neither other arms on the seeds of {paths[0]} nor its arms on other seeds"
+            )
         s["wall_s"] += other["wall_s"]
         s["failed"] += other["failed"]
     return s
+
+
+def experiment_record_args(ap, script: str) -> None:
+    """--record and --also of the benches that record an experiment (`coevolve experiment`'s summary)."""
+    record_args(ap, "experiment.json", script)
+    ap.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        help="--record: another call's experiment.json, with more arms on the same seeds or the same arms on more seeds",
+    )
 
 
 def record(paths: list[Path], command: str, bench: str = "sandbox") -> None:
@@ -83,7 +122,9 @@ def record(paths: list[Path], command: str, bench: str = "sandbox") -> None:
     md = [
         f"\n## {bench}: {s['date']}, {s['device']}",
         f"`{command}`",
-        f"Task {s['task']}, {s['seeds']} seeds x {s['iterations']} iterations per arm, {s['wall_s']:.0f} s wall for all runs"
+        f"Task {s['task']}, {s['seeds']} seeds"
+        + (f" ({', '.join(map(str, _seeds(s)))})" if s.get("per_seed") else "")
+        + f" x {s['iterations']} iterations per arm, {s['wall_s']:.0f} s wall for all runs"
         f" (sharing the GPU); mean ± std over seeds, iteration 0 first."
         + (f" Overrides: {' '.join(s['overrides'])}." if s["overrides"] else "")
         + (f" Failed: {s['failed']}" if s["failed"] else ""),
@@ -140,10 +181,7 @@ def main() -> None:
         type=float,
         help="stop runs still going after this many seconds (a device call lasts 600 s at most)",
     )
-    record_args(ap, "experiment.json", "bench_sandbox.py")
-    ap.add_argument(
-        "--also", type=Path, action="append", default=[], help="--record: another call's experiment.json, more arms"
-    )
+    experiment_record_args(ap, "bench_sandbox.py")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.record:

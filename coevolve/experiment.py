@@ -244,6 +244,17 @@ def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
     return series, stopped
 
 
+def seed_stats(series: list[list[float | None]]) -> tuple[list[float | None], list[float | None]]:
+    """Mean and std over seeds per iteration of each seed's series; None (not measured) and NaN
+    ("nothing to measure", e.g. no fresh pairs the referee tells apart) are left out."""
+    means, stds = [], []
+    for values in zip(*series, strict=True):
+        kept = [v for v in values if v is not None and v == v]
+        means.append(round(mean(kept), 4) if kept else None)
+        stds.append(round(pstdev(kept), 4) if kept else None)
+    return means, stds
+
+
 def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task: str | None) -> dict:
     referee = "gold" if task else "judge"
     summary: dict[str, Any] = {
@@ -267,17 +278,7 @@ def collect(out: Path, arms: list[str], seeds: list[int], iterations: int, task:
             per_seed[name] = [
                 [None if s[k] is None else s[k].get(metric) for k in range(iterations + 1)] for s, _ in runs
             ]
-            means, stds = [], []
-            for k in range(iterations + 1):
-                # NaN is "nothing to measure" (e.g. no fresh pairs the referee tells apart): left out.
-                values = [
-                    s[k][metric]
-                    for s, _ in runs
-                    if s[k] is not None and metric in s[k] and s[k][metric] == s[k][metric]
-                ]
-                means.append(round(mean(values), 4) if values else None)
-                stds.append(round(pstdev(values), 4) if values else None)
-            row[name], row[f"{name}_std"] = means, stds
+            row[name], row[f"{name}_std"] = seed_stats(per_seed[name])
         if not any(v is not None for m in M_STEP_METRICS for v in row[m]):  # no M-step in this arm
             for m in M_STEP_METRICS:
                 del row[m], row[f"{m}_std"], per_seed[m]

@@ -280,6 +280,36 @@ def test_experiment_carries_a_stopped_run_and_reports_the_m_step_and_gold_vs_kl(
     assert "<td>0.750 ± 0.000</td>" in page and (tmp_path / "report" / "gold_vs_kl.png").exists()
 
 
+def test_recording_pools_the_same_arms_run_on_more_seeds_in_another_call(tmp_path, monkeypatch):
+    # Seeds 0-1 in one device call, seed 2 in another: the recorded row is what one call over all three gives.
+    evals = {
+        0: [(0.5, 0.0, 0.1), (0.6, 1.0, 0.9)],
+        1: [(0.4, 0.0, 0.1), (0.5, 2.0, 1.0)],
+        2: [(0.3, 0.0, 0.2), (0.8, 3.0, 2.0)],
+    }
+    summaries = []
+    for call, seeds in enumerate(([0, 1], [2])):
+        for seed in seeds:
+            _fake_run(tmp_path / "all", "mutual-taught", seed, evals[seed], m_steps={1: 0.25 * (seed + 1)})
+            _fake_run(tmp_path / str(call), "mutual-taught", seed, evals[seed], m_steps={1: 0.25 * (seed + 1)})
+        summary = collect(tmp_path / str(call), ["mutual-taught"], seeds, 1, "toy")
+        summary.update(overrides=["x=1", f"seed={seeds[0]}"], wall_s=10.0, failed=[])
+        summaries.append(tmp_path / f"{call}.json")
+        summaries[-1].write_text(json.dumps(summary))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from bench_sandbox import merged
+
+    pooled, whole = merged(summaries), collect(tmp_path / "all", ["mutual-taught"], [0, 1, 2], 1, "toy")
+    assert pooled["arms"] == whole["arms"] and pooled["per_seed"] == whole["per_seed"]
+    assert pooled["arms"]["mutual-taught"]["gold"] == [0.4, 0.6333] and pooled["seeds"] == 3
+    assert pooled["overrides"] == ["x=1"] and pooled["wall_s"] == 20.0
+    # A call of another design is not pooled.
+    other = json.loads(summaries[1].read_text()) | {"overrides": ["x=2", "seed=2"]}
+    summaries[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="not the same iterations and overrides"):
+        merged(summaries)
+
+
 def test_the_ablation_arms_are_the_papers():
     assert "e_step.select=false" in ARMS["mt-no-selection"] and "m_step.epsilon_filter=false" in ARMS["mt-no-filter"]
     assert "m_step.original_pairs_ratio=1.0" in ARMS["mt-original-pairs"]
