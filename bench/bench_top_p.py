@@ -50,6 +50,8 @@ def load(args, device: str):
 def hf_generate(model, tok, prompts: list[str], params: SamplingParams, device: str) -> dict:
     """One padded batch (left padding), n samples per prompt; tokens counted up to each row's EOS."""
     tok.padding_side = "left"
+    if tok.pad_token is None:  # the dequantised folder's tokenizer has none; padded rows are masked anyway
+        tok.pad_token = tok.eos_token
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     torch.manual_seed(params.seed)
     start = time.perf_counter()
