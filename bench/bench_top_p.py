@@ -4,8 +4,8 @@ the static backend vs HF `generate` on the same model, prompts and sampling para
 SmolLM2-135M-Instruct (a plain HF folder, e.g. the GGUF dequantised by bench_real.py) answers the
 `instruct` task's prompts in its chat template at the shipped sampling settings (configs/smollm2-gpu.yaml:
 T 0.8, top-p 0.95). `top_p_exact_share` is the share of sampled tokens whose nucleus fitted the 64
-candidates; the others were drawn by the exact fallback (sampling.py), `inexact_draws` of them past its
-budget. Recorded as a `generation` row with `model: smollm2`.
+candidates; the others were drawn by the exact fallback (sampling.py), past whose budget rows wait a step
+(`deferred_steps`, row-steps spent waiting). Recorded as a `generation` row with `model: smollm2`.
 
     python3 bench/bench_top_p.py --model-path /tmp/smollm2 --out OUT          # on a GPU, ~1 min
     python3 bench/bench_top_p.py --record OUT/result.json --command "..."     # here
@@ -106,7 +106,7 @@ def main() -> None:
         wall_s=round(gens.seconds, 2),
         tok_s=round(tokens / gens.seconds, 1),
         truncated_steps=st["truncated_steps"],
-        inexact_draws=st["inexact_draws"],
+        deferred_steps=st["deferred_steps"],
         graphs=st["graphs"],
     )
     log(f"ours: {ours}")
@@ -120,7 +120,7 @@ def main() -> None:
         ours_tok_s=ours["tok_s"],
         hf_generate_tok_s=hf["tok_s"],
         top_p_exact_share=round(1 - ours["truncated_steps"] / tokens, 6),
-        inexact_draws=ours["inexact_draws"],
+        deferred_steps=ours["deferred_steps"],
         ours=ours,
         hf_generate=hf,
         workload=dict(
@@ -157,7 +157,7 @@ def record(res: dict, command: str) -> None:
         f"| HF generate, padded | {h['tok_s']:,.0f} | {h['rows']} rows, {h['tokens']} tokens in {h['wall_s']} s |",
         "",
         f"Nucleus within the 64 candidates: {res['top_p_exact_share']:.4%} of {o['tokens']} sampled tokens "
-        f"({o['truncated_steps']} drawn by the exact fallback, {res['inexact_draws']} past its budget).",
+        f"({o['truncated_steps']} drawn by the exact fallback; {res['deferred_steps']} row-steps spent waiting for it).",
     ]
     append_result(ROOT / "bench", res, md)
 

@@ -253,6 +253,7 @@ class _State:
         self.key = torch.tensor([sequence_key(0, i, 0) for i in range(n)])
         self.step = torch.zeros(n, dtype=torch.long)
         self.done = torch.zeros(n, dtype=torch.bool)
+        self.waited = torch.zeros(n, dtype=torch.long)
 
 
 @pytest.mark.parametrize("top_p, top_k", [(0.8, 0), (0.95, 5), (1.0, 0)])
@@ -262,7 +263,7 @@ def test_sampler_draws_from_the_nucleus_distribution(top_p, top_k):
     row = torch.randn(V) * 3
     sampler = Sampler(torch.device("cpu"), candidates=64)
     sampler.configure(temperature=0.7, top_p=top_p, top_k=top_k, eos_ids=[])
-    draws, truncated, _ = sampler(row.expand(n, V) * sampler.inv_temp, _State(n), n)
+    draws, truncated, _, _ = sampler(row.expand(n, V) * sampler.inv_temp, _State(n), n)
     # the exact distribution, as HF's temperature -> top-k -> top-p warpers define it
     logits = row / 0.7
     if top_k:
@@ -290,7 +291,7 @@ def _exact_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 @pytest.mark.parametrize("capturing", [False, True])
 def test_a_nucleus_wider_than_the_candidates_is_drawn_exactly(capturing, monkeypatch):
     # A flat row (a nucleus of ~230 tokens, >> 64 candidates) next to a peaked one that fits. Eagerly every
-    # flagged row is redrawn; under a graph only `fallback_rows` of them, the rest counted as inexact.
+    # flagged row is redrawn; under a graph only `fallback_rows` of them, the rest held for the next step.
     monkeypatch.setattr(sampling, "_capturing", lambda t: capturing)
     torch.manual_seed(3)
     V, n, top_p = 2 * CHUNK, 40000, 0.95
@@ -298,15 +299,15 @@ def test_a_nucleus_wider_than_the_candidates_is_drawn_exactly(capturing, monkeyp
     rows = torch.stack([flat, peaked]).repeat(n, 1)
     sampler = Sampler(torch.device("cpu"), candidates=64, fallback_rows=n // 2 if capturing else 16)
     sampler.configure(temperature=1.0, top_p=top_p, top_k=0, eos_ids=[])
-    draws, truncated, _ = sampler(rows, _State(2 * n), 2 * n)
+    draws, truncated, held, _ = sampler(rows, _State(2 * n), 2 * n)
     assert truncated[0::2].all() and not truncated[1::2].any()
     want = _exact_top_p(flat, top_p)
     assert (want > 0).sum() > 3 * 64
-    if capturing:  # the budget covers half the flagged rows: those are exact, the others are counted
-        assert int(sampler.inexact) == n // 2
+    if capturing:  # the budget covers half the flagged rows: those are drawn, the others held
+        assert int(sampler.deferred) == n // 2 and torch.equal(held.nonzero().squeeze(1), torch.arange(n, 2 * n, 2))
         draws = draws[0:n:2]
     else:
-        assert int(sampler.inexact) == 0
+        assert int(sampler.deferred) == 0 and held is None
         draws = draws[0::2]
     got = torch.bincount(draws, minlength=V).double() / len(draws)
     assert got[want == 0].sum() == 0
@@ -317,6 +318,20 @@ def test_a_nucleus_wider_than_the_candidates_is_drawn_exactly(capturing, monkeyp
     state = _State(2 * n)
     state.key, state.step = state.key[1::2], state.step[1::2]
     assert torch.equal(alone(peaked.expand(n, V), state, n)[0], sampler(rows, _State(2 * n), 2 * n)[0][1::2])
+
+
+def test_rows_past_the_fallback_budget_wait_and_every_draw_is_exact(tok, monkeypatch):
+    # A random model's flat rows rarely fit 16 candidates. Eagerly every flagged row is redrawn at once;
+    # under a graph's budget of one row a step, the others wait a step (same logits, same uniform) and
+    # are redrawn when their turn comes: the samples are the eager ones, token for token.
+    model = tiny("llama", tok)
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=24, seed=5)
+    eager = StaticGraphBackend(model, tok, batch_size=8, candidates=16).generate(PROMPTS, params)
+    monkeypatch.setattr(sampling, "_capturing", lambda t: True)
+    budget = StaticGraphBackend(model, tok, batch_size=8, candidates=16, fallback_rows=1).generate(PROMPTS, params)
+    assert eager.stats["truncated_steps"] > 100 and eager.stats["deferred_steps"] == 0
+    assert budget.stats["deferred_steps"] > 50
+    assert budget.texts == eager.texts and budget.stats["truncated_steps"] == eager.stats["truncated_steps"]
 
 
 def test_uniform_is_uniform_and_keyed():
@@ -353,11 +368,11 @@ def test_auto_takes_static_on_a_gpu_for_the_decoders_it_runs(tok):
 def test_the_config_settings_block_reaches_the_backend_that_runs(tok):
     llama = tiny("llama", tok)
     static = GenerationConfig(
-        backend="static", batch_size=32, static={"candidates": 16, "fallback_rows": 0, "sync_every": 4}
+        backend="static", batch_size=32, static={"candidates": 16, "fallback_rows": 2, "sync_every": 4}
     )
     engine, which = backend_for(static, llama, tok)
     assert which == "static (generation.backend)"
-    assert (engine.slots, engine.sampler.candidates, engine.sampler.fallback_rows, engine.sync_every) == (32, 16, 0, 4)
+    assert (engine.slots, engine.sampler.candidates, engine.sampler.fallback_rows, engine.sync_every) == (32, 16, 2, 4)
     # hf has no settings block: the static one is not passed to it.
     engine, which = backend_for(static.model_copy(update={"backend": "hf"}), llama, tok)
     assert which == "hf (generation.backend)" and engine.batch_size == 32

@@ -57,7 +57,7 @@ class StaticGraphBackend:
     cache grows to fit each call's longest prompt plus max_new_tokens. candidates: how many of the
     highest logits top-p/top-k choose from (see sampling.py). fallback_rows: under CUDA graphs, how many
     rows a step may redraw from their exact nucleus when it does not fit the candidates (a sort of that
-    many rows of logits each step; see sampling.py). sync_every: decode steps between host
+    many rows of logits each step; more wait a step for it, see sampling.py). sync_every: decode steps between host
     syncs. attention: "auto" (Triton on CUDA when available, else "bmm"), "bmm", "sdpa" or "triton".
     cuda_graphs: default on for CUDA models."""
 
@@ -154,9 +154,9 @@ class StaticGraphBackend:
         self.sampler.configure(params.temperature, params.top_p, params.top_k, eos, params.logprobs)
         run = _Run(self, prompts, lengths, params, stats)
         run.loop()
-        # Draws past the exact fallback's budget under graphs (see sampling.py); 0 means every draw was exact.
+        # Row-steps held for the exact redraw under graphs (see sampling.py): the budget's cost.
         stats.update(
-            inexact_draws=int(self.sampler.inexact),
+            deferred_steps=int(self.sampler.deferred),
             max_len=self.cache.max_len,
             kv_cache_gib=round(self.cache.nbytes / 2**30, 3),
             graphs=len(self._graphs),
@@ -274,9 +274,6 @@ class _Run:
                 be.run_steps(rows, L, steps)
             if len(be._graphs) > captured:
                 self.stats["captures"] = self.stats.get("captures", 0) + 1
-            for i in live:
-                self.slot_pos[i] += steps
-                self.slot_left[i] -= steps
             self.stats["decode_steps"] += steps
             self.stats["windows"] += 1
             with timer("harvest_s"):
@@ -322,6 +319,7 @@ class _Run:
         st.tokens[idx], st.pos[idx], st.max_new[idx], st.key[idx] = init.unbind(1)
         st.step[idx] = 0
         st.truncated[idx] = 0
+        st.waited[idx] = 0
         st.done[idx] = False
         for slot, seq in zip(slots, take):
             self.slot_seq[slot] = seq
@@ -343,6 +341,10 @@ class _Run:
         be, st = self.be, self.be.state
         done, step, trunc = torch.stack([st.done[:rows].long(), st.step[:rows], st.truncated[:rows]]).cpu().tolist()
         live = [i for i in range(rows) if self.slot_seq[i] is not None]
+        for i in live:  # from the device: a row held for the exact redraw ran fewer steps than the window
+            seq = self.slot_seq[i]
+            self.slot_pos[i] = len(self.prompts[seq.prompt]) - 1 + step[i]
+            self.slot_left[i] = seq.max_new - step[i]
         finished = [i for i in live if done[i]]
         if self.params.stop:
             finished += self._stop_strings([i for i in live if not done[i]], step)

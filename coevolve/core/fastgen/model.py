@@ -217,6 +217,7 @@ class DecodeState:
         self.key = z(slots)  # per-sequence random key (see sampling.uniform)
         self.done = torch.ones(slots, device=device, dtype=torch.bool)
         self.truncated = z(slots)  # steps whose nucleus did not fit in the candidates
+        self.waited = z(slots)  # steps a row has been held for the exact redraw (sampling.py)
         self.out = z(slots, max_new + 1)  # produced tokens; column `step` of a finished row is scratch
         self.logp = z(slots, max_new + 1, dtype=torch.float32)  # their log-probs, when the sampler takes them
         self.slot_ids = torch.arange(slots, device=device)
@@ -261,7 +262,8 @@ def mask_bias(pos, L, dtype):
 def decode_step(w: Weights, cache: KVCache, st: DecodeState, S: int, L: int, cos, sin, attend, sampler) -> None:
     """One token for rows [0, S): feed st.tokens at st.pos, write its K/V, attend over [0, L), sample.
 
-    Finished rows run too (their results are discarded); only live rows advance."""
+    Finished rows run too (their results are discarded); only live rows that the sampler did not hold
+    advance."""
     nq, nkv, d = w.n_heads, w.n_kv, w.head_dim
     tok, pos, rows = st.tokens[:S], st.pos[:S], st.slot_ids[:S]
     x = F.embedding(tok, w.embed)
@@ -276,14 +278,17 @@ def decode_step(w: Weights, cache: KVCache, st: DecodeState, S: int, L: int, cos
         add_linear_(x, attend(qk[:, :nq], kc, vc, pos, L, w.scale, mask), w.o_w[i], w.o_b[i])
         add_linear_(x, mlp(rms_norm(x, w.ln2[i], w.eps), w, i), w.down_w[i], w.down_b[i])
     logits = F.linear(rms_norm(x, w.norm * sampler.inv_temp, w.eps), w.lm_w, w.lm_b)
-    nxt, truncated, logp = sampler(logits, st, S)
-    live = ~st.done[:S]
+    nxt, truncated, held, logp = sampler(logits, st, S)
+    advance = ~st.done[:S]
+    if held is not None:  # held rows draw again next step from the same logits (sampling.py)
+        st.waited[:S].copy_(torch.where(held, st.waited[:S] + 1, 0))
+        advance &= ~held
     st.out[:S].scatter_(1, st.step[:S, None], nxt[:, None])
     if logp is not None:
         st.logp[:S].scatter_(1, st.step[:S, None], logp[:, None])
-    st.tokens[:S].copy_(torch.where(live, nxt, tok))
-    st.truncated[:S].add_(truncated & live)
+    st.tokens[:S].copy_(torch.where(advance, nxt, tok))
+    st.truncated[:S].add_(truncated & advance)
     finished = sampler.is_eos(nxt) | (st.step[:S] + 1 >= st.max_new[:S])
-    st.pos[:S].add_(live)
-    st.step[:S].add_(live)
-    st.done[:S].logical_or_(finished & live)
+    st.pos[:S].add_(advance)
+    st.step[:S].add_(advance)
+    st.done[:S].logical_or_(finished & advance)

@@ -12,14 +12,16 @@ nucleus is exact whenever it fits in the K candidates; a row whose nucleus does 
 e.g. a random-weight model) is counted in `truncated` and redrawn from the exact nucleus: a sort of its
 whole row of logits, the same rule and the same uniform. Only the flagged rows are sorted. Eagerly that
 is all of them (their count is read on the host). Under a CUDA graph, where nothing may depend on a
-value the host reads, the `fallback_rows` first flagged rows of the step are sorted (a fixed shape,
-chosen on the device), every step whether or not any row needs it: a device-side branch is not something
-a graph can hold, and a sort of every row every step (a budget of all slots: exact always) would cost
-many times the rest of the sampler on a 150K vocabulary. Measured on one CPU thread over 151,936 fp32
-logits: a sort of 16 rows 0.24 s, of 64 rows 0.84 s; the whole sampler at 512 rows 0.28 s. So the budget
-(64 by default) trades a step's time against how many flagged rows a step may hold. Flagged rows beyond
-it keep the draw from the K candidates and are counted in `Sampler.inexact` (the backend's
-`inexact_draws`), so a run says whether any draw was inexact.
+value the host reads, `fallback_rows` flagged rows of the step are sorted (a fixed shape, chosen on the
+device), every step whether or not any row needs it: a device-side branch is not something a graph can
+hold, and a sort of every row every step would cost many times the rest of the sampler on a 150K
+vocabulary. Measured on one CPU thread over 151,936 fp32 logits: a sort of 16 rows 0.24 s, of 64 rows
+0.84 s; the whole sampler at 512 rows 0.28 s. Flagged rows past that budget are held: they do not
+advance this step, and the next step feeds them the same token at the same position, so they see the
+same logits and the same uniform and are drawn again, first in line (the rows held longest go first).
+Every draw is exact; the budget (64 by default) trades a step's time against the row-steps spent
+waiting, counted in `Sampler.deferred` (the backend's `deferred_steps`). On SmolLM2 at T 0.8, top-p 0.95,
+15% of draws needed the redraw (bench/RESULTS.md).
 With top_k > K the candidates are the limit and the step is only counted.
 With top_p = 1 and no top_k the draw is exact over the whole vocabulary (two-level inverse CDF).
 
@@ -112,8 +114,10 @@ class Sampler:
     token of each row. `key` names what a captured graph depends on beyond those tensors."""
 
     def __init__(self, device, candidates: int = 64, fallback_rows: int = 64):
+        if fallback_rows < 1:
+            raise ValueError(f"fallback_rows must be >= 1 (rows past it wait for it), got {fallback_rows}")
         self.candidates, self.fallback_rows = candidates, fallback_rows
-        self.inexact = torch.zeros((), device=device, dtype=torch.long)  # draws past the fallback budget
+        self.deferred = torch.zeros((), device=device, dtype=torch.long)  # row-steps held past the budget
         self.inv_temp = torch.ones((), device=device)
         self.temp = torch.ones((), device=device)
         self.top_p = torch.ones((), device=device)
@@ -134,7 +138,7 @@ class Sampler:
         self.top_p.fill_(min(max(top_p, 0.0), 1.0))
         self.top_k = top_k if top_k and not greedy else 0
         self.logprobs = logprobs
-        self.inexact.zero_()
+        self.deferred.zero_()
         if greedy:
             self.mode = "greedy"
         elif self.top_k:
@@ -151,28 +155,30 @@ class Sampler:
     def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, None] == self.eos[None, :]).any(-1)
 
-    def __call__(self, logits: torch.Tensor, st, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Next token [S], whether the nucleus was cut by the candidate limit [S], and with `logprobs`
-        the token's untempered log-prob [S] fp32 (else None). `logits` are the tempered ones."""
+    def __call__(
+        self, logits: torch.Tensor, st, S: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Next token [S], whether the nucleus was cut by the candidate limit [S], the rows held back
+        to draw again next step [S] (None: no row can be), and with `logprobs` the token's untempered
+        log-prob [S] fp32 (else None). `logits` are the tempered ones."""
         stats = (
             row_stats(logits, self.temp if self.logprobs else None)
             if self.logprobs or self.mode in ("top_p", "top_k")
             else None
         )
-        nxt, truncated = self._draw(logits, st, S, stats)
+        nxt, truncated, held = self._draw(logits, st, S, stats)
         if not self.logprobs:
-            return nxt, truncated, None
+            return nxt, truncated, held, None
         picked = logits.gather(1, nxt[:, None]).squeeze(1).float()
-        return nxt, truncated, picked * self.temp - stats[2]
+        return nxt, truncated, held, picked * self.temp - stats[2]
 
-    def _draw(self, logits: torch.Tensor, st, S: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, logits: torch.Tensor, st, S: int, stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.mode == "greedy":
-            return logits.argmax(-1), torch.zeros(S, device=logits.device, dtype=torch.bool)
+            return logits.argmax(-1), torch.zeros(S, device=logits.device, dtype=torch.bool), None
         u = uniform(st.key[:S], st.step[:S])
         if self.mode == "full":
-            return _sample_full(torch.softmax(logits, -1, dtype=torch.float32), u), torch.zeros(
-                S, device=logits.device, dtype=torch.bool
-            )
+            full = _sample_full(torch.softmax(logits, -1, dtype=torch.float32), u)
+            return full, torch.zeros(S, device=logits.device, dtype=torch.bool), None
         k = min(self.top_k, self.candidates) if self.mode == "top_k" else self.candidates
         chunk_max, lse, _ = stats
         vals, ids = top_candidates(logits, k, chunk_max)
@@ -184,25 +190,33 @@ class Sampler:
             truncated = probs.sum(-1) < self.top_p
         nxt = ids.gather(1, _nucleus_index(probs, self.top_p, u)[:, None]).squeeze(1)
         if self.mode == "top_p":
-            nxt = self._exact_fallback(logits, lse, u, truncated & ~st.done[:S], nxt)
-        return nxt, truncated
+            nxt, held = self._exact_fallback(logits, lse, u, truncated & ~st.done[:S], nxt, st.waited[:S])
+            return nxt, truncated, held
+        return nxt, truncated, None
 
-    def _exact_fallback(self, logits, lse, u, truncated, nxt):
-        """`nxt` with the rows flagged in `truncated` redrawn from their exact nucleus (see the module).
-        Finished rows, whose draws are discarded, are not flagged: they would take the budget."""
+    def _exact_fallback(self, logits, lse, u, truncated, nxt, waited):
+        """`nxt` with the rows flagged in `truncated` redrawn from their exact nucleus, and the flagged
+        rows past the budget, held (see the module; None eagerly, where none is). Finished rows, whose
+        draws are discarded, are not flagged: they would take the budget."""
         S = logits.shape[0]
-        if _capturing(logits):
+        capturing = _capturing(logits)
+        if capturing:
             R = min(self.fallback_rows, S)
         else:
             R = int(truncated.sum())
             if R == 0:
-                return nxt
-        rows = torch.argsort((~truncated).to(torch.uint8), stable=True)[:R]  # flagged rows first
+                return nxt, None
+        # Flagged rows first, those held longest first among them.
+        rows = torch.argsort(truncated * (waited + 1), descending=True, stable=True)[:R]
         flagged = truncated[rows]
         probs, ids = torch.exp(logits[rows].float() - lse[rows, None]).sort(-1, descending=True)
         exact = ids.gather(1, _nucleus_index(probs, self.top_p, u[rows])[:, None]).squeeze(1)
-        self.inexact.add_(truncated.sum() - flagged.sum())
-        return nxt.index_copy(0, rows, torch.where(flagged, exact, nxt[rows]))
+        nxt = nxt.index_copy(0, rows, torch.where(flagged, exact, nxt[rows]))
+        if not capturing:
+            return nxt, None
+        held = truncated.index_fill(0, rows, False)
+        self.deferred.add_(held.sum())
+        return nxt, held
 
 
 def _capturing(t: torch.Tensor) -> bool:
