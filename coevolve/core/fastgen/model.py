@@ -280,7 +280,7 @@ def decode_step(w: Weights, cache: KVCache, st: DecodeState, S: int, L: int, cos
     logits = F.linear(rms_norm(x, w.norm * sampler.inv_temp, w.eps), w.lm_w, w.lm_b)
     nxt, truncated, held, logp = sampler(logits, st, S)
     advance = ~st.done[:S]
-    if held is not None:  # held rows draw again next step from the same logits (sampling.py)
+    if held is not None:  # held rows draw again next step from the same distribution (sampling.py)
         st.waited[:S].copy_(torch.where(held, st.waited[:S] + 1, 0))
         advance &= ~held
     st.out[:S].scatter_(1, st.step[:S, None], nxt[:, None])

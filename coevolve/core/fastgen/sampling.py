@@ -17,8 +17,8 @@ device), every step whether or not any row needs it: a device-side branch is not
 hold, and a sort of every row every step would cost many times the rest of the sampler on a 150K
 vocabulary. Measured on one CPU thread over 151,936 fp32 logits: a sort of 16 rows 0.24 s, of 64 rows
 0.84 s; the whole sampler at 512 rows 0.28 s. Flagged rows past that budget are held: they do not
-advance this step, and the next step feeds them the same token at the same position, so they see the
-same logits and the same uniform and are drawn again, first in line (the rows held longest go first).
+advance this step, and the next step feeds them the same token at the same position (the same
+distribution) with the same uniform, and draws them again, first in line (the rows held longest first).
 Every draw is exact; the budget (64 by default) trades a step's time against the row-steps spent
 waiting, counted in `Sampler.deferred` (the backend's `deferred_steps`). On SmolLM2 at T 0.8, top-p 0.95,
 15% of draws needed the redraw (bench/RESULTS.md).
