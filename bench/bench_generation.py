@@ -12,7 +12,12 @@ batch spends when its longest row ends last).
     python3 bench/bench_generation.py --record OUT/result.json            # append to RESULTS.md, results.jsonl
 
 Also checked on the GPU: greedy tokens vs HF generate (bf16, and fp32 where they should agree exactly),
-the three attention variants against each other, and that the same seed gives the same samples.
+the three attention variants against each other, and that the same seed gives the same samples. The
+decode step's profile gives its time beside its floor (`step_floor`).
+
+Other models: `--model llama3-8b` (the paper's policy's shape, random bf16 weights, ~16 GB; leave room
+for its KV cache: e.g. --slots 256 --hf-prompts 16), `--model smollm2 --model-path FOLDER` (real weights,
+the same random-token workload).
 """
 
 from __future__ import annotations
@@ -31,21 +36,56 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import MODELS, append_result, log, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from common import MODELS, append_result, log, model_config, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 from coevolve.core.fastgen import StaticGraphBackend  # noqa: E402
 from coevolve.core.generation import SamplingParams  # noqa: E402
 
 
-def build_model(name: str, device: str, dtype=torch.bfloat16):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def build_model(name: str, device: str, dtype=torch.bfloat16, path: Path | None = None):
+    """A MODELS shape with random weights, or with `path` a model folder (e.g. SmolLM2 dequantised by
+    bench_real.py). EOS is switched off either way: the workload imposes each row's length."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(Qwen2Config(**MODELS[name]))
+    if path:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(model_config(name), dtype=dtype)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return model.to(dtype).eval()
+    return model.eval()
+
+
+# Per GPU: HBM bandwidth (bytes/s) and dense bf16 matmul rate (FLOP/s), from NVIDIA's data sheets (SXM).
+PEAKS = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
+
+
+def step_floor(model, rows: int, mean_pos: float, device_name: str) -> dict:
+    """What a decode step of `rows` rows at mean position `mean_pos` cannot beat: its weights and KV
+    cache read once at the bandwidth, or its FLOPs at the matmul rate, whichever takes longer
+    (`floor_ms`); `serial_ms` is the two one after the other, a floor for a step that overlaps nothing."""
+    peak = next((v for k, v in PEAKS.items() if k in device_name), None)
+    if peak is None:
+        return {"floor": f"no peak figures for {device_name}"}
+    c = model.config
+    width = next(model.parameters()).element_size()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    # An untied input embedding is gathered (a row per token), not read whole, and multiplies nothing.
+    gathered = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+    kv = rows * mean_pos * 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * width
+    attention_flops = 4 * rows * mean_pos * c.num_attention_heads * head_dim * c.num_hidden_layers
+    flops = 2 * (params - gathered) * rows + attention_flops
+    bytes_ms = ((params - gathered) * width + kv) / peak[0] * 1e3
+    flops_ms = flops / peak[1] * 1e3
+    return {
+        "floor_ms": round(max(bytes_ms, flops_ms), 3),
+        "serial_ms": round(bytes_ms + flops_ms, 3),
+        "bytes_ms": round(bytes_ms, 3),
+        "flops_ms": round(flops_ms, 3),
+    }
 
 
 def workload(vocab: int, prompts: int, n: int, max_new: int, seed: int = 0):
@@ -269,6 +309,7 @@ def profile_step(be: StaticGraphBackend, device: str, rows: int):
     res = {"rows": rows, "attended_len_bucket": L, "mean_pos": float(st.pos[:rows].float().mean())}
     if device != "cuda":
         return res
+    res.update(step_floor(be.model, rows, res["mean_pos"], torch.cuda.get_device_name()))
     be.run_steps(rows, L, 1)  # capture
     graph = be._graphs[(rows, L, be.attention, *be.sampler.key)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -329,7 +370,13 @@ def _category(name: str) -> str:
 # -- main ---------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen2-0.5b", choices=sorted(MODELS))
+    ap.add_argument("--model", default="qwen2-0.5b", choices=[*sorted(MODELS), "smollm2"])
+    ap.add_argument(
+        "--model-path",
+        type=Path,
+        default=Path("/tmp/smollm2"),
+        help="--model smollm2: its folder (bench_real.py makes it)",
+    )
     ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=512)
@@ -375,11 +422,12 @@ def main():
     import transformers
 
     res["transformers"] = transformers.__version__
-    model = build_model(args.model, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    path = args.model_path if args.model == "smollm2" else None
+    load = lambda dtype: build_model(args.model, device, dtype, path)  # noqa: E731
+    model = load(torch.bfloat16 if device == "cuda" else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
-    res["model"] = (
-        f"{args.model} shape, random weights, {n_params / 1e6:.0f}M params, {str(model.dtype).replace('torch.', '')}"
-    )
+    weights = f"weights from {path}" if path else f"{args.model} shape, random weights"
+    res["model"] = f"{weights}, {n_params / 1e6:.0f}M params, {str(model.dtype).replace('torch.', '')}"
     params = SamplingParams(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new, seed=0)
     prompts, new = workload(model.config.vocab_size, args.prompts, args.n, args.max_new)
     res["workload"] = {
@@ -404,7 +452,7 @@ def main():
     if device == "cuda" and gp:
 
         def fp32_check():
-            m32 = build_model(args.model, device, torch.float32)
+            m32 = load(torch.float32)
             try:
                 return greedy_check(m32, gp, args.greedy_new, "bmm")  # Triton's fp32 dot is tf32
             finally:
@@ -415,7 +463,7 @@ def main():
     if args.logprobs and gp:
 
         def logprobs_vs_forward():
-            m32 = build_model(args.model, device, torch.float32) if device == "cuda" else None
+            m32 = load(torch.float32) if device == "cuda" else None
             try:
                 return logprob_check(model, gp, args.greedy_new, variants[0], m32)
             finally:
@@ -463,6 +511,8 @@ def main():
     elif device == "cuda":
         res["hf_static"] = section("hf static", lambda: hf_generate(model, hp, hn, params, True, device, 0))
 
+    profile = res.get("profile") or {}
+    res["step_ms"], res["floor_ms"] = profile.get("graph_step_ms"), profile.get("floor_ms")
     head = res["ours"].get(variants[0], {}).get("runs", [{}])[-1].get("tok_s")
     res["ours_tok_s"] = head
     res["hf_generate_tok_s"] = (res.get("hf_generate") or {}).get("tok_s_wall")

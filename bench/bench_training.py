@@ -84,7 +84,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import MODELS, append_result, log, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from common import MODELS, append_result, log, model_config, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 MAX_LEN = 512
 
@@ -102,14 +102,14 @@ def build_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
 
 
-def save_model(name: str, tok, folder: Path, model_type: str = "qwen2") -> int:
-    """A random-weight causal LM of the named shape and architecture, saved in bf16 with its tokenizer;
-    returns params."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def save_model(name: str, tok, folder: Path, model_type: str | None = None) -> int:
+    """A random-weight causal LM of the named shape (in `model_type`'s architecture, else the shape's),
+    saved in bf16 with its tokenizer; returns params."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        model_type, **MODELS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None
+    config = model_config(
+        name, model_type, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None
     )
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config)

@@ -25,6 +25,19 @@ MODELS = {
         max_position_embeddings=32768,
         rope_theta=1e6,
     ),
+    # Llama-3-8B's shape (8.03B parameters), the paper's policy: Llama's architecture, untied head.
+    "llama3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
     # For a CPU smoke run of a bench.
     "tiny": dict(
         hidden_size=64,
@@ -37,6 +50,16 @@ MODELS = {
         max_position_embeddings=4096,
     ),
 }
+
+
+def model_config(name: str, model_type: str | None = None, **extra):
+    """The transformers config of a MODELS shape, in the architecture named (else the entry's own, else
+    Qwen2's)."""
+    from transformers import AutoConfig
+
+    shape = dict(MODELS[name])
+    own = shape.pop("model_type", "qwen2")
+    return AutoConfig.for_model(model_type or own, **shape, **extra)
 
 
 def record_args(ap, saved: str, script: str) -> None:
