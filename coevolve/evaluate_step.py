@@ -149,7 +149,7 @@ def kl_estimate(step: StepRun, policy: Path, initial: Path, first: datasets.Data
     return {"kl/to_initial": mean(kl)}
 
 
-def measure(scored: Path, referee: Referee, kl: float, tmp: Path) -> dict:
+def measure(scored: Path, referee: Referee, kl: float, max_new_tokens: int, tmp: Path) -> dict:
     responses = datasets.load_from_disk(str(scored / "responses"))
     ours = responses.filter(lambda r: r["model"] == "policy_K")
     first = ours.filter(lambda r: r["sample"] == 0).sort("prompt_id")
@@ -157,6 +157,8 @@ def measure(scored: Path, referee: Referee, kl: float, tmp: Path) -> dict:
         "eval/prompts": len(first),
         "eval/rm_score_mean": mean(first["rm_score"]),
         "eval/length_mean": mean(first["num_tokens"]),
+        # Answers that ran into the sampling limit: a constraint met only past it is never met.
+        "eval/cut_share": mean(n >= max_new_tokens for n in first["num_tokens"]),
         "eval/kl_to_initial": kl,
     }
     tmp.mkdir()
@@ -213,7 +215,7 @@ def main(step: StepRun) -> dict:
         )
         step.phase("kl", lambda tmp: kl_estimate(step, policy, initial, first, tmp))
         kl = step.metrics["kl/to_initial"]
-    step.phase("measure", lambda tmp: measure(scored, referee, kl, tmp))
+    step.phase("measure", lambda tmp: measure(scored, referee, kl, step.cfg.sampling.max_new_tokens, tmp))
     outputs = {"responses": "score/responses"}
     if (step.path("measure") / "fresh_pairs").exists():
         outputs["fresh_pairs"] = "measure/fresh_pairs"

@@ -42,6 +42,7 @@ EVAL_LINES = [
     ("win rate vs policy_0", "eval/win_rate_vs_initial"),
     ("KL to policy_0", "eval/kl_to_initial"),
     ("response tokens", "eval/length_mean"),
+    ("answers cut at max_new_tokens", "eval/cut_share"),
 ]
 
 
@@ -202,6 +203,10 @@ def verdict(first: dict, last: dict, referee: str) -> str:
         why.append(f"the {referee} moved by less than its noise" if after > before else f"the {referee} fell")
     if win <= 0.5:
         why.append("the new policy does not win most comparisons with policy_0")
+    if last.get("eval/cut_share", 0.0) >= 0.5:
+        why.append(
+            f"{last['eval/cut_share']:.0%} of the answers ran into sampling.max_new_tokens: what a prompt asks for past it cannot be met"
+        )
     if last.get("eval/rm_score_mean", 0.0) > first.get("eval/rm_score_mean", 0.0) and after <= before:
         why.append(
             "the RM's score rose while the referee's did not: the policy learned what the RM rewards, not what the referee does"

@@ -80,7 +80,7 @@ def test_evaluate_rm_accuracy_equals_a_hand_computation(evaluated):
 
 
 def test_evaluate_measures_the_policy_against_policy_0(evaluated):
-    run, _ = evaluated
+    run, cfg = evaluated
     task = load_task("toy")
     m0 = rundir.read_done(run, 0, "evaluate")["metrics"]
     m1 = rundir.read_done(run, 1, "evaluate")["metrics"]
@@ -94,6 +94,8 @@ def test_evaluate_measures_the_policy_against_policy_0(evaluated):
         sum(task.gold(p, r) for p, r in zip(first["prompt"], first["response"])) / len(first)
     )
     assert m1["eval/length_mean"] == pytest.approx(sum(first["num_tokens"]) / len(first))
+    cut = [n >= cfg.sampling.max_new_tokens for n in first["num_tokens"]]
+    assert m1["eval/cut_share"] == pytest.approx(sum(cut) / len(cut)) and 0 < sum(cut) < len(cut)
     eval_prompts = datasets.load_from_disk(str(run / "iter_0/init/data/prompts")).filter(lambda r: r["split"] == "eval")
     assert set(first["prompt_id"]) == set(eval_prompts["prompt_id"])
 

@@ -125,6 +125,14 @@ def test_gold_against_sqrt_kl_is_plotted_with_the_proxy_beside_it(tiny_run):
             "the new policy does not win most comparisons with policy_0; the RM's score rose while the referee's did not: "
             "the policy learned what the RM rewards, not what the referee does.",
         ),
+        (
+            0.43,
+            0.45,
+            0.4,
+            "Not improved: gold 0.400 -> 0.430 (noise on 100 prompts: ±0.060), win rate vs policy_0 0.450; "
+            "the gold moved by less than its noise; the new policy does not win most comparisons with policy_0; "
+            "90% of the answers ran into sampling.max_new_tokens: what a prompt asks for past it cannot be met.",
+        ),
     ],
 )
 def test_the_run_ends_by_saying_whether_the_policy_improved(after, win, rm_after, expected):
@@ -135,5 +143,6 @@ def test_the_run_ends_by_saying_whether_the_policy_improved(after, win, rm_after
         "eval/rm_score_mean": rm_after,
         "eval/win_rate_vs_initial": win,
         "eval/prompts": 100,
+        "eval/cut_share": 0.9 if "max_new_tokens" in expected else 0.1,
     }
     assert verdict(first, last, "gold") == expected
