@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN    ?= runs/tiny
 
-.PHONY: demo demo-real test test-fast test-gpu lint chromium clean
+.PHONY: demo demo-real test test-fast test-gpu lint chromium deepspeed-ops clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -39,13 +39,20 @@ demo-real: $(STAMP)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# DeepSpeed compiles its CPU shared-memory collectives (a C++ extension, ~60 s on 2 cores) into
+# ~/.cache/torch_extensions the first time a process of a new venv starts its distributed backend, and
+# again for each venv at another path. In the suite that was the ZeRO-3 test's e-step: 110-130 s of
+# "loads" beside the other worker's tests (0.8 s once built). Built here, before the tests; ~5 s when built.
+deepspeed-ops: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+
 # `python -m`, not the venv's scripts: in a venv copied from another checkout their shebangs run that
 # checkout's Python, and its code. One worker per core, a file's tests on one worker (they share its
 # fixtures; tests/conftest.py also keeps the files on the shared tiny run together and starts the longest
 # files first, in the collection's order), one thread each: most tests wait on one step process at a time,
 # so one worker left a core idle (25 min here, 15 with two). A short temporary folder: the step servers'
 # sockets live in it, and a Unix socket's path is limited to ~100 characters.
-test: $(STAMP) chromium
+test: $(STAMP) chromium deepspeed-ops
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder --basetemp="$$(mktemp -d /tmp/ct.XXXXXX)" -v --durations=15
 
 # The unit tests: no tiny run, no step process, no server (markers in pyproject.toml, tests/conftest.py).
