@@ -49,6 +49,11 @@ def _seeds(summary: dict) -> list[int]:
     return next(iter(summary["per_seed"].values()))["seeds"]
 
 
+def _design(summary: dict) -> list[str]:
+    """The overrides a run's design is made of: all but the first seed's."""
+    return [o for o in summary["overrides"] if not o.startswith("seed=")]
+
+
 def _pooled(s: dict, other: dict) -> None:
     """`other`'s seeds added to `s`'s: each seed's series joined, means and stds recomputed from them."""
     from coevolve.experiment import seed_stats
@@ -61,16 +66,16 @@ def _pooled(s: dict, other: dict) -> None:
                 row[name], row[f"{name}_std"] = seed_stats(series[name])
         row["stopped_runs"] += other["arms"][arm]["stopped_runs"]
     s["seeds"] += other["seeds"]
-    s["overrides"] = [o for o in s["overrides"] if not o.startswith("seed=")]
+    s["overrides"] = _design(s)
 
 
 def merged(paths: list[Path]) -> dict:
     """One experiment from the summaries of several device calls of the same design: other arms on the
     same seeds side by side, or the same arms on other seeds pooled; their walls added."""
     s = json.loads(paths[0].read_text())
-    for path, other in zip(paths[1:], (json.loads(p.read_text()) for p in paths[1:]), strict=True):
-        design = [o for o in other["overrides"] if not o.startswith("seed=")]
-        if other["iterations"] != s["iterations"] or design != [o for o in s["overrides"] if not o.startswith("seed=")]:
+    for path in paths[1:]:
+        other = json.loads(path.read_text())
+        if other["iterations"] != s["iterations"] or _design(other) != _design(s):
             raise SystemExit(f"--also {path}: not the same iterations and overrides as {paths[0]}")
         if other["overrides"] == s["overrides"]:
             s["arms"].update(other["arms"])

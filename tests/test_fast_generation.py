@@ -326,7 +326,7 @@ def test_a_nucleus_wider_than_the_candidates_is_drawn_exactly(capturing, monkeyp
 
 def test_rows_past_the_fallback_budget_wait_and_every_draw_is_exact(tok, monkeypatch):
     # A random model's flat rows rarely fit 16 candidates. Eagerly every flagged row is redrawn at once;
-    # under a graph's budget of one row a step, the others wait a step (same logits, same uniform) and
+    # under a graph's budget of one row a step, the others wait a step (same token, position, uniform) and
     # are redrawn when their turn comes: the samples are the eager ones, token for token.
     model = tiny("llama", tok)
     params = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=24, seed=5)
