@@ -56,7 +56,7 @@ class EngineRollouts:
         self.cfg, self.seed = cfg, seed
         self.engine = None
         self.rollout_calls = 0
-        self.rollout_stats = {"seconds": 0.0, "tokens": 0, "backend": ""}
+        self.rollout_stats = {"seconds": 0.0, "tokens": 0, "backend": "", "fallback_draws": 0, "deferred_steps": 0}
 
     def engine_rollouts(self, prompt_ids: list[list[int]]) -> list[list[int]]:
         """One completion per row of `prompt_ids` (trl repeats each prompt num_generations times). A seed of
@@ -75,13 +75,18 @@ class EngineRollouts:
             torch.no_grad(),
         ):
             self.engine = engine = self.engine or self._make_engine(model)
-            tokens, _, _ = engine.generate_ids(prompt_ids, params)
+            tokens, _, stats = engine.generate_ids(prompt_ids, params)
         self.rollout_stats["seconds"] += time.perf_counter() - start
         self.rollout_stats["tokens"] += sum(len(rows[0]) for rows in tokens)
+        # The static engine's draws whose top-p nucleus did not fit its candidates, and its rows that waited.
+        self.rollout_stats["fallback_draws"] += stats.get("truncated_steps", 0)
+        self.rollout_stats["deferred_steps"] += stats.get("deferred_steps", 0)
         return [rows[0] for rows in tokens]
 
     def _make_engine(self, model):
-        engine, which = backend_for(self.cfg.generation, model, self.processing_class)
+        # Sampled in the dtype trl trains in (its fp32 weights under bf16 or fp16 autocast), not in fp32.
+        autocast = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        engine, which = backend_for(self.cfg.generation, model, self.processing_class, autocast)
         log.info(f"online rollouts: generation backend {which}")
         self.rollout_stats["backend"] = which
         return engine
@@ -162,5 +167,7 @@ def train(cfg: Config, policy: Path, rm: Path, prompts: list[str], seed: int, tm
         "rollout/backend": stats["backend"],
         "rollout/seconds": stats["seconds"],
         "rollout/tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0,
+        "rollout/top_p_fallback_share": stats["fallback_draws"] / stats["tokens"] if stats["tokens"] else 0.0,
+        "rollout/deferred_steps": stats["deferred_steps"],
         **keep_log(trainer, tmp / "train_log.jsonl", cfg.e_step.mode),
     }

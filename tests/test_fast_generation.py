@@ -4,6 +4,7 @@ the top-p distribution; EOS, stop strings and n per prompt behave as in the HF b
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -204,6 +205,29 @@ def test_weights_are_reread_each_call(tok):
     assert after == make_backend("hf", model, tok).generate(PROMPTS[:2], params).texts
 
 
+def test_fp32_weights_computed_in_bf16_sample_as_the_bf16_model_and_follow_its_updates(tok):
+    # A trainer's fp32 weights sampled as its bf16 autocast would: the same samples as a bf16 copy.
+    model = tiny("llama", tok, attention_bias=True, tie_word_embeddings=False)
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_new_tokens=12, seed=3, logprobs=True)
+    be = StaticGraphBackend(model, tok, dtype=torch.bfloat16)
+    assert be.w.qkv_w[0].dtype == be.w.o_w[0].dtype == be.w.embed.dtype == torch.bfloat16
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+    def as_bf16():
+        ref = copy.deepcopy(model).to(torch.bfloat16)
+        ref.model.rotary_emb = model.model.rotary_emb  # .to() rounds its fp32 frequencies; autocast does not
+        return StaticGraphBackend(ref, tok).generate_ids(ids, params)
+
+    before = be.generate_ids(ids, params)
+    assert before[:2] == as_bf16()[:2]
+    with torch.no_grad():  # the optimizer's in-place step on an unfused weight: the cast must follow it
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(-1.0)
+    after = be.generate_ids(ids, params)
+    assert after[0] != before[0] and after[:2] == as_bf16()[:2]
+    assert not be.w.refresh()  # the casts stay where captured graphs point
+
+
 @pytest.mark.parametrize("name", ["hf", "static"])
 def test_update_weights_samples_from_the_new_checkpoint(tok, name):
     model, other = tiny("qwen2", tok), tiny("qwen2", tok, initializer_range=0.3)
@@ -377,6 +401,9 @@ def test_the_config_settings_block_reaches_the_backend_that_runs(tok):
     engine, which = backend_for(static, llama, tok)
     assert which == "static (generation.backend)"
     assert (engine.slots, engine.sampler.candidates, engine.sampler.fallback_rows, engine.sync_every) == (32, 16, 2, 4)
+    assert (
+        engine.w.dtype == torch.float32 and backend_for(static, llama, tok, torch.bfloat16)[0].w.dtype == torch.bfloat16
+    )
     # hf has no settings block: the static one is not passed to it.
     engine, which = backend_for(static.model_copy(update={"backend": "hf"}), llama, tok)
     assert which == "hf (generation.backend)" and engine.batch_size == 32

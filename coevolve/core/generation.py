@@ -200,11 +200,15 @@ def make_backend(name: str, model, tokenizer, **kwargs) -> Backend:
     return backend_class(name)(model, tokenizer, **kwargs)
 
 
-def backend_for(cfg: GenerationConfig, model, tokenizer) -> tuple[Backend, str]:
-    """The configured backend for `model` with its settings block, and which it is and why (for the log)."""
+def backend_for(cfg: GenerationConfig, model, tokenizer, autocast: torch.dtype | None = None) -> tuple[Backend, str]:
+    """The configured backend for `model` with its settings block, and which it is and why (for the log).
+    `autocast`: the dtype a trainer runs the model's forward in (accelerate wraps the module's forward,
+    so HF generate samples in it as is); the static engine, which reads the weights, computes in it."""
     name, why = choose_backend(cfg.backend, model)
     if name == "static" and hasattr(model, "peft_config"):
         # The static engine reads the plain decoder's tensors: LoRA adapters would be left out.
         name, why = "hf", "LoRA adapters: the static engine reads plain weights"
     settings = getattr(cfg, name).model_dump() if hasattr(cfg, name) else {}
+    if name == "static" and autocast is not None:
+        settings["dtype"] = autocast
     return make_backend(name, model, tokenizer, batch_size=cfg.batch_size, **settings), f"{name} ({why})"

@@ -59,7 +59,8 @@ class StaticGraphBackend:
     rows a step may redraw from their exact nucleus when it does not fit the candidates (a sort of that
     many rows of logits each step; more wait a step for it, see sampling.py). sync_every: decode steps between host
     syncs. attention: "auto" (Triton on CUDA when available, else "bmm"), "bmm", "sdpa" or "triton".
-    cuda_graphs: default on for CUDA models."""
+    cuda_graphs: default on for CUDA models. dtype: compute in this dtype rather than the model's (see
+    model.Weights)."""
 
     supports_logprobs = True
 
@@ -76,10 +77,11 @@ class StaticGraphBackend:
         cuda_graphs: bool | None = None,
         prefill_tokens: int = 16384,
         progress: Callable[[int, int], None] | None = None,
+        dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.w = Weights(model)
+        self.w = Weights(model, dtype)
         self.slots = batch_size
         self.min_len = max_len
         self.sync_every = max(1, sync_every)

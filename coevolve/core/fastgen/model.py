@@ -47,9 +47,13 @@ class Weights:
     """Views of an HF LlamaForCausalLM/Qwen2ForCausalLM's weights in the shapes the decode step uses.
 
     `refresh()` copies the fused tensors again from the module (cheap: one pass over the weights) and
-    reports whether any referenced tensor moved, in which case captured graphs must be dropped."""
+    reports whether any referenced tensor moved, in which case captured graphs must be dropped.
 
-    def __init__(self, model):
+    `dtype`: the dtype to compute in when it is not the module's. A trainer keeps fp32 weights and runs
+    its forward under bf16 autocast, and HF generate samples it that way too; the engine then reads a
+    cast of every weight, made on the device at each refresh into buffers that stay where they are."""
+
+    def __init__(self, model, dtype: torch.dtype | None = None):
         check_supported(model)
         cfg = model.config
         self.model = model
@@ -65,7 +69,7 @@ class Weights:
         self.padded_vocab = math.ceil(self.vocab / CHUNK) * CHUNK
         self.scale = attn.scaling
         p = model.lm_head.weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = p.device, dtype or p.dtype
         self._ptrs: list[int] = []
         self._buffers: dict[str, torch.Tensor] = {}
         self.refresh()
@@ -85,8 +89,17 @@ class Weights:
         out = self._buffers.get(name)
         if out is None or out.shape != shape:
             out = self._buffers[name] = torch.empty(shape, device=self.device, dtype=self.dtype)
-        torch.cat(parts, dim=0, out=out)
+        torch.cat(parts, dim=0, out=out)  # casts to the buffer's dtype
         return out
+
+    def _read(self, name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The module's tensor itself, or its cast when the engine computes in another dtype."""
+        if t is None or t.dtype == self.dtype:
+            return None if t is None else t.detach()
+        return self._fuse(name, [t])
+
+    def _per_layer(self, name: str, get) -> list:
+        return [self._read(f"{name}{i}", get(layer)) for i, layer in enumerate(self.layers)]
 
     @torch.no_grad()
     def refresh(self) -> bool:
@@ -100,24 +113,24 @@ class Weights:
             gu = [m.gate_proj, m.up_proj]
             self.gu_w.append(self._fuse(f"gu_w{i}", [p.weight for p in gu]))
             self.gu_b.append(self._fuse(f"gu_b{i}", [p.weight for p in gu], [p.bias for p in gu]))
-        self.o_w = [layer.self_attn.o_proj.weight.detach() for layer in self.layers]
-        self.o_b = [_maybe(layer.self_attn.o_proj.bias) for layer in self.layers]
-        self.down_w = [layer.mlp.down_proj.weight.detach() for layer in self.layers]
-        self.down_b = [_maybe(layer.mlp.down_proj.bias) for layer in self.layers]
-        self.ln1 = [layer.input_layernorm.weight.detach() for layer in self.layers]
-        self.ln2 = [layer.post_attention_layernorm.weight.detach() for layer in self.layers]
-        self.norm = self.model.model.norm.weight.detach()
-        self.embed = self.model.model.embed_tokens.weight.detach()
+        self.o_w = self._per_layer("o_w", lambda layer: layer.self_attn.o_proj.weight)
+        self.o_b = self._per_layer("o_b", lambda layer: layer.self_attn.o_proj.bias)
+        self.down_w = self._per_layer("down_w", lambda layer: layer.mlp.down_proj.weight)
+        self.down_b = self._per_layer("down_b", lambda layer: layer.mlp.down_proj.bias)
+        self.ln1 = self._per_layer("ln1", lambda layer: layer.input_layernorm.weight)
+        self.ln2 = self._per_layer("ln2", lambda layer: layer.post_attention_layernorm.weight)
+        self.norm = self._read("norm", self.model.model.norm.weight)
+        self.embed = self._read("embed", self.model.model.embed_tokens.weight)
         lm = self.model.lm_head.weight.detach()
         if self.padded_vocab == self.vocab:
-            self.lm_w, self.lm_b = lm, None
+            self.lm_w, self.lm_b = self._read("lm_w", lm), None
         else:  # zero rows scored -inf: the padded logits never win, and all chunks have CHUNK entries
             pad = self.padded_vocab - self.vocab
             self.lm_w = self._fuse("lm_w", [lm, torch.zeros(pad, self.hidden, device=self.device, dtype=self.dtype)])
             bias = torch.zeros(self.padded_vocab, device=self.device, dtype=self.dtype)
             bias[self.vocab :] = float("-inf")
             self.lm_b = self._fuse("lm_b", [bias])
-        ptrs = [t.data_ptr() for t in (*self.o_w, *self.down_w, *self.ln1, *self.ln2, self.norm, self.embed, lm)]
+        ptrs = [t.data_ptr() for t in (*self.o_w, *self.down_w, *self.ln1, *self.ln2, self.norm, self.embed, self.lm_w)]
         ptrs += [b.data_ptr() for b in (*self.o_b, *self.down_b) if b is not None]
         moved = bool(self._ptrs) and ptrs != self._ptrs
         self._ptrs = ptrs
@@ -133,10 +146,6 @@ class Weights:
         sin = sin[0].clone()
         sin[:, : self.head_dim // 2].neg_()
         return cos[0].contiguous(), sin
-
-
-def _maybe(t):
-    return None if t is None else t.detach()
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
