@@ -36,15 +36,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import MODELS, append_result, log, model_config, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from common import (  # noqa: E402  (bench/ is on sys.path when a bench runs)
+    MODELS,
+    TRAINED_LOGIT_STD,
+    append_result,
+    log,
+    model_config,
+    peaked,
+    sections,
+)
 
 from coevolve.core.fastgen import StaticGraphBackend  # noqa: E402
 from coevolve.core.generation import SamplingParams  # noqa: E402
 
 
-def build_model(name: str, device: str, dtype=torch.bfloat16, path: Path | None = None):
-    """A MODELS shape with random weights, or with `path` a model folder (e.g. SmolLM2 dequantised by
-    bench_real.py). EOS is switched off either way: the workload imposes each row's length."""
+def build_model(
+    name: str, device: str, dtype=torch.bfloat16, path: Path | None = None, logit_std: float = TRAINED_LOGIT_STD
+):
+    """A MODELS shape with random weights, its logits as peaked as a trained model's (common.peaked), or
+    with `path` a model folder (e.g. SmolLM2 dequantised by bench_real.py). EOS is switched off either
+    way: the workload imposes each row's length."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -52,7 +63,7 @@ def build_model(name: str, device: str, dtype=torch.bfloat16, path: Path | None 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     else:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(model_config(name), dtype=dtype)
+            model = peaked(AutoModelForCausalLM.from_config(model_config(name), dtype=dtype), logit_std)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
@@ -387,6 +398,12 @@ def main():
     )
     ap.add_argument("--sync-every", type=int, default=16)
     ap.add_argument(
+        "--logit-std",
+        type=float,
+        default=TRAINED_LOGIT_STD,
+        help="random weights: the logits' std (common.peaked; 0: as initialised, near-uniform)",
+    )
+    ap.add_argument(
         "--logprobs",
         action="store_true",
         help="also time the headline attention taking each sampled token's log-prob "
@@ -423,7 +440,7 @@ def main():
 
     res["transformers"] = transformers.__version__
     path = args.model_path if args.model == "smollm2" else None
-    load = lambda dtype: build_model(args.model, device, dtype, path)  # noqa: E731
+    load = lambda dtype: build_model(args.model, device, dtype, path, args.logit_std)  # noqa: E731
     model = load(torch.bfloat16 if device == "cuda" else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     weights = f"weights from {path}" if path else f"{args.model} shape, random weights"

@@ -6,7 +6,9 @@ after the other in one process.
 Workload: a Qwen2-0.5B-shaped model (random weights, saved in bf16 and loaded by trl in fp32 with bf16
 autocast, as our steps do), a word-level tokenizer over its ids, prompts of 64 random tokens, 16 prompts
 x 8 rollouts of 256 new tokens per step (random weights almost never sample EOS, so every rollout is
-full length), no KL term. Both sample the trainer's own fp32 weights, as the online E-step does (ours
+full length), no KL term. Its logits are as peaked as a trained model's (`--logit-std`, common.peaked),
+so that ours draws about as many tokens by its exact top-p fallback as on a real model; the share is
+reported. Both sample the trainer's own fp32 weights, as the online E-step does (ours
 reads them in place; trl unwraps the model for `generate`). The reward is a cheap function of the text
 (distinct words over words): the RM's time is the same for both and is not what is compared. Each trainer runs `--warmup` steps (the
 first includes the static engine's CUDA graph capture), then `--steps` timed ones; step time is wall
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_training import build_tokenizer, save_model  # noqa: E402
-from common import MODELS, append_result, log, record_args  # noqa: E402
+from common import MODELS, TRAINED_LOGIT_STD, append_result, log, record_args  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -145,6 +147,10 @@ def run_one(name: str, folder: Path, tok, prompts: list[str], a, device: str) ->
         "steps_s": [round(s, 3) for s in trainer.step_s],
         "gen_tokens": trainer.gen_tokens,
     }
+    if name == "ours":
+        stats = trainer.rollout_stats
+        out["top_p_fallback_share"] = round(stats["fallback_draws"] / stats["tokens"], 4)
+        out["deferred_steps"] = stats["deferred_steps"]
     del trainer
     gc.collect()  # the step callback and the trainer refer to each other
     if device == "cuda":
@@ -162,6 +168,9 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument(
+        "--logit-std", type=float, default=TRAINED_LOGIT_STD, help="the logits' std (0: as initialised, near-uniform)"
+    )
     ap.add_argument("--out", type=Path)
     record_args(ap, "result.json", "bench_online.py")
     a = ap.parse_args()
@@ -175,7 +184,7 @@ def main() -> None:
     device = a.device
     folder = Path(tempfile.mkdtemp(prefix="bench-online-"))
     tok = build_tokenizer(MODELS[model]["vocab_size"])
-    n_params = save_model(model, tok, folder / "model")
+    n_params = save_model(model, tok, folder / "model", logit_std=a.logit_std)
     g = torch.Generator().manual_seed(0)
     steps = a.warmup + a.steps
     prompts = [
@@ -201,6 +210,7 @@ def main() -> None:
             "T": 0.8,
             "top_p": 0.95,
             "kl": 0.0,
+            "logit_std": a.logit_std,
         },
     }
     for name in ("ours", "trl_hf"):
@@ -218,6 +228,7 @@ def main() -> None:
             "trl_hf_tok_s": trl_hf["tok_s"],
             "ours_gen_share": ours["gen_share"],
             "trl_gen_share": trl_hf["gen_share"],
+            "ours_top_p_fallback_share": ours["top_p_fallback_share"],
             "bench_wall_s": round(time.perf_counter() - t0, 1),
         }
     )
@@ -237,7 +248,14 @@ def table(res: dict) -> str:
         lines.append(
             f"| {label} | {r['step_s']:.2f} | {r['first_step_s']:.2f} | {r['tok_s']:,.0f} | {r['gen_share']:.2f} |"
         )
-    return "\n".join(lines) + f"\n\nSpeedup (steady step time): {res['speedup']}x."
+    ours = res["ours"]
+    fallback = (
+        f" Ours drew {ours['top_p_fallback_share']:.1%} of its tokens by the exact top-p fallback"
+        f" ({ours['deferred_steps']} row-steps waited for it)."
+        if "top_p_fallback_share" in ours
+        else ""
+    )
+    return "\n".join(lines) + f"\n\nSpeedup (steady step time): {res['speedup']}x.{fallback}"
 
 
 def record(res: dict, command: str) -> None:

@@ -84,7 +84,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import MODELS, append_result, log, model_config, sections  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from common import (  # noqa: E402  (bench/ is on sys.path when a bench runs)
+    MODELS,
+    TRAINED_LOGIT_STD,
+    append_result,
+    log,
+    model_config,
+    peaked,
+    sections,
+)
 
 MAX_LEN = 512
 
@@ -102,9 +110,12 @@ def build_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
 
 
-def save_model(name: str, tok, folder: Path, model_type: str | None = None) -> int:
+def save_model(
+    name: str, tok, folder: Path, model_type: str | None = None, logit_std: float = TRAINED_LOGIT_STD
+) -> int:
     """A random-weight causal LM of the named shape (in `model_type`'s architecture, else the shape's),
-    saved in bf16 with its tokenizer; returns params."""
+    its logits as peaked as a trained model's (common.peaked), saved in bf16 with its tokenizer; returns
+    params."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -114,7 +125,7 @@ def save_model(name: str, tok, folder: Path, model_type: str | None = None) -> i
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
-    model.to(torch.bfloat16).save_pretrained(folder)
+    peaked(model, logit_std).to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
     return n_params

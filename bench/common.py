@@ -52,6 +52,26 @@ MODELS = {
 }
 
 
+# A random model's next-token distribution at initialisation is near-uniform over its vocabulary (logit
+# std ~0.6 on the 0.5B shape), which no trained model's is: every top-p draw would need the static
+# engine's exact fallback, a sort of the whole row. With this std (before temperature), at T 0.8 and
+# top-p 0.95 about 15% of draws do on the 0.5B shape, as on SmolLM2-135M-Instruct's real logits (15.4%,
+# bench/RESULTS.md); HF's top-p sorts every row whatever the distribution.
+TRAINED_LOGIT_STD = 5.4
+
+
+def peaked(model, logit_std: float = TRAINED_LOGIT_STD):
+    """`model` (random weights) with its final norm's weight scaled so that its logits' std is about
+    `logit_std`: the normed hidden state has unit RMS, the LM head's entries std initializer_range."""
+    import torch
+
+    c = model.config
+    if logit_std:
+        with torch.no_grad():
+            model.model.norm.weight.mul_(logit_std / (c.initializer_range * c.hidden_size**0.5))
+    return model
+
+
 def model_config(name: str, model_type: str | None = None, **extra):
     """The transformers config of a MODELS shape, in the architecture named (else the entry's own, else
     Qwen2's)."""
