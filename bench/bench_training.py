@@ -23,6 +23,16 @@ Nothing in trl is patched. What differs from trl's defaults:
     before any liger config, and give them minutes: each compiles for 2-3 minutes with a cold cache).
 trl 1.16 has no padding-free DPO (it warns and pads), so packing is not measured.
 
+`--lora` runs two other configs instead: the e-step's DPO (`ours-dpo-lora`, its reference's log-probs
+from sampling, the e-step's default on a GPU) and the m-step's RM (`ours-rm-lora`, a sequence classifier
+of the same shape, its score head trained in full), each with `lora:` set to LoraSettings' defaults
+(r 16, alpha 32, every linear layer), built as those steps build them (trainer_args, and lora_config's
+peft config for the trainer). The frozen base is loaded in bf16 (`model_init_kwargs` dtype, through
+`train.extra`; trl's default is fp32), the adapters stay fp32, and gradient checkpointing is on. MFU is
+given twice: 6N, the usual count, which includes weight gradients the frozen weights never get, and 4N,
+the model's own FLOPs under LoRA (forward 2N, the backward's input gradients 2N; the adapters' ~0.5% and
+the recompute not counted).
+
 Three rates per config, each labelled: loop (the timed steps alone), steady (the loop with DPO's reference
 pass added back per token) and end to end (from building the trainer, the model's load, to the last timed
 step: the reference pass, compiling and the warm-up steps included; a few dozen steps, so a compiled
@@ -56,12 +66,21 @@ carried in `.whl`:
     python3 bench/bench_training.py --model qwen2-0.5b --out OUT      # ~200 s on an H100
     timeout 580 python3 bench/bench_training.py --epoch --model qwen2-0.5b --out $OUT   # ~350 s on an H200 (below)
     python3 bench/bench_training.py --model tiny --warmup 1 --steps 2  # a smoke run (CPU or GPU)
+    python3 bench/bench_training.py --model llama3-8b --lora --dpo-batch 8 --rm-batch 8 --warmup 2 --steps 6 --out OUT
+    python3 bench/bench_training.py --model tiny --lora --dpo-batch 4 --rm-batch 4 --warmup 1 --steps 2   # CPU smoke, ~40 s
     python3 bench/bench_training.py --epoch --model tiny --pairs 48 --batch 8 --max-len 64 --loop-skip 2   # CPU smoke, ~1.5 min
     python3 bench/bench_training.py --record OUT/result.json          # append to RESULTS.md, results.jsonl
 The --epoch time, estimated from the compiled runs in RESULTS.md (not yet run): the parent ~20 s (imports,
 the matmul rate, the model), trl ~85 s (1.8M tokens at ~30K tok/s), ours cold ~180 s (a compile of ~95 s and
 a dynamic-shape recompile of ~50 s, then ~17 s of steps at ~110K tok/s), warm ~55 s. `--deadline-s` (520)
 stops a measurement that would run past it; each one's result is saved as it ends.
+The 8B LoRA run, estimated (not yet run): ~16 GB of bf16 weights, plus with checkpointing ~2 GB of saved
+layer inputs (16 sequences of <= 512 tokens), one layer's recompute (~2 GB) and the LM head's working
+memory (trl's DPO head is fused and never holds the 128K-vocab logits whole; even whole, with their
+gradient, they would be under 10 GB): a peak of 20-30 GB of an H100's 80 (building the random model holds
+32 GB in fp32 for a moment, before it is saved in bf16). Time: each step ~7K tokens at ~6N FLOPs a token
+run (forward, recompute, input gradients), ~1 s at 40-50% of the matmul rate, so ~10 s of steps per config;
+the rest is making, saving (16 GB) and twice loading the model and the imports: ~2-3 minutes in all.
 """
 
 from __future__ import annotations
@@ -316,8 +335,10 @@ def our_args(
     reference: str = "pass",
     tuning: dict | None = None,
 ):
-    """The trl config our steps build (coevolve.core.training.trainer_args) for these TrainConfig values;
-    `tuning` holds further fields of the trl config, set through `train.extra` as a user would."""
+    """The trl config our steps build (coevolve.core.training.trainer_args) for these TrainConfig values,
+    and the peft config they pass the trainer (core.training.lora_config; None without LoRA); `tuning` holds
+    further fields of the trl config, set through `train.extra` as a user would, and `lora`, our
+    TrainConfig's block."""
     from trl import DPOConfig, RewardConfig
 
     extra = {
@@ -336,28 +357,36 @@ def our_args(
     if kind == "dpo" and reference == "sampled":
         extra.update(precompute_ref_log_probs=True)
     tuning = dict(tuning or {})
-    # torch.compile is a field of our TrainConfig (`compile`, which pads to multiples of 64), not of `extra`.
+    # torch.compile, LoRA and checkpointing are fields of our TrainConfig (`compile`, which pads to
+    # multiples of 64; `lora`; `gradient_checkpointing`), not of `extra`.
     compiled = bool(tuning.pop("torch_compile", False))
+    lora = tuning.pop("lora", None)
+    checkpointing = tuning.pop("gradient_checkpointing", False)
     extra.update(tuning)
     fields = dict(
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         max_length=MAX_LEN,
-        gradient_checkpointing=False,
+        gradient_checkpointing=checkpointing,
         compile=compiled,
+        lora=lora,
         extra=extra,
     )
     try:
         from coevolve.core.config import DPOTrainConfig, RMTrainConfig
-        from coevolve.core.training import trainer_args
+        from coevolve.core.training import lora_config, trainer_args
 
         cfg = our_config(folder)
         train = (DPOTrainConfig if kind == "dpo" else RMTrainConfig)(**fields)
         step_fields = {"beta": cfg.e_step.beta} if kind == "dpo" else {}
-        return trainer_args(
-            DPOConfig if kind == "dpo" else RewardConfig, train, cfg, out, **step_fields
-        ), "coevolve.core.training.trainer_args"
+        return (
+            trainer_args(DPOConfig if kind == "dpo" else RewardConfig, train, cfg, out, **step_fields),
+            "coevolve.core.training.trainer_args",
+            lora_config(train, folder, "CAUSAL_LM" if kind == "dpo" else "SEQ_CLS"),
+        )
     except ImportError as err:
+        if lora is not None:
+            raise  # a full training by hand would not measure LoRA (and at 8B would not fit)
         # The same fields by hand, so that a broken import elsewhere in the tree costs no GPU run.
         log(f"[ours] coevolve import failed ({err}); building the trl config by hand")
         cls = DPOConfig if kind == "dpo" else RewardConfig
@@ -370,7 +399,7 @@ def our_args(
             lr_scheduler_type="cosine",
             warmup_steps=0.1,
             max_length=MAX_LEN,
-            gradient_checkpointing=False,
+            gradient_checkpointing=checkpointing,
             bf16=torch.cuda.is_available(),
             logging_steps=1,
             save_strategy="no",
@@ -384,7 +413,7 @@ def our_args(
         )
         if kind == "dpo":
             args["beta"] = 0.01
-        return cls(**args), f"by hand ({err})"
+        return cls(**args), f"by hand ({err})", None
 
 
 def our_config(folder: Path):
@@ -458,9 +487,11 @@ def run(
     profiled: bool,
     ref_model=None,
     sampled: bool = False,
+    peft_config=None,
 ) -> dict:
     """One config's run; `ref_model` is DPO's reference, passed loaded (None: trl builds it); `sampled`:
-    DPO on rows carrying their reference log-probs, as the e-step trains when the sampler is the reference."""
+    DPO on rows carrying their reference log-probs, as the e-step trains when the sampler is the reference;
+    `peft_config`: LoRA adapters trained, as our steps pass it."""
     import trl.trainer.dpo_trainer as dpo_mod
     from trl import DPOTrainer, RewardTrainer
 
@@ -490,6 +521,8 @@ def run(
             fixed["model_hash_s"] = round(time.perf_counter() - t, 3)
 
     DPOTrainer._precompute_ref_logps, dpo_mod.hash_module = timed_pre, timed_hash
+    # Before the trainer: peft rewrites `target_modules` into the list of every module it wrapped.
+    lora = peft_config and f"r {peft_config.r}, alpha {peft_config.lora_alpha}, {peft_config.target_modules}"
     t0 = time.perf_counter()
     try:
         if sampled:
@@ -501,6 +534,7 @@ def run(
                 train_dataset=sampled_dataset(rows, tok.eos_token_id, len(tok)),
                 processing_class=tok,
                 callbacks=[clock],
+                peft_config=peft_config,
             )
         elif kind == "dpo":
             trainer = DPOTrainer(
@@ -510,6 +544,7 @@ def run(
                 train_dataset=dpo_dataset(rows),
                 processing_class=tok,
                 callbacks=[clock],
+                peft_config=peft_config,
             )
         else:
             trainer = RewardTrainer(
@@ -518,6 +553,7 @@ def run(
                 train_dataset=rm_dataset(rows, tok.eos_token_id),
                 processing_class=tok,
                 callbacks=[clock],
+                peft_config=peft_config,
             )
     finally:
         DPOTrainer._precompute_ref_logps, dpo_mod.hash_module = orig_pre, orig_hash
@@ -553,6 +589,8 @@ def run(
         "sampler": getattr(args, "train_sampling_strategy", None),
         "liger": bool(getattr(args, "use_liger_kernel", False)),
         "optim": str(args.optim),
+        "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lora": lora,
         "init_s": round(init_s, 3),
         "train_s": round(train_s, 3),
         "steps": trainer.state.global_step,
@@ -863,6 +901,14 @@ def epoch_table(res) -> str:
 # torch.compile, which compiles each new shape (and makes them dynamic from the second on).
 PAD64 = {"pad_to_multiple_of": 64}
 COMPILE = {"torch_compile": True, **PAD64}
+# The frozen base in bf16 (trl loads fp32 unless `model_init_kwargs` names a dtype): the 8B shape's
+# weights are then 16 GB, not 32, and only the adapters need fp32 (peft keeps them so). Checkpointing: at
+# 8B, 8 pairs of <= 512 tokens keep ~50 GB of activations without it, ~2 GB of layer inputs with it.
+LORA = {
+    "lora": {},
+    "gradient_checkpointing": True,
+    "model_init_kwargs": {"attn_implementation": "sdpa", "dtype": "bfloat16"},
+}
 CONFIGS = {
     # name: (kind, ours?, liger?, DPO's reference log-probs: "pass" before training (trl's precompute),
     # "inline" forward in every step, "sampled" with the rows; further trl config fields)
@@ -885,14 +931,20 @@ CONFIGS = {
     "ours-dpo-compile-liger-inline-ref": ("dpo", True, True, "inline", COMPILE),
     "ours-rm-liger": ("rm", True, True, "", {}),
     "ours-rm-liger-pad64": ("rm", True, True, "", PAD64),
+    # `lora:` in the e-step's and the m-step's train config (LoraSettings' defaults), the DPO reference
+    # from sampling as the e-step's default on a GPU
+    "ours-dpo-lora": ("dpo", True, False, "sampled", LORA),
+    "ours-rm-lora": ("rm", True, False, "", LORA),
 }
 DEFAULT_CONFIGS = "trl-dpo,ours-dpo,trl-rm,ours-rm,ours-dpo-liger,ours-dpo-liger-inline-ref,ours-rm-liger"
+LORA_CONFIGS = "ours-dpo-lora,ours-rm-lora"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2-0.5b", choices=list(MODELS))
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"which to run, in this order, of: {','.join(CONFIGS)}")
+    ap.add_argument("--lora", action="store_true", help=f"run LoRA's configs ({LORA_CONFIGS}) instead of --configs")
     ap.add_argument(
         "--profile",
         default="trl-dpo,ours-dpo-liger,ours-rm-liger",
@@ -937,6 +989,8 @@ def main():
         return epoch_child(args)
     if args.epoch:
         return epoch(args)
+    if args.lora:
+        args.configs = LORA_CONFIGS
 
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -950,8 +1004,9 @@ def main():
     tok = build_tokenizer(MODELS[args.model]["vocab_size"])
     n_params = save_model(args.model, tok, folder)
     res["params"] = n_params
+    trained = "LoRA adapters (fp32) on the bf16 base" if args.lora else "fp32 weights"
     res["model"] = (
-        f"{args.model} shape, random weights, {n_params / 1e6:.0f}M params, saved bf16, trained as fp32 weights + bf16 autocast"
+        f"{args.model} shape, random weights, {n_params / 1e6:.0f}M params, saved bf16, trained as {trained} + bf16 autocast"
     )
     profiled = set(args.profile.split(",")) if args.profile else set()
     total = args.warmup + args.steps
@@ -985,9 +1040,9 @@ def main():
         out = work / name
         n_steps = total + (PROFILE_STEPS if name in profiled else 0)
         if ours:
-            trainer_cfg, via = our_args(kind, folder, out, batch, n_steps, liger, reference, tuning)
+            trainer_cfg, via, peft = our_args(kind, folder, out, batch, n_steps, liger, reference, tuning)
         else:
-            trainer_cfg, via = trl_args(kind, out, batch, n_steps), "trl defaults"
+            trainer_cfg, via, peft = trl_args(kind, out, batch, n_steps), "trl defaults", None
         ref = (lambda: our_reference(folder)) if kind == "dpo" and ours and reference == "inline" else (lambda: None)
         r = section(
             name,
@@ -1003,6 +1058,7 @@ def main():
                 name in profiled,
                 ref(),
                 sampled=reference == "sampled",
+                peft_config=peft,
             ),
         )
         if r is not None:
@@ -1057,6 +1113,9 @@ def summarize(res):
     runs = res["runs"]
     for r in runs.values():
         r["mfu"] = mfu(res, r["steady_tok_s"])
+        if r.get("lora"):
+            # The frozen weights get no weight gradient: forward 2N + the backward's input gradients 2N.
+            r["mfu_4n"] = mfu(res, r["steady_tok_s"], 4)
         if r["kind"] == "dpo" and r["reference"] != "sampled":  # a sampled reference has no forward here to count
             r["mfu_with_ref"] = mfu(res, r["steady_tok_s"], 8)
             r["loop_mfu"] = mfu(res, r["tok_s"])
@@ -1069,6 +1128,7 @@ def summarize(res):
         res[f"{kind}_config"] = best and best["label"]
         res[f"trl_{kind}_tok_s"] = base and base["steady_tok_s"]
         res[f"{kind}_mfu"] = best and best["mfu"]
+        res[f"{kind}_mfu_4n"] = best and best.get("mfu_4n")
         res[f"trl_{kind}_mfu"] = base and base["mfu"]
         if kind == "dpo":
             res["dpo_mfu_with_ref"] = best and best.get("mfu_with_ref")
@@ -1099,13 +1159,15 @@ def table(res) -> str:
             "end-to-end tok/s",
             "MFU (6N)",
             "MFU (8N)",
+            "MFU (4N, LoRA)",
             "peak GiB",
             "notes",
         )
     ]
     for r in res.get("runs", {}).values():
         note = (
-            "".join(f"{k} {v}, " for k, v in r.get("tuning", {}).items())
+            (f"LoRA {r['lora']}, {r['trained_params'] / 1e6:.3g}M params trained, " if r.get("lora") else "")
+            + "".join(f"{k} {v}, " for k, v in r.get("tuning", {}).items() if k != "lora")
             + f"step {r['step_ms_median']} ms, padding {r['pad_share']:.0%}"
         )
         if r.get("profile"):
@@ -1127,6 +1189,7 @@ def table(res) -> str:
                 f"{r['tok_s_end_to_end']:,.0f}" if "tok_s_end_to_end" in r else "-",
                 f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-",
                 f"{r['mfu_with_ref']:.1%}" if r.get("mfu_with_ref") is not None else "-",
+                f"{r['mfu_4n']:.1%}" if r.get("mfu_4n") is not None else "-",
                 str(r.get("peak_mem_gib", "-")),
                 note,
             )
@@ -1170,6 +1233,13 @@ def record(res) -> None:
         f"{res.get('dpo_speedup')}x, MFU {res.get('dpo_mfu')} (8N: {res.get('dpo_mfu_with_ref')}) vs {res.get('trl_dpo_mfu')}. "
         f"RM: ours ({res.get('rm_config')}) {res.get('rm_tok_s')} vs {res.get('trl_rm_tok_s')}: {res.get('rm_speedup')}x, MFU {res.get('rm_mfu')} vs {res.get('trl_rm_mfu')}.",
     ]
+    if res.get("dpo_mfu_4n") or res.get("rm_mfu_4n"):
+        md.append(
+            "LoRA: MFU (6N) is the usual 6 x params per token, which counts weight gradients the frozen weights never get "
+            "(with checkpointing it is about the FLOPs run: forward, its recompute, the input gradients); "
+            f"MFU (4N) counts the model's own: forward 2N + the backward's input gradients 2N. DPO {res.get('dpo_mfu_4n')}, "
+            f"RM {res.get('rm_mfu_4n')} at 4N."
+        )
     append_result(bench, line, md, res.get("errors"))
 
 

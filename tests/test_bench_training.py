@@ -40,3 +40,28 @@ def test_bench_epoch_times_whole_epochs_from_process_start(tmp_path):
     eager_speedup = round(res["dpo_tok_s_end_to_end_eager"] / res["trl_dpo_tuned_tok_s"], 2)
     assert res["dpo_speedup_end_to_end_eager"] == eager_speedup
     assert "end-to-end tok/s" in done.stdout and "loop tok/s" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_lora_trains_adapters_on_a_bf16_base_and_fills_the_row(tmp_path):
+    cmd = [sys.executable, "bench/bench_training.py", "--model", "tiny", "--lora", "--dpo-batch", "4"]
+    cmd += ["--rm-batch", "4", "--warmup", "1", "--steps", "2", "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert res["errors"] == {}
+    runs = res["runs"]
+    assert set(runs) == {"ours-dpo-lora", "ours-rm-lora"}
+    for r in runs.values():
+        assert r["lora"].startswith("r 16, alpha 32, all-linear") and r["weights_dtype"] == "bfloat16"
+        assert r["gradient_checkpointing"] and r["steps"] == 3 and r["timed_steps"] == 2
+    # Adapters only: r 16 x (inputs + outputs) of the 7 linear layers of each of the 2 layers (hidden 64,
+    # kv 32, MLP 128); the RM's score head (1 x hidden) is trained in full beside them.
+    adapters = 2 * 16 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
+    assert runs["ours-dpo-lora"]["trained_params"] == adapters
+    assert runs["ours-rm-lora"]["trained_params"] == adapters + 64
+    assert runs["ours-dpo-lora"]["reference"] == "sampled"
+    assert res["dpo_tok_s"] == runs["ours-dpo-lora"]["steady_tok_s"] > 0
+    assert res["rm_tok_s"] == runs["ours-rm-lora"]["steady_tok_s"] > 0
+    # No matmul rate on a CPU, so no MFU; the table has its LoRA column all the same.
+    assert res["dpo_mfu_4n"] is None and "MFU (4N, LoRA)" in done.stdout
