@@ -1004,6 +1004,7 @@ def main():
     tok = build_tokenizer(MODELS[args.model]["vocab_size"])
     n_params = save_model(args.model, tok, folder)
     res["params"] = n_params
+    res["lora"] = args.lora
     trained = "LoRA adapters (fp32) on the bf16 base" if args.lora else "fp32 weights"
     res["model"] = (
         f"{args.model} shape, random weights, {n_params / 1e6:.0f}M params, saved bf16, trained as {trained} + bf16 autocast"
@@ -1229,16 +1230,21 @@ def record(res) -> None:
         "Loop: the timed steps alone. Steady: the same with DPO's reference pass added back (per token). End to end: "
         "from building the trainer (the model's load) through the last timed step, with the reference pass, compiling "
         "and the warm-up steps; not the process start (`--epoch` times a whole epoch from it).",
-        f"DPO: ours ({res.get('dpo_config')}) {res.get('dpo_tok_s')} tok/s steady ({res.get('dpo_run_tok_s_end_to_end')} end to end) vs trl defaults {res.get('trl_dpo_tok_s')}: "
-        f"{res.get('dpo_speedup')}x, MFU {res.get('dpo_mfu')} (8N: {res.get('dpo_mfu_with_ref')}) vs {res.get('trl_dpo_mfu')}. "
-        f"RM: ours ({res.get('rm_config')}) {res.get('rm_tok_s')} vs {res.get('trl_rm_tok_s')}: {res.get('rm_speedup')}x, MFU {res.get('rm_mfu')} vs {res.get('trl_rm_mfu')}.",
     ]
-    if res.get("dpo_mfu_4n") or res.get("rm_mfu_4n"):
+    if res.get("lora"):
         md.append(
-            "LoRA: MFU (6N) is the usual 6 x params per token, which counts weight gradients the frozen weights never get "
-            "(with checkpointing it is about the FLOPs run: forward, its recompute, the input gradients); "
-            f"MFU (4N) counts the model's own: forward 2N + the backward's input gradients 2N. DPO {res.get('dpo_mfu_4n')}, "
-            f"RM {res.get('rm_mfu_4n')} at 4N."
+            f"LoRA, no trl baseline: DPO ({res.get('dpo_config')}) {res.get('dpo_tok_s')} tok/s ({res.get('dpo_run_tok_s_end_to_end')} "
+            f"end to end), MFU {res.get('dpo_mfu')} at 6N, {res.get('dpo_mfu_4n')} at 4N. RM ({res.get('rm_config')}) "
+            f"{res.get('rm_tok_s')} tok/s ({res.get('rm_run_tok_s_end_to_end')} end to end), MFU {res.get('rm_mfu')} at 6N, "
+            f"{res.get('rm_mfu_4n')} at 4N. 6N is the usual 6 x params per token, which counts weight gradients the frozen "
+            "weights never get (with checkpointing it is about the FLOPs run: forward, its recompute, the input gradients); "
+            "4N counts the model's own: forward 2N + the backward's input gradients 2N."
+        )
+    else:
+        md.append(
+            f"DPO: ours ({res.get('dpo_config')}) {res.get('dpo_tok_s')} tok/s steady ({res.get('dpo_run_tok_s_end_to_end')} end to end) vs trl defaults {res.get('trl_dpo_tok_s')}: "
+            f"{res.get('dpo_speedup')}x, MFU {res.get('dpo_mfu')} (8N: {res.get('dpo_mfu_with_ref')}) vs {res.get('trl_dpo_mfu')}. "
+            f"RM: ours ({res.get('rm_config')}) {res.get('rm_tok_s')} vs {res.get('trl_rm_tok_s')}: {res.get('rm_speedup')}x, MFU {res.get('rm_mfu')} vs {res.get('trl_rm_mfu')}."
         )
     append_result(bench, line, md, res.get("errors"))
 

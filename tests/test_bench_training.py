@@ -51,7 +51,7 @@ def test_bench_lora_trains_adapters_on_a_bf16_base_and_fills_the_row(tmp_path):
     res = json.loads((tmp_path / "out" / "result.json").read_text())
     assert res["errors"] == {}
     runs = res["runs"]
-    assert set(runs) == {"ours-dpo-lora", "ours-rm-lora"}
+    assert res["lora"] and set(runs) == {"ours-dpo-lora", "ours-rm-lora"}
     for r in runs.values():
         assert r["lora"].startswith("r 16, alpha 32, all-linear") and r["weights_dtype"] == "bfloat16"
         assert r["gradient_checkpointing"] and r["steps"] == 3 and r["timed_steps"] == 2
