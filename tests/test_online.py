@@ -75,8 +75,11 @@ def test_static_engine_rollouts_sample_the_trainers_current_weights(prepared_run
     tok, params = trainer.processing_class, sampling_params(cfg, 2, seed=123)
     ids = [tok(policy_prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in prompts[:8]]
 
+    # The engine computes in trl's autocast dtype: bf16 on a GPU, none (fp32) on the CPU.
+    autocast = torch.bfloat16 if trainer.args.bf16 else None
+
     def fresh_engine_samples():
-        return StaticGraphBackend(copy.deepcopy(trainer.model), tok).generate_ids(ids, params)[0]
+        return StaticGraphBackend(copy.deepcopy(trainer.model), tok, dtype=autocast).generate_ids(ids, params)[0]
 
     at_start, seen = fresh_engine_samples(), {}
 
@@ -84,15 +87,17 @@ def test_static_engine_rollouts_sample_the_trainers_current_weights(prepared_run
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 4:
                 seen["engine"], seen["fresh"] = trainer.engine.generate_ids(ids, params)[0], fresh_engine_samples()
-                layer = trainer.model.model.layers[0]
-                # Unfused tensors are the module's own, read in place: no copy of the weights.
-                seen["shared"] = trainer.engine.w.o_w[0].data_ptr() == layer.self_attn.o_proj.weight.data_ptr()
+                engine_w, own = trainer.engine.w.o_w[0], trainer.model.model.layers[0].self_attn.o_proj.weight
+                # Unfused tensors are the module's own, read in place; under autocast, casts made on the device.
+                seen["read"] = (
+                    engine_w.data_ptr() == own.data_ptr() if autocast is None else engine_w.device == own.device
+                )
 
     trainer.add_callback(Probe())
     trainer.train()
     assert trainer.rollout_stats["backend"] == "static (generation.backend)"
     # The engine built at the first rollout samples the weights as they are four updates later...
-    assert seen["engine"] == seen["fresh"] and seen["shared"]
+    assert seen["engine"] == seen["fresh"] and seen["read"]
     # ...which training has moved away from the start's.
     assert seen["engine"] != at_start
 
