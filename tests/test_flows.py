@@ -229,15 +229,17 @@ def test_a_flow_run_holds_its_run_directory_and_a_killed_step_resumes_to_the_sam
     # command on the run directory meanwhile is refused, naming the flow run. The step is stopped where it
     # is meanwhile, so that it is killed with its phase unfinished.
     os.kill(victim, signal.SIGSTOP)
-    other = subprocess.run(
-        [sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", str(run), "--iteration", str(last)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    try:
+        other = subprocess.run(
+            [sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", str(run), "--iteration", str(last)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.kill(victim, signal.SIGKILL)
     assert other.returncode == 2 and f"in use by pid {proc.pid}" in other.stderr, other.stderr
     assert "prefect flow run" in other.stderr, other.stderr
-    os.kill(victim, signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
     killed = flow_run_id(tmp_path / "killed.log")
 
