@@ -54,16 +54,22 @@ RUN_FIXTURES = {"prepared_run", "tiny_run", "prefect_server"}
 ON_TINY_RUN = {"test_readme.py", "test_report.py", "test_steps.py", "test_summary.py", "test_tracking.py"}
 # The files that take longest here (1.5 to 6 minutes of a worker each, `make test` on 2026-12-07), started
 # first (`make test` keeps the collection's order, --no-loadscope-reorder): xdist's own order, by number of
-# tests, started test_flows, the longest, after 88% of the tests, when little was left to balance it.
+# tests, started test_flows, the longest, after 88% of the tests, when little was left to balance it. Longest
+# first down to half a minute, so that only short files are left for the end: test_run_integrity (~70 s)
+# last kept one worker busy alone for a minute after the other had finished.
 LONGEST_FIRST = [
     "test_flows.py",
-    "test_data_parallel.py",
     *sorted(ON_TINY_RUN),
     "test_launch.py",
-    "test_compile.py",
+    "test_data_parallel.py",
     "test_demo.py",
-    "test_real_model.py",
+    "test_compile.py",
     "test_evaluate.py",
+    "test_run_integrity.py",
+    "test_bench_training.py",
+    "test_online.py",
+    "test_real_model.py",
+    "test_inputs.py",
 ]
 
 

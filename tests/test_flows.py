@@ -1,7 +1,8 @@
 """The Prefect flows with the real tiny steps under a real Prefect server (tests/prefect_server.py): a
-2-iteration run with its iteration summaries, resume after a killed step, served deployments triggered
-from the CLI (a re-run on a run directory resumes it; declared schedules survive a restart), a step
-waiting for a GPU slot, and the flow run's page and an iteration's summary in a headless Chromium."""
+2-iteration run with its iteration summaries, a flow run holding its run directory and resuming after a
+killed step, served deployments triggered from the CLI (a re-run on a run directory resumes it; declared
+schedules survive a restart), a step waiting for a GPU slot, and the flow run's page and an iteration's
+summary in a headless Chromium."""
 
 from __future__ import annotations
 
@@ -202,7 +203,9 @@ def test_two_iterations_complete_with_artifacts(prefect_server, reference_run):
 
 
 @pytest.mark.slow
-def test_killed_step_resumes_to_the_same_outputs(prefect_server, reference_run, tmp_path):
+def test_a_flow_run_holds_its_run_directory_and_a_killed_step_resumes_to_the_same_outputs(
+    prefect_server, reference_run, tmp_path
+):
     reference, _ = reference_run
     plan = step_plan(load_config(None, [], reference))
     last = plan[-1][0]
@@ -222,7 +225,21 @@ def test_killed_step_resumes_to_the_same_outputs(prefect_server, reference_run, 
     assert victim is not None, (tmp_path / "killed.log").read_text()[-4000:]
     # Forked by the step server (core/stepserver.py), not by the flow's process.
     assert "coevolve.core.stepserver" in psutil.Process(victim).parent().cmdline()
-    os.kill(victim, signal.SIGKILL)
+    # The flow holds the run directory's lock as `coevolve run` does, and its steps run under it: another
+    # command on the run directory meanwhile is refused, naming the flow run. The step is stopped where it
+    # is meanwhile, so that it is killed with its phase unfinished.
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        other = subprocess.run(
+            [sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", str(run), "--iteration", str(last)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.kill(victim, signal.SIGKILL)
+    assert other.returncode == 2 and f"in use by pid {proc.pid}" in other.stderr, other.stderr
+    assert "prefect flow run" in other.stderr, other.stderr
     assert proc.wait(timeout=120) != 0
     killed = flow_run_id(tmp_path / "killed.log")
 
@@ -472,34 +489,3 @@ def test_flow_run_page_and_iteration_summary_in_chromium(prefect_server, referen
     assert str((run / "report" / "index.html").resolve()) in summary
     report = look((run / "report" / "index.html").resolve().as_uri(), "report.png")
     assert "Responses side by side" in report
-
-
-def test_a_flow_run_holds_its_run_directory(prefect_server, fresh_run, tmp_path):
-    """The flow holds the run directory's lock as `coevolve run` does, and its steps run under it: another
-    command on the run directory meanwhile is refused, naming the flow run."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_FLOW, str(fresh_run), str(TINY), *FAST, "iterations=1"],
-        env=prefect_server.env(),
-        stdout=open(tmp_path / "flow.log", "w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not rundir.partial_dir(fresh_run, 1, "e-step").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flow.log").read_text()[-4000:]
-            time.sleep(0.1)
-        other = subprocess.run(
-            [sys.executable, "-m", "coevolve", "step", "e-step", "--run-dir", str(fresh_run), "--iteration", "1"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.wait(timeout=600) == 0, (tmp_path / "flow.log").read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert (
-        other.returncode == 2 and f"in use by pid {proc.pid}" in other.stderr and "prefect flow run" in other.stderr
-    ), other.stderr
-    assert rundir.is_done(fresh_run, 1, "m-step")
