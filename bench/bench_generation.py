@@ -36,15 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import (  # noqa: E402  (bench/ is on sys.path when a bench runs)
-    MODELS,
-    TRAINED_LOGIT_STD,
-    append_result,
-    log,
-    model_config,
-    peaked,
-    sections,
-)
+from common import MODELS, TRAINED_LOGIT_STD, append_result, log, model_config, peaked, sections  # noqa: E402
 
 from coevolve.core.fastgen import StaticGraphBackend  # noqa: E402
 from coevolve.core.generation import SamplingParams  # noqa: E402
