@@ -8,8 +8,9 @@ autocast, as our steps do), a word-level tokenizer over its ids, prompts of 64 r
 x 8 rollouts of 256 new tokens per step (random weights almost never sample EOS, so every rollout is
 full length), no KL term. Its logits are as peaked as a trained model's (`--logit-std`, common.peaked),
 so that ours draws about as many tokens by its exact top-p fallback as on a real model; the share is
-reported. Both sample the trainer's own fp32 weights, as the online E-step does (ours
-reads them in place; trl unwraps the model for `generate`). The reward is a cheap function of the text
+reported. Both sample the trainer's fp32 weights as its bf16 autocast computes, as the online E-step
+does (ours from bf16 casts made on the device at each rollout; trl unwraps the model for `generate`,
+whose forward accelerate runs under autocast). The reward is a cheap function of the text
 (distinct words over words): the RM's time is the same for both and is not what is compared. Each trainer runs `--warmup` steps (the
 first includes the static engine's CUDA graph capture), then `--steps` timed ones; step time is wall
 time from trl's step begin to step end, generation time that of `_generate_single_turn`, both synced.

@@ -205,12 +205,18 @@ def test_weights_are_reread_each_call(tok):
     assert after == make_backend("hf", model, tok).generate(PROMPTS[:2], params).texts
 
 
-def test_fp32_weights_computed_in_bf16_sample_as_the_bf16_model_and_follow_its_updates(tok):
+@pytest.mark.parametrize(
+    "kind, extra",
+    # An untied head padded to whole chunks; a tied head of whole chunks, read as the embedding's one cast.
+    [("llama", {"attention_bias": True, "tie_word_embeddings": False}), ("qwen2", {"vocab_size": 3 * CHUNK})],
+)
+def test_fp32_weights_computed_in_bf16_sample_as_the_bf16_model_and_follow_its_updates(tok, kind, extra):
     # A trainer's fp32 weights sampled as its bf16 autocast would: the same samples as a bf16 copy.
-    model = tiny("llama", tok, attention_bias=True, tie_word_embeddings=False)
+    model = tiny(kind, tok, **extra)
     params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_new_tokens=12, seed=3, logprobs=True)
     be = StaticGraphBackend(model, tok, dtype=torch.bfloat16)
-    assert be.w.qkv_w[0].dtype == be.w.o_w[0].dtype == be.w.embed.dtype == torch.bfloat16
+    assert be.w.qkv_w[0].dtype == be.w.o_w[0].dtype == be.w.embed.dtype == be.w.lm_w.dtype == torch.bfloat16
+    assert (be.w.lm_w is be.w.embed) == (kind == "qwen2")
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
 
     def as_bf16():

@@ -121,9 +121,10 @@ class Weights:
         self.ln2 = self._per_layer("ln2", lambda layer: layer.post_attention_layernorm.weight)
         self.norm = self._read("norm", self.model.model.norm.weight)
         self.embed = self._read("embed", self.model.model.embed_tokens.weight)
-        lm = self.model.lm_head.weight.detach()
-        if self.padded_vocab == self.vocab:
-            self.lm_w, self.lm_b = self._read("lm_w", lm), None
+        lm = self.model.lm_head.weight
+        if self.padded_vocab == self.vocab:  # a tied head is the embedding's tensor, or its one cast
+            tied = lm is self.model.model.embed_tokens.weight
+            self.lm_w, self.lm_b = self.embed if tied else self._read("lm_w", lm), None
         else:  # zero rows scored -inf: the padded logits never win, and all chunks have CHUNK entries
             pad = self.padded_vocab - self.vocab
             self.lm_w = self._fuse("lm_w", [lm, torch.zeros(pad, self.hidden, device=self.device, dtype=self.dtype)])
