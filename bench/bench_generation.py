@@ -448,6 +448,7 @@ def main():
         "T": params.temperature,
         "top_p": params.top_p,
         "slots": slots[0],
+        "logit_std": None if path else args.logit_std,  # random weights' logits (common.peaked)
     }
     log(json.dumps(res, indent=1))
 
