@@ -94,9 +94,9 @@ class Weights:
 
     def _read(self, name: str, t: torch.Tensor | None) -> torch.Tensor | None:
         """The module's tensor itself, or its cast when the engine computes in another dtype."""
-        if t is None or t.dtype == self.dtype:
-            return None if t is None else t.detach()
-        return self._fuse(name, [t])
+        if t is None:
+            return None
+        return t.detach() if t.dtype == self.dtype else self._fuse(name, [t])
 
     def _per_layer(self, name: str, get) -> list:
         return [self._read(f"{name}{i}", get(layer)) for i, layer in enumerate(self.layers)]
