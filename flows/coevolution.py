@@ -107,7 +107,7 @@ def iteration(
             cfg, run_dir, k, step, step_deployment, gpu_limit
         )
         progress(f"{name}: finished in {time.monotonic() - started:.0f} s")
-        if stop := stop_reason(Path(run_dir), k, step, cfg):
+        if stop := stop_reason(Path(run_dir), k, step):
             progress(stop)
             return True
     return False

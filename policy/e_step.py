@@ -246,11 +246,13 @@ def mix_revisions(pairs: datasets.Dataset, revisions: datasets.Dataset, tmp: Pat
     return {"mix/e-step": len(pairs), "mix/revision": len(revisions)}
 
 
-def pick_checkpoint(rows: list[dict], tau: float) -> tuple[str, bool]:
-    """The candidate with the best win rate (ties: the later checkpoint), and whether the loop stops
-    because even it wins less than tau."""
+def pick_checkpoint(rows: list[dict], tau: float) -> tuple[str, str | None]:
+    """The candidate with the best win rate (ties: the later checkpoint), and why the loop stops if
+    even it wins less than tau."""
     best = max(rows, key=lambda r: (r["win_rate"], _step_number(Path(r["checkpoint"]))))
-    return best["checkpoint"], best["win_rate"] < tau
+    won = best["win_rate"]
+    stop = f"the E-step's best checkpoint won {won:.3f} of the model-selection prompts, under tau={tau}"
+    return best["checkpoint"], stop if won < tau else None
 
 
 def select(
@@ -269,7 +271,8 @@ def select(
     best, stop = pick_checkpoint(rows, cfg.e_step.tau)
     tmp.mkdir(parents=True)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "candidates"))
-    (tmp / "selected.txt").write_text("" if stop else best)
+    # The stop's reason, or the checkpoint picked.
+    (tmp / ("stop.txt" if stop else "selected.txt")).write_text(stop or best)
     best_row = next(r for r in rows if r["checkpoint"] == best)
     return {
         "select/best_checkpoint": best,
@@ -277,7 +280,7 @@ def select(
         "select/baseline_score_mean": mean(baseline),
         "select/best_score_mean": best_row["score_mean"],
         "select/win_rates": {r["checkpoint"]: r["win_rate"] for r in rows},
-        "select/stopped": stop,
+        "select/stopped": stop is not None,
     }
 
 
@@ -342,9 +345,10 @@ def main(step: StepRun) -> dict:
     if cfg.e_step.select:
         select_prompts = list(prompts.filter(lambda r: r["split"] == "select")["prompt"])
         chosen = step.phase("select", lambda tmp: select(step, policy, rm, select_prompts, checkpoints, tmp))
-        selected = (chosen / "selected.txt").read_text()
+        stop = (chosen / "stop.txt").read_text() if (chosen / "stop.txt").exists() else None
+        selected = "" if stop else (chosen / "selected.txt").read_text()
     else:
-        selected = checkpoints[-1].name
+        stop, selected = None, checkpoints[-1].name
     if not cfg.e_step.keep_checkpoints and distributed.is_main():
         for ckpt in checkpoints:
             if ckpt.name != selected:
@@ -366,6 +370,5 @@ def main(step: StepRun) -> dict:
         store.append("pairs", k, pair_records(datasets.load_from_disk(str(built / "pairs")), k, step.name, "e-step"))
         outputs = {"pairs": "pairs/pairs", "samples": "score", "train_pairs": train_pairs}
 
-    stop = selected == ""
     outputs["policy"] = rundir.relative(run, policy) if stop else f"train/checkpoints/{selected}"
     return step.finish(outputs, stop=stop)

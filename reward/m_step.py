@@ -91,18 +91,16 @@ def pseudo_pairs(
             dropped.append({**row, "kept": False, "reason": "delta <= -epsilon (confidently worse)"})
         else:
             kept.append({**row, "kept": True, "reason": "kept"})
-    if not kept:
-        raise RuntimeError(f"m-step: every pseudo pair was dropped ({len(dropped)}); nothing to train the RM on")
-    kept_ds = datasets.Dataset.from_list(kept)
-    kept_ds.save_to_disk(str(tmp / "kept"))
     # datasets cannot load back a saved empty dataset, so an empty set is simply not written.
-    if dropped:
-        datasets.Dataset.from_list(dropped, features=kept_ds.features).save_to_disk(str(tmp / "dropped"))
+    features = datasets.Dataset.from_list(kept + dropped).features
+    for name, rows in (("kept", kept), ("dropped", dropped)):
+        if rows:
+            datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp / name))
     reasons: dict[str, int] = {}
     for d in dropped:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
     return {
-        **(gold_agreement(gold, kept, dropped) if gold else {}),
+        **(gold_agreement(gold, kept, dropped) if gold and kept else {}),
         "pseudo/epsilon": epsilon,
         "pseudo/kept": len(kept),
         "pseudo/dropped": len(dropped),
@@ -110,6 +108,15 @@ def pseudo_pairs(
         "pseudo/kept_negative_delta": sum(p["delta"] < 0 for p in kept),
         "pseudo/delta_mean": mean(p["delta"] for p in kept + dropped),
     }
+
+
+def nothing_kept(metrics: dict) -> str:
+    """Why the loop ends when no pseudo pair is left: a policy that stopped moving answers alike before
+    and after its E-step (seen with online RL collapsed to one answer per prompt), and pairs the old RM
+    finds confidently worse say the E-step went backwards by its own measure."""
+    n = metrics["pseudo/dropped"]
+    reasons = ", ".join(f"{count} {reason}" for reason, count in metrics["pseudo/dropped_by_reason"].items())
+    return f"the M-step dropped every one of its {n} pseudo pairs ({reasons}), leaving nothing to train the RM on"
 
 
 def gold_agreement(gold: Callable[[str, str], float], kept: list[dict], dropped: list[dict]) -> dict:
@@ -192,6 +199,10 @@ def main(step: StepRun) -> dict:
     pseudo = step.phase(
         "pseudo", lambda tmp: pseudo_pairs(datasets.load_from_disk(str(scored)), tmp, gold, cfg.m_step.epsilon_filter)
     )
+    if not (pseudo / "kept").exists():
+        store_pseudo_pairs(step, pseudo)
+        outputs = {"rm": rundir.relative(run, rm), "policy": rundir.relative(run, old), "dropped": "pseudo/dropped"}
+        return step.finish(outputs, stop=nothing_kept(step.metrics))
     kept = datasets.load_from_disk(str(pseudo / "kept"))
     train_mix = step.phase("mix", lambda tmp: mix(step, kept, e_pairs, original, tmp))
     mixed = datasets.load_from_disk(str(train_mix))
@@ -203,18 +214,26 @@ def main(step: StepRun) -> dict:
     step.phase("before", lambda tmp: accuracy_phase(step, rm, sets, "rm_before"))
     step.phase("after", lambda tmp: accuracy_phase(step, step.path("train") / "rm", sets, "rm_after"))
 
-    dropped = [datasets.load_from_disk(str(pseudo / "dropped"))] if (pseudo / "dropped").exists() else []
-    rows = datasets.concatenate_datasets([kept, *dropped])
+    store_pseudo_pairs(step, pseudo)
+    outputs = {"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "train_mix": "mix"}
+    if (pseudo / "dropped").exists():
+        outputs["dropped"] = "pseudo/dropped"
+    stop = None
+    if heldout_guard(step.metrics, cfg.m_step.max_heldout_drop):
+        # the run goes on from what it had before this iteration, as after a tau stop
+        outputs.update(rm=rundir.relative(run, rm), policy=rundir.relative(run, old))
+        stop = f"the M-step's RM lost more than {cfg.m_step.max_heldout_drop} accuracy on the held-out original pairs"
+    return step.finish(outputs, stop=stop)
+
+
+def store_pseudo_pairs(step: StepRun, pseudo: Path) -> None:
+    """Every pseudo pair, kept or dropped (with why), into the run's store."""
+    parts = [datasets.load_from_disk(str(pseudo / name)) for name in ("kept", "dropped") if (pseudo / name).exists()]
+    rows = datasets.concatenate_datasets(parts)
+    k = step.iteration
     step.store().append(
         "pseudo_pairs", k, pair_records(rows, k, step.name, "pseudo", extra=("delta", "epsilon", "kept", "reason"))
     )
-    outputs = {"rm": "train/rm", "pseudo_pairs": "pseudo/kept", "train_mix": "mix"}
-    if dropped:
-        outputs["dropped"] = "pseudo/dropped"
-    stop = heldout_guard(step.metrics, cfg.m_step.max_heldout_drop)
-    if stop:  # the run goes on from what it had before this iteration, as after a tau stop
-        outputs.update(rm=rundir.relative(run, rm), policy=rundir.relative(run, old))
-    return step.finish(outputs, stop=stop)
 
 
 def heldout_guard(metrics: dict, max_drop: float | None) -> bool:

@@ -143,8 +143,11 @@ def test_selection_picks_best_checkpoint_and_stops_under_tau():
         {"checkpoint": "checkpoint-4", "win_rate": 0.70},
         {"checkpoint": "checkpoint-6", "win_rate": 0.65},
     ]
-    assert pick_checkpoint(rows, tau=0.6) == ("checkpoint-4", False)
-    assert pick_checkpoint(rows, tau=0.75) == ("checkpoint-4", True)
+    assert pick_checkpoint(rows, tau=0.6) == ("checkpoint-4", None)
+    assert pick_checkpoint(rows, tau=0.75) == (
+        "checkpoint-4",
+        "the E-step's best checkpoint won 0.700 of the model-selection prompts, under tau=0.75",
+    )
     # Equal win rates: the later (more trained) checkpoint.
     tied = [{"checkpoint": "checkpoint-10", "win_rate": 0.7}, {"checkpoint": "checkpoint-8", "win_rate": 0.7}]
-    assert pick_checkpoint(tied, tau=0.6) == ("checkpoint-10", False)
+    assert pick_checkpoint(tied, tau=0.6) == ("checkpoint-10", None)

@@ -200,7 +200,7 @@ def test_m_step_heldout_rule_ends_the_loop_with_the_previous_policy_and_rm(itera
     assert result["outputs"]["policy"] == result["inputs"]["policy_old"]
     assert rundir.latest_output(run, "policy") == run / result["inputs"]["policy_old"]
     assert (run / "iter_1/m-step/train/rm/config.json").exists()  # the RM it turned down stays to be looked at
-    assert stop_reason(run, 1, "m-step", cfg) == (
+    assert stop_reason(run, 1, "m-step") == (
         "iteration 1: the M-step's RM lost more than -1.0 accuracy on the held-out original pairs;"
         " stopping with the previous policy"
     )
@@ -209,6 +209,44 @@ def test_m_step_heldout_rule_ends_the_loop_with_the_previous_policy_and_rm(itera
     drop = m["rm_before/accuracy_heldout"] - m["rm_after/accuracy_heldout"]
     assert heldout_guard(m, drop - 0.001) and not heldout_guard(m, drop + 0.001) and not heldout_guard(m, None)
     assert not done(iterated_run, 1, "m-step")["stop"]
+
+
+def test_m_step_with_every_pseudo_pair_dropped_ends_the_loop_with_the_previous_policy_and_rm(iterated_run, tmp_path):
+    # Seen on the GPU: a policy that online RL collapsed to one answer per prompt answers the same before
+    # and after its E-step whatever the seed, so no pseudo pair is left. Made here by scaling the
+    # policy's final norm until its sampling is deterministic, as both the M-step's policies.
+    run = tmp_path / "run"
+    shutil.copytree(iterated_run, run)
+    e_done_path = run / "iter_1/e-step/DONE.json"
+    e_done = json.loads(e_done_path.read_text())
+    collapsed = run / "iter_1/e-step/collapsed"
+    shutil.copytree(run / e_done["inputs"]["policy"], collapsed)
+    model = AutoModelForCausalLM.from_pretrained(collapsed)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1000.0)
+    model.save_pretrained(collapsed)
+    e_done["inputs"]["policy"] = e_done["outputs"]["policy"] = rundir.relative(run, collapsed)
+    e_done_path.write_text(json.dumps(e_done))
+
+    cfg = prepare_run(None, [], run)
+    run_step("m-step", run, 1, cfg, force=True)
+    result = done(run, 1, "m-step")
+    m = result["metrics"]
+    n = m["generate/prompts"]
+    assert (m["pseudo/kept"], m["pseudo/dropped"], m["pseudo/dropped_by_reason"]) == (
+        0,
+        n,
+        {"identical responses": n},
+    )
+    assert result["outputs"]["rm"] == result["inputs"]["rm"] == "iter_0/rm-init/train/rm"
+    assert result["outputs"]["policy"] == result["inputs"]["policy_old"]
+    assert not (run / "iter_1/m-step/train").exists()
+    assert len(Store(run).load("pseudo_pairs", [1])) == n  # the dropped pairs are kept to be looked at
+    assert stopped(run, 1, "m-step")
+    assert stop_reason(run, 1, "m-step") == (
+        f"iteration 1: the M-step dropped every one of its {n} pseudo pairs ({n} identical responses),"
+        " leaving nothing to train the RM on; stopping with the previous policy"
+    )
 
 
 def test_finished_step_is_skipped(prepared_run):

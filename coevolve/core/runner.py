@@ -59,22 +59,17 @@ def run_step(name: str, run_dir: Path, iteration: int, cfg: Config, force: bool 
 
 def stopped(run: Path, k: int, name: str) -> bool:
     """The rules that end a run early, checked after each step: the E-step's best checkpoint won less
-    than tau, or the M-step's RM lost too much on held-out pairs (`m_step.max_heldout_drop`). The step
-    decides, writes `stop`, and hands on the previous policy."""
+    than tau, or the M-step had no pseudo pair left to train on or its RM lost too much on held-out
+    pairs (`m_step.max_heldout_drop`). The step decides, writes why in `stop`, and hands on the previous
+    policy."""
     return rundir.is_done(run, k, name) and bool(rundir.read_done(run, k, name).get("stop"))
 
 
-STOP_REASONS = {
-    "e-step": "the E-step's best checkpoint won under tau={cfg.e_step.tau}",
-    "m-step": "the M-step's RM lost more than {cfg.m_step.max_heldout_drop} accuracy on the held-out original pairs",
-}
-
-
-def stop_reason(run: Path, k: int, name: str, cfg: Config) -> str | None:
+def stop_reason(run: Path, k: int, name: str) -> str | None:
     """The line that says why the run ends after (k, name), if it does."""
     if not stopped(run, k, name):
         return None
-    return f"iteration {k}: {STOP_REASONS[name].format(cfg=cfg)}; stopping with the previous policy"
+    return f"iteration {k}: {rundir.read_done(run, k, name)['stop']}; stopping with the previous policy"
 
 
 def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
@@ -94,6 +89,6 @@ def run_loop(cfg: Config, run_dir: Path, force: bool = False) -> None:
                 if code == 2 and not step_log.exists():
                     raise SystemExit(2)  # bad input, refused before the step began: its one line is above
                 raise SystemExit(f"iteration {k} {name} failed (exit {code}); its log: {step_log}")
-        if stop := stop_reason(run_dir, k, name, cfg):
+        if stop := stop_reason(run_dir, k, name):
             log.info(stop)
             break

@@ -216,9 +216,9 @@ class StepRun:
         distributed.barrier()
         return final
 
-    def finish(self, outputs: dict[str, str], stop: bool = False, extra: dict | None = None) -> dict:
+    def finish(self, outputs: dict[str, str], stop: str | None = None, extra: dict | None = None) -> dict:
         """Write DONE.json and move the step folder into place; `outputs` are names inside the step
-        folder or paths already relative to RUN."""
+        folder or paths already relative to RUN. `stop`: why the run ends after this step, if it does."""
         resolved = {
             k: v if v.startswith("iter_") else str(self.final.relative_to(self.run_dir) / v) for k, v in outputs.items()
         }
@@ -235,7 +235,7 @@ class StepRun:
             "metrics": self.metrics,
             "timings": self.timings,
             "io": self.io,
-            "stop": stop,
+            "stop": stop or False,
             "provenance": self.provenance,
             "wandb": tracking.where(),
             **(extra or {}),
