@@ -78,6 +78,8 @@ def merged(paths: list[Path]) -> dict:
         if other["iterations"] != s["iterations"] or _design(other) != _design(s):
             raise SystemExit(f"--also {path}: not the same iterations and overrides as {paths[0]}")
         if other["overrides"] == s["overrides"]:
+            # An arm run again (after a fix) replaces the earlier call's, and its failures with it.
+            s["failed"] = [f for f in s["failed"] if f.split(" seed ")[0] not in other["arms"]]
             s["arms"].update(other["arms"])
             if "per_seed" in s:
                 s["per_seed"].update(other.get("per_seed", {}))

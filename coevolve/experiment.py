@@ -61,6 +61,11 @@ ARMS = {
 # The same arms with the E-step trained online by GRPO against the RM (the config's `e_step.online`), for
 # gold against KL of online and offline optimisation side by side (Gao et al. 2022).
 ARMS.update({f"{arm}-online": [*ARMS[arm], "e_step.mode=grpo"] for arm in ("frozen-rm", "mutual-taught", "oracle")})
+# And with a KL penalty to the iteration's start: trl's former GRPO default (0.04), set before any run of
+# these arms, not tuned on them.
+ARMS.update(
+    {f"{arm}-online-kl": [*ARMS[f"{arm}-online"], "e_step.online.kl=0.04"] for arm in ("frozen-rm", "mutual-taught")}
+)
 # Evaluate-step metrics in the table, in order; the referee's reward (gold or judge) comes first.
 METRICS = ("rm_acc_current", "rm_acc_original", "win_rate_vs_initial", "kl_to_initial", "length_mean", "rm_score_mean")
 # The M-step's own measurements, by the name the table gives them: how often its pseudo labels ("the
@@ -224,7 +229,7 @@ def _device() -> str:
 
 
 def run_series(run: Path, iterations: int) -> tuple[list[dict | None], bool]:
-    """Evaluate metrics for iterations 0..N of one run. After a stop (tau, or the held-out rule) the loop
+    """Evaluate metrics for iterations 0..N of one run. After a stop (core/runner.py's rules) the loop
     hands the same policy and RM on, so its last measurement stands for the iterations it did not run."""
     series, stopped, last = [], False, None
     for k in range(iterations + 1):
@@ -311,9 +316,7 @@ def table(summary: dict, metrics: list[str] | tuple[str, ...] | None = None) -> 
         lines.append("")
     stopped = {arm: row["stopped_runs"] for arm, row in arms.items() if row["stopped_runs"]}
     if stopped:
-        lines.append(
-            f"Runs stopped early by tau or the held-out rule (their last measurement carried forward): {stopped}"
-        )
+        lines.append(f"Runs stopped early by a stop rule (their last measurement carried forward): {stopped}")
     return "\n".join(lines)
 
 

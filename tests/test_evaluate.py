@@ -312,6 +312,31 @@ def test_recording_pools_the_same_arms_run_on_more_seeds_in_another_call(tmp_pat
         merged(summaries)
 
 
+def test_recording_an_arm_run_again_replaces_it_and_its_failures(tmp_path, monkeypatch):
+    # The first call's frozen-rm seed 1 failed; after a fix that arm alone ran again on the same seeds.
+    evals = [(0.5, 0.0, 0.1), (0.6, 1.0, 0.9)]
+    summaries = []
+    for call, (arms, failed) in enumerate(
+        (
+            (["mutual-taught", "frozen-rm"], ["frozen-rm seed 1 (exit 1)", "mutual-taught seed 0 (exit deadline)"]),
+            (["frozen-rm"], []),
+        )
+    ):
+        for arm in arms:
+            for seed in (0, 1):
+                _fake_run(tmp_path / str(call), arm, seed, [(g + call, kl, s) for g, kl, s in evals])
+        summary = collect(tmp_path / str(call), arms, [0, 1], 1, "toy")
+        summary.update(overrides=["x=1"], wall_s=10.0, failed=failed)
+        summaries.append(tmp_path / f"{call}.json")
+        summaries[-1].write_text(json.dumps(summary))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from bench_sandbox import merged
+
+    both = merged(summaries)
+    assert both["arms"]["frozen-rm"]["gold"] == [1.5, 1.6] and both["arms"]["mutual-taught"]["gold"] == [0.5, 0.6]
+    assert both["failed"] == ["mutual-taught seed 0 (exit deadline)"] and both["wall_s"] == 20.0
+
+
 def test_the_ablation_arms_are_the_papers():
     assert "e_step.select=false" in ARMS["mt-no-selection"] and "m_step.epsilon_filter=false" in ARMS["mt-no-filter"]
     assert "m_step.original_pairs_ratio=1.0" in ARMS["mt-original-pairs"]
@@ -330,3 +355,9 @@ def test_the_online_arms_are_the_offline_ones_trained_by_grpo(arm):
     # Whole groups of rollouts in a batch, and a rate that moves the sandbox's models.
     train = cfg.e_step.online.train
     assert train.per_device_train_batch_size % cfg.e_step.num_samples == 0 and train.learning_rate == 1e-4
+    if arm != "oracle":  # no KL arm: the gold cannot be over-optimised
+        with_kl = load_config(ROOT / "configs" / "sandbox-gpu.yaml", arm_overrides(f"{arm}-online-kl", 0, "x"))
+        assert cfg.e_step.online.kl == 0 and with_kl.e_step.online.kl == 0.04
+        assert with_kl.model_dump(exclude={"e_step": {"online": {"kl"}}, "run_name": True}) == cfg.model_dump(
+            exclude={"e_step": {"online": {"kl"}}, "run_name": True}
+        )
