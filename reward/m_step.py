@@ -8,7 +8,8 @@ pseudo    pseudo pair per prompt: policy_K's response preferred. delta = r(new) 
           std of the old policy's scores on these prompts; pairs with delta <= -epsilon (confidently
           worse) are dropped, and so are identical responses; slightly negative ones are kept (they act
           as regularisation, per the paper; `m_step.epsilon_filter: false` drops none of them). Dropped
-          pairs are kept with the reason. On a sandbox task,
+          pairs are kept with the reason; when none is left the loop ends there, with policy_{K-1} and
+          rm_{K-1} (not in the paper). On a sandbox task,
           the share of pseudo labels the gold reward agrees with is measured too (it trains nothing).
 mix       the training set: kept pseudo pairs + the E-step's RM-ranked pairs (+ original pairs, if set)
 train     Bradley-Terry with trl's RewardTrainer, restarting from the base RM (paper) or rm_{K-1}
