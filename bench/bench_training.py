@@ -485,6 +485,7 @@ def run(
     DPO on rows carrying their reference log-probs, as the e-step trains when the sampler is the reference;
     `peft_config`: LoRA adapters trained, as our steps pass it."""
     import trl.trainer.dpo_trainer as dpo_mod
+    from transformers import PreTrainedModel
     from trl import DPOTrainer, RewardTrainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -596,9 +597,11 @@ def run(
         res["reference"] = (
             "sampled" if sampled else "precomputed" if args.precompute_ref_log_probs else "inline forward"
         )
-        # `is None`, not `or`: a compiled module has no truth value.
-        reference = model if trainer.ref_model is None else trainer.ref_model
-        res["reference_dtype"] = str(next(reference.parameters()).dtype).replace("torch.", "")
+        # `is None`, not `or`: a compiled module has no truth value. No local name for it: one would
+        # keep the model alive past the teardown below (`models_left`, `mem_left_gib`).
+        res["reference_dtype"] = str(
+            next((model if trainer.ref_model is None else trainer.ref_model).parameters()).dtype
+        ).replace("torch.", "")
         if not sampled and args.precompute_ref_log_probs and "precompute_s" in fixed:
             # One epoch: every trained pair had its reference pass once, before training.
             ref_tokens = sum(seq_tokens(r) for r in rows)
@@ -615,6 +618,9 @@ def run(
     clock.trainer = trainer.data_collator = None
     del trainer, model, ref_model
     gc.collect()
+    # What the teardown left alive, on any device: a model alive here may outlive this config and count
+    # in the next one's peak memory.
+    res["models_left"] = sum(isinstance(o, PreTrainedModel) for o in gc.get_objects())
     if device == "cuda":
         torch.cuda.empty_cache()
         res["mem_left_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)

@@ -61,6 +61,8 @@ def test_bench_lora_trains_adapters_on_a_bf16_base_and_fills_the_row(tmp_path):
     assert runs["ours-dpo-lora"]["trained_params"] == adapters
     assert runs["ours-rm-lora"]["trained_params"] == adapters + 64
     assert runs["ours-dpo-lora"]["reference"] == "sampled"
+    # Each config's models are gone before the next one starts (its peak memory is its own).
+    assert [r["models_left"] for r in runs.values()] == [0, 0]
     assert res["dpo_tok_s"] == runs["ours-dpo-lora"]["steady_tok_s"] > 0
     assert res["rm_tok_s"] == runs["ours-rm-lora"]["steady_tok_s"] > 0
     # No matmul rate on a CPU, so no MFU; the table has its LoRA column all the same.
