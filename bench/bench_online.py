@@ -132,6 +132,7 @@ def run_one(name: str, folder: Path, tok, prompts: list[str], a, device: str) ->
                 f"sampling.max_new_tokens={a.max_new}",
                 "sampling.temperature=0.8",
                 "sampling.top_p=0.95",
+                *a.set,
             ],
         )
         trainer.use_engine(cfg, 0)
@@ -171,6 +172,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument(
         "--logit-std", type=float, default=TRAINED_LOGIT_STD, help="the logits' std (0: as initialised, near-uniform)"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a coevolve config override for ours, as on the CLI (e.g. generation.static.fallback_rows=16)",
     )
     ap.add_argument("--out", type=Path)
     record_args(ap, "result.json", "bench_online.py")
@@ -212,6 +220,7 @@ def main() -> None:
             "top_p": 0.95,
             "kl": 0.0,
             "logit_std": a.logit_std,
+            "ours_overrides": a.set,
         },
     }
     for name in ("ours", "trl_hf"):

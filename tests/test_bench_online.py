@@ -30,6 +30,8 @@ def test_bench_online_times_both_trainers_on_the_tiny_model(tmp_path):
         "16",
         "--steps",
         "2",
+        "--set",
+        "generation.static.fallback_rows=16",
         "--out",
         str(tmp_path),
     ]
@@ -42,3 +44,4 @@ def test_bench_online_times_both_trainers_on_the_tiny_model(tmp_path):
         assert 0 < res[name]["gen_share"] < 1
     assert res["speedup"] == round(res["trl_hf_step_s"] / res["ours_step_s"], 2) and res["ours_tok_s"] > 0
     assert res["settings"]["logit_std"] == 5.4 and res["ours_top_p_fallback_share"] == 0  # hf: no fallback
+    assert res["settings"]["ours_overrides"] == ["generation.static.fallback_rows=16"]
