@@ -20,6 +20,7 @@ On the GPU machine, with the wheels of `bash bench/carry.sh` carried in `.whl`:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:. && bash bench/device_layout.sh
     python3 bench/bench_online.py --out OUT                     # ~100 s on an H200
+    python3 bench/bench_online.py --set generation.static.fallback_rows=16 --out OUT   # an engine setting of ours
     python3 bench/bench_online.py --device cpu --tiny           # a smoke run
     python3 bench/bench_online.py --record OUT/result.json      # here: RESULTS.md, results.jsonl
 """
