@@ -151,9 +151,8 @@ def run_one(name: str, folder: Path, tok, prompts: list[str], a, device: str) ->
         "gen_tokens": trainer.gen_tokens,
     }
     if name == "ours":
-        stats = trainer.rollout_stats
-        out["top_p_fallback_share"] = round(stats["fallback_draws"] / stats["tokens"], 4)
-        out["deferred_steps"] = stats["deferred_steps"]
+        out["top_p_fallback_share"] = round(trainer.top_p_fallback_share(), 4)
+        out["deferred_steps"] = trainer.rollout_stats["deferred_steps"]
     del trainer
     gc.collect()  # the step callback and the trainer refer to each other
     if device == "cuda":

@@ -58,6 +58,11 @@ class EngineRollouts:
         self.rollout_calls = 0
         self.rollout_stats = {"seconds": 0.0, "tokens": 0, "backend": "", "fallback_draws": 0, "deferred_steps": 0}
 
+    def top_p_fallback_share(self) -> float:
+        """The share of the rollouts' tokens the static engine drew by its exact top-p fallback."""
+        stats = self.rollout_stats
+        return stats["fallback_draws"] / stats["tokens"] if stats["tokens"] else 0.0
+
     def engine_rollouts(self, prompt_ids: list[list[int]]) -> list[list[int]]:
         """One completion per row of `prompt_ids` (trl repeats each prompt num_generations times). A seed of
         its own per call and process: rows of one prompt on several processes must not sample alike."""
@@ -167,7 +172,7 @@ def train(cfg: Config, policy: Path, rm: Path, prompts: list[str], seed: int, tm
         "rollout/backend": stats["backend"],
         "rollout/seconds": stats["seconds"],
         "rollout/tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0,
-        "rollout/top_p_fallback_share": stats["fallback_draws"] / stats["tokens"] if stats["tokens"] else 0.0,
+        "rollout/top_p_fallback_share": trainer.top_p_fallback_share(),
         "rollout/deferred_steps": stats["deferred_steps"],
         **keep_log(trainer, tmp / "train_log.jsonl", cfg.e_step.mode),
     }
