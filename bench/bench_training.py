@@ -74,13 +74,9 @@ The --epoch time, estimated from the compiled runs in RESULTS.md (not yet run): 
 the matmul rate, the model), trl ~85 s (1.8M tokens at ~30K tok/s), ours cold ~180 s (a compile of ~95 s and
 a dynamic-shape recompile of ~50 s, then ~17 s of steps at ~110K tok/s), warm ~55 s. `--deadline-s` (520)
 stops a measurement that would run past it; each one's result is saved as it ends.
-The 8B LoRA run, estimated (not yet run): ~16 GB of bf16 weights, plus with checkpointing ~2 GB of saved
-layer inputs (16 sequences of <= 512 tokens), one layer's recompute (~2 GB) and the LM head's working
-memory (trl's DPO head is fused and never holds the 128K-vocab logits whole; even whole, with their
-gradient, they would be under 10 GB): a peak of 20-30 GB of an H100's 80 (building the random model holds
-32 GB in fp32 for a moment, before it is saved in bf16). Time: each step ~7K tokens at ~6N FLOPs a token
-run (forward, recompute, input gradients), ~1 s at 40-50% of the matmul rate, so ~10 s of steps per config;
-the rest is making, saving (16 GB) and twice loading the model and the imports: ~2-3 minutes in all.
+The 8B LoRA run, measured on an H100 (bench/RESULTS.md, 2026-12-07 21:26): peaks of 20.2 GiB (DPO) and 29.3
+(RM), ~1.1-1.3 s a step, about 75 s for the whole command (making, saving and loading the 16 GB model
+included); building the random model holds 32 GB in fp32 for a moment, before it is saved in bf16.
 """
 
 from __future__ import annotations
