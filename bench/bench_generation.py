@@ -271,8 +271,10 @@ def attention_check(model, device):
 
 
 # -- our backend --------------------------------------------------------------------------------------
-def time_ours(model, prompts, new, params, slots: int, attention: str, sync_every: int):
-    be = StaticGraphBackend(model, None, batch_size=slots, attention=attention, sync_every=sync_every)
+def time_ours(model, prompts, new, params, slots: int, attention: str, sync_every: int, compile_ops: bool | None):
+    be = StaticGraphBackend(
+        model, None, batch_size=slots, attention=attention, sync_every=sync_every, compile_ops=compile_ops
+    )
     useful = sum(sum(row) for row in new)
     runs = []
     outs = []
@@ -390,6 +392,11 @@ def main():
     )
     ap.add_argument("--sync-every", type=int, default=16)
     ap.add_argument(
+        "--eager-ops",
+        action="store_true",
+        help="the step's elementwise pieces eager, not fused by torch.compile (the engine's default on CUDA)",
+    )
+    ap.add_argument(
         "--logit-std",
         type=float,
         default=TRAINED_LOGIT_STD,
@@ -448,6 +455,7 @@ def main():
         "T": params.temperature,
         "top_p": params.top_p,
         "slots": slots[0],
+        "compiled_ops": not args.eager_ops and device == "cuda",
         "logit_std": None if path else args.logit_std,  # random weights' logits (common.peaked)
     }
     log(json.dumps(res, indent=1))
@@ -490,7 +498,9 @@ def main():
         p = replace(params, logprobs=logprobs)
         out = section(
             f"ours {label}",
-            lambda v=v, n_slots=n_slots, p=p: time_ours(model, prompts, new, p, n_slots, v, args.sync_every),
+            lambda v=v, n_slots=n_slots, p=p: time_ours(
+                model, prompts, new, p, n_slots, v, args.sync_every, False if args.eager_ops else None
+            ),
         )
         if out is None:
             continue

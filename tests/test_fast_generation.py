@@ -107,6 +107,23 @@ def test_greedy_matches_hf_generate_token_for_token(tok, kind, extra, monkeypatc
     assert stats["compactions"] >= 1
 
 
+def test_compiled_step_ops_sample_what_the_eager_ones_sample(tok):
+    # Inductor's fused RMSNorm, rope with its cache writes, and SwiGLU (on by default on CUDA) against the
+    # eager pieces, here through Inductor's CPU code; the GPU lane runs them under graphs.
+    model = tiny("llama", tok, attention_bias=True, tie_word_embeddings=False)
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_new_tokens=12, seed=3, logprobs=True)
+    runs = {
+        compiled: StaticGraphBackend(model, tok, batch_size=8, sync_every=4, compile_ops=compiled).generate(
+            PROMPTS, params
+        )
+        for compiled in (True, False)
+    }
+    assert runs[True].stats["compiled_ops"] is True and runs[False].stats["compiled_ops"] is False
+    assert runs[True].token_ids == runs[False].token_ids
+    for a, b in zip(runs[True].logprobs, runs[False].logprobs):
+        torch.testing.assert_close([torch.tensor(x) for x in a], [torch.tensor(x) for x in b])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["bmm", "sdpa", "triton"])
 def test_greedy_on_cuda_under_graphs_matches_hf_generate_token_for_token(tok, attention, monkeypatch):

@@ -155,6 +155,9 @@ class StaticEngineSettings(Strict):
     sync_every: Count = 16
     # None: captured on CUDA, eager elsewhere.
     cuda_graphs: bool | None = None
+    # The decode step's elementwise pieces fused by torch.compile (compiled once per machine, kept in
+    # launch.compile_cache). None: on CUDA, eager elsewhere.
+    compile_ops: bool | None = None
     # Prompt tokens per prefill batch.
     prefill_tokens: Count = 16384
 

@@ -24,6 +24,7 @@ import torch
 
 from coevolve.core.generation import Generations, SamplingParams, truncate_at_stop
 
+from .fusion import eager, fused
 from .model import (
     DecodeState,
     KVCache,
@@ -59,8 +60,9 @@ class StaticGraphBackend:
     rows a step may redraw from their exact nucleus when it does not fit the candidates (a sort of that
     many rows of logits each step; more wait a step for it, see sampling.py). sync_every: decode steps between host
     syncs. attention: "auto" (Triton on CUDA when available, else "bmm"), "bmm", "sdpa" or "triton".
-    cuda_graphs: default on for CUDA models. dtype: compute in this dtype rather than the model's (see
-    model.Weights)."""
+    cuda_graphs: default on for CUDA models. compile_ops: the step's small pieces fused by
+    torch.compile (fusion.py); default on for CUDA models. dtype: compute in this dtype rather
+    than the model's (see model.Weights)."""
 
     supports_logprobs = True
 
@@ -75,6 +77,7 @@ class StaticGraphBackend:
         sync_every: int = 16,
         attention: str = "auto",
         cuda_graphs: bool | None = None,
+        compile_ops: bool | None = None,
         prefill_tokens: int = 16384,
         progress: Callable[[int, int], None] | None = None,
         dtype: torch.dtype | None = None,
@@ -90,6 +93,7 @@ class StaticGraphBackend:
         cuda = self.w.device.type == "cuda"
         self.use_graphs = cuda if cuda_graphs is None else cuda_graphs
         self.attention = _pick_attention(attention, cuda)
+        self.op = fused if (cuda if compile_ops is None else compile_ops) else eager
         self.sampler = Sampler(self.w.device, candidates, fallback_rows)
         self.cache: KVCache | None = None
         self.state: DecodeState | None = None
@@ -147,7 +151,13 @@ class StaticGraphBackend:
         ]
         if any(m < 1 for row in lengths for m in row):
             raise ValueError("max_new_tokens must be >= 1")
-        stats = {"backend": "static", "attention": self.attention, "cuda_graphs": self.use_graphs, "slots": self.slots}
+        stats = {
+            "backend": "static",
+            "attention": self.attention,
+            "cuda_graphs": self.use_graphs,
+            "compiled_ops": self.op is fused,
+            "slots": self.slots,
+        }
         if self.w.refresh():
             self._graphs.clear()  # a weight the graphs point at was replaced
         need = max(len(p) - 1 + max(m) for p, m in zip(prompts, lengths)) + 1
@@ -179,7 +189,7 @@ class StaticGraphBackend:
             self.state = DecodeState(self.slots, max_new, self.w.device)
 
     def step(self, S: int, L: int) -> None:
-        decode_step(self.w, self.cache, self.state, S, L, self.cos, self.sin, self.attention_fn, self.sampler)
+        decode_step(self.w, self.cache, self.state, S, L, self.cos, self.sin, self.attention_fn, self.sampler, self.op)
 
     @property
     def attention_fn(self):

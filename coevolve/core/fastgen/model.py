@@ -13,9 +13,12 @@ place.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .fusion import eager
 
 SUPPORTED = ("llama", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -169,9 +172,18 @@ def add_linear_(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tens
         x.add_(b)
 
 
-def mlp(x: torch.Tensor, w: Weights, i: int) -> torch.Tensor:
-    gate, up = F.linear(x, w.gu_w[i], w.gu_b[i]).chunk(2, dim=-1)
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rope_into_cache(qkv, cos, sin, kc, vc, rows, pos, nq: int, nkv: int) -> torch.Tensor:
+    """The rotated queries of one decode step [S, nq, d], from its qkv [S, nq + 2 nkv, d]; the rotated
+    keys and the values written into one layer's cache (kc, vc) at each row's slot and position."""
+    qk = rope(qkv[:, : nq + nkv], cos, sin)
+    kc[rows, :, pos] = qk[:, nq:]
+    vc[rows, :, pos] = qkv[:, nq + nkv :]
+    return qk[:, :nq]
 
 
 class KVCache:
@@ -210,7 +222,10 @@ def prefill(w: Weights, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         o = F.scaled_dot_product_attention(q, ks[i], vs[i], is_causal=True, scale=w.scale, enable_gqa=True)
         add_linear_(x.view(P * T, -1), o.transpose(1, 2).reshape(P * T, nq * d), w.o_w[i], w.o_b[i])
         add_linear_(
-            x.view(P * T, -1), mlp(rms_norm(x, w.ln2[i], w.eps), w, i).view(P * T, -1), w.down_w[i], w.down_b[i]
+            x.view(P * T, -1),
+            swiglu(F.linear(rms_norm(x, w.ln2[i], w.eps), w.gu_w[i], w.gu_b[i])).view(P * T, -1),
+            w.down_w[i],
+            w.down_b[i],
         )
     return ks, vs
 
@@ -269,7 +284,9 @@ def mask_bias(pos, L, dtype):
     return torch.zeros(keep.shape, device=pos.device, dtype=dtype).masked_fill_(~keep, float("-inf"))
 
 
-def decode_step(w: Weights, cache: KVCache, st: DecodeState, S: int, L: int, cos, sin, attend, sampler) -> None:
+def decode_step(
+    w: Weights, cache: KVCache, st: DecodeState, S: int, L: int, cos, sin, attend, sampler, op: Callable = eager
+) -> None:
     """One token for rows [0, S): feed st.tokens at st.pos, write its K/V, attend over [0, L), sample.
 
     Finished rows run too (their results are discarded); only live rows that the sampler did not hold
@@ -280,15 +297,14 @@ def decode_step(w: Weights, cache: KVCache, st: DecodeState, S: int, L: int, cos
     c, s = cos[pos][:, None, :], sin[pos][:, None, :]
     mask = mask_bias(pos, L, x.dtype) if getattr(attend, "needs_mask", True) else None
     for i in range(w.n_layers):
-        qkv = F.linear(rms_norm(x, w.ln1[i], w.eps), w.qkv_w[i], w.qkv_b[i]).view(S, nq + 2 * nkv, d)
-        qk = rope(qkv[:, : nq + nkv], c, s)
+        qkv = F.linear(op(rms_norm)(x, w.ln1[i], w.eps), w.qkv_w[i], w.qkv_b[i]).view(S, nq + 2 * nkv, d)
         kc, vc = cache.k[i], cache.v[i]
-        kc[rows, :, pos] = qk[:, nq:]
-        vc[rows, :, pos] = qkv[:, nq + nkv :]
-        add_linear_(x, attend(qk[:, :nq], kc, vc, pos, L, w.scale, mask), w.o_w[i], w.o_b[i])
-        add_linear_(x, mlp(rms_norm(x, w.ln2[i], w.eps), w, i), w.down_w[i], w.down_b[i])
-    logits = F.linear(rms_norm(x, w.norm * sampler.inv_temp, w.eps), w.lm_w, w.lm_b)
-    nxt, truncated, held, logp = sampler(logits, st, S)
+        q = op(rope_into_cache)(qkv, c, s, kc, vc, rows, pos, nq, nkv)
+        add_linear_(x, attend(q, kc, vc, pos, L, w.scale, mask), w.o_w[i], w.o_b[i])
+        gate_up = F.linear(op(rms_norm)(x, w.ln2[i], w.eps), w.gu_w[i], w.gu_b[i])
+        add_linear_(x, op(swiglu)(gate_up), w.down_w[i], w.down_b[i])
+    logits = F.linear(op(rms_norm)(x, w.norm * sampler.inv_temp, w.eps), w.lm_w, w.lm_b)
+    nxt, truncated, held, logp = sampler(logits, st, S, op)
     advance = ~st.done[:S]
     if held is not None:  # held rows draw again next step from the same distribution (sampling.py)
         st.waited[:S].copy_(torch.where(held, st.waited[:S] + 1, 0))

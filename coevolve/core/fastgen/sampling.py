@@ -37,8 +37,11 @@ not depend on which slot or batch it ran in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from .fusion import eager
 from .model import CHUNK
 
 MASK32 = 0xFFFFFFFF
@@ -156,26 +159,27 @@ class Sampler:
         return (tokens[:, None] == self.eos[None, :]).any(-1)
 
     def __call__(
-        self, logits: torch.Tensor, st, S: int
+        self, logits: torch.Tensor, st, S: int, op: Callable = eager
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Next token [S], whether the nucleus was cut by the candidate limit [S], the rows held back
         to draw again next step [S] (None: no row can be), and with `logprobs` the token's untempered
-        log-prob [S] fp32 (else None). `logits` are the tempered ones."""
+        log-prob [S] fp32 (else None). `logits` are the tempered ones; `op` runs the small pieces
+        (fusion.py)."""
         stats = (
             row_stats(logits, self.temp if self.logprobs else None)
             if self.logprobs or self.mode in ("top_p", "top_k")
             else None
         )
-        nxt, truncated, held = self._draw(logits, st, S, stats)
+        nxt, truncated, held = self._draw(logits, st, S, stats, op)
         if not self.logprobs:
             return nxt, truncated, held, None
         picked = logits.gather(1, nxt[:, None]).squeeze(1).float()
         return nxt, truncated, held, picked * self.temp - stats[2]
 
-    def _draw(self, logits: torch.Tensor, st, S: int, stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _draw(self, logits, st, S: int, stats, op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.mode == "greedy":
             return logits.argmax(-1), torch.zeros(S, device=logits.device, dtype=torch.bool), None
-        u = uniform(st.key[:S], st.step[:S])
+        u = op(uniform)(st.key[:S], st.step[:S])
         if self.mode == "full":
             full = _sample_full(torch.softmax(logits, -1, dtype=torch.float32), u)
             return full, torch.zeros(S, device=logits.device, dtype=torch.bool), None
@@ -186,9 +190,8 @@ class Sampler:
             probs = torch.softmax(vals.float(), -1)
             truncated = torch.full((S,), self.top_k > self.candidates, device=logits.device)
         else:
-            probs = torch.exp(vals.float() - lse[:, None])  # normalised over the whole vocabulary
-            truncated = probs.sum(-1) < self.top_p
-        nxt = ids.gather(1, _nucleus_index(probs, self.top_p, u)[:, None]).squeeze(1)
+            probs, truncated = op(_candidate_probs)(vals, lse, self.top_p)
+        nxt = ids.gather(1, op(_nucleus_index)(probs, self.top_p, u)[:, None]).squeeze(1)
         if self.mode == "top_p":
             nxt, held = self._exact_fallback(logits, lse, u, truncated & ~st.done[:S], nxt, st.waited[:S])
             return nxt, truncated, held
@@ -221,6 +224,13 @@ class Sampler:
 
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _candidate_probs(vals: torch.Tensor, lse: torch.Tensor, top_p) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates' probabilities normalised over the whole vocabulary, and whether they hold less
+    than the nucleus's mass (it does not fit in them)."""
+    probs = torch.exp(vals.float() - lse[:, None])
+    return probs, probs.sum(-1) < top_p
 
 
 def _nucleus_index(probs: torch.Tensor, top_p, u: torch.Tensor) -> torch.Tensor:
