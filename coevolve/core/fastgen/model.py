@@ -305,16 +305,23 @@ def decode_step(
         add_linear_(x, op(swiglu)(gate_up), w.down_w[i], w.down_b[i])
     logits = F.linear(op(rms_norm)(x, w.norm * sampler.inv_temp, w.eps), w.lm_w, w.lm_b)
     nxt, truncated, held, logp = sampler(logits, st, S, op)
+    op(record_draws)(st, S, nxt, truncated, held, logp, sampler.eos)
+
+
+def record_draws(st: DecodeState, S: int, nxt, truncated, held, logp, eos: torch.Tensor) -> None:
+    """The step's draws into the state of rows [0, S): the next token to feed, positions, outputs, and
+    which rows finished (an id in `eos`, or their length). Finished rows ran too and keep what they had;
+    rows the sampler `held` stay where they are, to draw again next step (sampling.py)."""
     advance = ~st.done[:S]
-    if held is not None:  # held rows draw again next step from the same distribution (sampling.py)
+    if held is not None:
         st.waited[:S].copy_(torch.where(held, st.waited[:S] + 1, 0))
         advance &= ~held
     st.out[:S].scatter_(1, st.step[:S, None], nxt[:, None])
     if logp is not None:
         st.logp[:S].scatter_(1, st.step[:S, None], logp[:, None])
-    st.tokens[:S].copy_(torch.where(advance, nxt, tok))
+    st.tokens[:S].copy_(torch.where(advance, nxt, st.tokens[:S]))
     st.truncated[:S].add_(truncated & advance)
-    finished = sampler.is_eos(nxt) | (st.step[:S] + 1 >= st.max_new[:S])
+    finished = (nxt[:, None] == eos[None, :]).any(-1) | (st.step[:S] + 1 >= st.max_new[:S])
     st.pos[:S].add_(advance)
     st.step[:S].add_(advance)
     st.done[:S].logical_or_(finished & advance)

@@ -105,13 +105,6 @@ def row_stats(logits: torch.Tensor, temp: torch.Tensor | None = None):
     return logits.view(S, V // CHUNK, CHUNK).amax(-1), torch.logsumexp(logits.float(), -1), raw
 
 
-def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index of the first entry whose cumulative mass exceeds u * total, per row (inverse CDF)."""
-    cum = probs.cumsum(-1)
-    idx = (cum <= (u * cum[:, -1])[:, None]).sum(-1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
-
-
 class Sampler:
     """Holds the sampling parameters as device tensors (inputs of captured graphs) and draws the next
     token of each row. `key` names what a captured graph depends on beyond those tensors."""
@@ -154,9 +147,6 @@ class Sampler:
     @property
     def key(self) -> tuple:
         return (self.mode, self.top_k, self.candidates, self.logprobs)
-
-    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
-        return (tokens[:, None] == self.eos[None, :]).any(-1)
 
     def __call__(
         self, logits: torch.Tensor, st, S: int, op: Callable = eager
@@ -212,7 +202,9 @@ class Sampler:
         # Flagged rows first, those held longest first among them.
         rows = torch.argsort(truncated * (waited + 1), descending=True, stable=True)[:R]
         flagged = truncated[rows]
-        probs, ids = torch.exp(logits[rows].float() - lse[rows, None]).sort(-1, descending=True)
+        # The logits sorted, not their probabilities: the same order, in half the key bits when bf16.
+        vals, ids = logits[rows].sort(-1, descending=True)
+        probs = torch.exp(vals.float() - lse[rows, None])
         exact = ids.gather(1, _nucleus_index(probs, self.top_p, u[rows])[:, None]).squeeze(1)
         nxt = nxt.index_copy(0, rows, torch.where(flagged, exact, nxt[rows]))
         if not capturing:
@@ -234,9 +226,13 @@ def _candidate_probs(vals: torch.Tensor, lse: torch.Tensor, top_p) -> tuple[torc
 
 
 def _nucleus_index(probs: torch.Tensor, top_p, u: torch.Tensor) -> torch.Tensor:
-    """Position of the draw in `probs` (each row descending): inverse CDF over HF's top-p nucleus."""
-    keep = (probs.cumsum(-1) - probs) < top_p  # a prefix: HF's top-p rule, the first always kept
-    return torch.minimum(pick(probs * keep, u), keep.sum(-1) - 1)
+    """Position of the draw in `probs` (each row descending): inverse CDF over HF's top-p nucleus. One
+    cumulative sum serves both (a scan of a whole row of the vocabulary is the fallback's largest cost):
+    the nucleus is a prefix, and past it the sum only grows beyond the nucleus's mass."""
+    cum = probs.cumsum(-1)
+    size = ((cum - probs) < top_p).sum(-1)  # HF's top-p rule: a prefix, the first always kept
+    mass = cum.gather(1, (size - 1)[:, None])
+    return torch.minimum((cum <= u[:, None] * mass).sum(-1), size - 1)
 
 
 def _sample_full(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
