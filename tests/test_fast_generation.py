@@ -124,6 +124,25 @@ def test_compiled_step_ops_sample_what_the_eager_ones_sample(tok):
         torch.testing.assert_close([torch.tensor(x) for x in a], [torch.tensor(x) for x in b])
 
 
+def test_a_captured_step_compiles_nothing_after_the_eager_step_before_it(tok, monkeypatch):
+    # A graph is captured right after one eager step (StaticGraphBackend._capture). Under the capture the
+    # sampler may hold rows, eagerly it never does; were the compiled pieces to see a difference (a None
+    # for a tensor), the capture would compile, which breaks it on a GPU (seen on an H100).
+    from torch._dynamo.utils import counters
+
+    model = tiny("qwen2", tok)
+    be = StaticGraphBackend(model, tok, batch_size=8, compile_ops=True, fallback_rows=2)
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=4, seed=1)
+    be.generate(PROMPTS[:2], params)
+    st = be.state
+    st.done[:8], st.step[:8], st.pos[:8] = False, 0, 4  # eight live rows, at their first token
+    be.step(8, be.cache.max_len)
+    compiled = sum(counters["stats"].values())
+    monkeypatch.setattr(sampling, "_capturing", lambda t: True)
+    be.step(8, be.cache.max_len)
+    assert sum(counters["stats"].values()) == compiled
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["bmm", "sdpa", "triton"])
 def test_greedy_on_cuda_under_graphs_matches_hf_generate_token_for_token(tok, attention, monkeypatch):

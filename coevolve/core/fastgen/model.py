@@ -305,6 +305,10 @@ def decode_step(
         add_linear_(x, op(swiglu)(gate_up), w.down_w[i], w.down_b[i])
     logits = F.linear(op(rms_norm)(x, w.norm * sampler.inv_temp, w.eps), w.lm_w, w.lm_b)
     nxt, truncated, held, logp = sampler(logits, st, S, op)
+    if held is None:
+        # Eagerly no row is held, under a graph some may be. One compiled form must serve both: a graph
+        # is captured right after an eager step, and a compilation inside the capture would break it.
+        held = torch.zeros_like(truncated)
     op(record_draws)(st, S, nxt, truncated, held, logp, sampler.eos)
 
 
@@ -312,10 +316,8 @@ def record_draws(st: DecodeState, S: int, nxt, truncated, held, logp, eos: torch
     """The step's draws into the state of rows [0, S): the next token to feed, positions, outputs, and
     which rows finished (an id in `eos`, or their length). Finished rows ran too and keep what they had;
     rows the sampler `held` stay where they are, to draw again next step (sampling.py)."""
-    advance = ~st.done[:S]
-    if held is not None:
-        st.waited[:S].copy_(torch.where(held, st.waited[:S] + 1, 0))
-        advance &= ~held
+    st.waited[:S].copy_(torch.where(held, st.waited[:S] + 1, 0))
+    advance = ~st.done[:S] & ~held
     st.out[:S].scatter_(1, st.step[:S, None], nxt[:, None])
     if logp is not None:
         st.logp[:S].scatter_(1, st.step[:S, None], logp[:, None])
