@@ -443,6 +443,12 @@ def test_the_config_settings_block_reaches_the_backend_that_runs(tok):
     engine, which = backend_for(static, llama, tok)
     assert which == "static (generation.backend)"
     assert (engine.slots, engine.sampler.candidates, engine.sampler.fallback_rows, engine.sync_every) == (32, 16, 2, 4)
+    # Unset, the redraw's budget is a quarter of the slots, at most 64.
+    budgets = [
+        backend_for(GenerationConfig(backend="static", batch_size=b), llama, tok)[0].sampler.fallback_rows
+        for b in (2, 128, 512)
+    ]
+    assert budgets == [1, 32, 64]
     assert (
         engine.w.dtype == torch.float32 and backend_for(static, llama, tok, torch.bfloat16)[0].w.dtype == torch.bfloat16
     )

@@ -148,9 +148,10 @@ class StaticEngineSettings(Strict):
     attention: Literal["auto", "bmm", "sdpa", "triton"] = "auto"
     # Top-p/top-k draw from this many highest logits; a nucleus wider than them is redrawn exactly.
     candidates: Count = 64
-    # Rows per decode step that the exact redraw can take under CUDA graphs (a fixed shape); rows past
-    # it wait a step for it, counted in the step's `deferred_steps`.
-    fallback_rows: Count = 64
+    # Rows per decode step that the exact redraw can take under CUDA graphs (a fixed shape, paid every
+    # step); rows past it wait a step for it, counted in the step's `deferred_steps`. None: a quarter of
+    # the slots, at most 64 (a real model's nucleus outgrew the candidates on 10-15% of draws).
+    fallback_rows: Count | None = None
     # Decode steps between host syncs (finished rows are swapped for new ones at a sync).
     sync_every: Count = 16
     # None: captured on CUDA, eager elsewhere.

@@ -58,11 +58,11 @@ class StaticGraphBackend:
     cache grows to fit each call's longest prompt plus max_new_tokens. candidates: how many of the
     highest logits top-p/top-k choose from (see sampling.py). fallback_rows: under CUDA graphs, how many
     rows a step may redraw from their exact nucleus when it does not fit the candidates (a sort of that
-    many rows of logits each step; more wait a step for it, see sampling.py). sync_every: decode steps between host
-    syncs. attention: "auto" (Triton on CUDA when available, else "bmm"), "bmm", "sdpa" or "triton".
-    cuda_graphs: default on for CUDA models. compile_ops: the step's small pieces fused by
-    torch.compile (fusion.py); default on for CUDA models. dtype: compute in this dtype rather
-    than the model's (see model.Weights)."""
+    many rows of logits each step; more wait a step for it, see sampling.py); default a quarter of the
+    slots, at most 64. sync_every: decode steps between host syncs. attention: "auto" (Triton on CUDA
+    when available, else "bmm"), "bmm", "sdpa" or "triton". cuda_graphs: default on for CUDA models.
+    compile_ops: the step's small pieces fused by torch.compile (fusion.py); default on for CUDA
+    models. dtype: compute in this dtype rather than the model's (see model.Weights)."""
 
     supports_logprobs = True
 
@@ -73,7 +73,7 @@ class StaticGraphBackend:
         batch_size: int = 256,
         max_len: int = 0,
         candidates: int = 64,
-        fallback_rows: int = 64,
+        fallback_rows: int | None = None,
         sync_every: int = 16,
         attention: str = "auto",
         cuda_graphs: bool | None = None,
@@ -94,7 +94,7 @@ class StaticGraphBackend:
         self.use_graphs = cuda if cuda_graphs is None else cuda_graphs
         self.attention = _pick_attention(attention, cuda)
         self.op = fused if (cuda if compile_ops is None else compile_ops) else eager
-        self.sampler = Sampler(self.w.device, candidates, fallback_rows)
+        self.sampler = Sampler(self.w.device, candidates, fallback_rows or min(64, max(1, batch_size // 4)))
         self.cache: KVCache | None = None
         self.state: DecodeState | None = None
         self.cos = self.sin = None
