@@ -124,23 +124,27 @@ def test_compiled_step_ops_sample_what_the_eager_ones_sample(tok):
         torch.testing.assert_close([torch.tensor(x) for x in a], [torch.tensor(x) for x in b])
 
 
-def test_a_captured_step_compiles_nothing_after_the_eager_step_before_it(tok, monkeypatch):
-    # A graph is captured right after one eager step (StaticGraphBackend._capture). Under the capture the
-    # sampler may hold rows, eagerly it never does; were the compiled pieces to see a difference (a None
-    # for a tensor), the capture would compile, which breaks it on a GPU (seen on an H100).
+def test_the_compiled_pieces_compile_once_whatever_the_rows_the_cache_or_a_capture(tok, monkeypatch):
+    # Compiled with dynamic shapes, a piece must serve every row count and cache length without compiling
+    # again (it did, while the rows of a first step equal to the slots fused them into one symbol). And a
+    # graph is captured right after one eager step (StaticGraphBackend._capture): under the capture the
+    # sampler may hold rows, eagerly it never does; were the pieces to see a difference (a None for a
+    # tensor), the capture would compile, which breaks it on a GPU (seen on an H100).
     from torch._dynamo.utils import counters
 
+    compiled = lambda: sum(counters["stats"].values())  # noqa: E731
     model = tiny("qwen2", tok)
-    be = StaticGraphBackend(model, tok, batch_size=8, compile_ops=True, fallback_rows=2)
-    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=4, seed=1)
-    be.generate(PROMPTS[:2], params)
+    be = StaticGraphBackend(model, tok, batch_size=16, compile_ops=True, fallback_rows=2)
+    be.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=4, seed=1))
+    after_first = compiled()
+    be.generate(PROMPTS * 3, SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=40, seed=2))
+    assert be.cache.max_len > 64 and compiled() == after_first
     st = be.state
     st.done[:8], st.step[:8], st.pos[:8] = False, 0, 4  # eight live rows, at their first token
     be.step(8, be.cache.max_len)
-    compiled = sum(counters["stats"].values())
     monkeypatch.setattr(sampling, "_capturing", lambda t: True)
     be.step(8, be.cache.max_len)
-    assert sum(counters["stats"].values()) == compiled
+    assert compiled() == after_first
 
 
 @pytest.mark.gpu

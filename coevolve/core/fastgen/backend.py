@@ -188,6 +188,7 @@ class StaticGraphBackend:
             self._graphs.clear()
             self.state = DecodeState(self.slots, max_new, self.w.device)
 
+    @torch.no_grad()
     def step(self, S: int, L: int) -> None:
         decode_step(self.w, self.cache, self.state, S, L, self.cos, self.sin, self.attention_fn, self.sampler, self.op)
 

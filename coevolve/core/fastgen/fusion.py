@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.fx.experimental._config as shape_config
 
 
 def eager(fn: Callable) -> Callable:
@@ -23,4 +24,14 @@ def eager(fn: Callable) -> Callable:
 
 @functools.cache
 def fused(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        # Without duck shapes: by default two dimensions of equal size when first compiled (the rows of
+        # a step and the cache's slots, when every slot is live) become one symbol, and every later step
+        # of fewer rows compiles the piece again.
+        with shape_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return run
