@@ -107,37 +107,27 @@ def test_greedy_matches_hf_generate_token_for_token(tok, kind, extra, monkeypatc
     assert stats["compactions"] >= 1
 
 
-def test_compiled_step_ops_sample_what_the_eager_ones_sample(tok):
-    # Inductor's fused RMSNorm, rope with its cache writes, and SwiGLU (on by default on CUDA) against the
-    # eager pieces, here through Inductor's CPU code; the GPU lane runs them under graphs.
+def test_compiled_pieces_sample_what_eager_ones_sample_and_compile_once(tok, monkeypatch):
+    # Inductor's fused pieces (fusion.py; on by default on CUDA) against the eager ones, here through
+    # Inductor's CPU code; the GPU lane runs them under graphs. Compiled with dynamic shapes, they must
+    # serve every row count and cache length without compiling again (they did not while a first step's
+    # rows equal to the slots fused the two into one symbol). And a graph is captured right after one
+    # eager step (StaticGraphBackend._capture): under the capture the sampler may hold rows, eagerly it
+    # never does; were the pieces to see a difference (a None for a tensor), the capture would compile,
+    # which breaks it on a GPU (seen on an H100).
+    from torch._dynamo.utils import counters
+
+    compiled = lambda: sum(counters["stats"].values())  # noqa: E731
     model = tiny("llama", tok, attention_bias=True, tie_word_embeddings=False)
     params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_new_tokens=12, seed=3, logprobs=True)
-    runs = {
-        compiled: StaticGraphBackend(model, tok, batch_size=8, sync_every=4, compile_ops=compiled).generate(
-            PROMPTS, params
-        )
-        for compiled in (True, False)
-    }
+    engines = {c: StaticGraphBackend(model, tok, batch_size=16, compile_ops=c, fallback_rows=2) for c in (True, False)}
+    runs = {c: be.generate(PROMPTS, params) for c, be in engines.items()}
     assert runs[True].stats["compiled_ops"] is True and runs[False].stats["compiled_ops"] is False
     assert runs[True].token_ids == runs[False].token_ids
     for a, b in zip(runs[True].logprobs, runs[False].logprobs):
         torch.testing.assert_close([torch.tensor(x) for x in a], [torch.tensor(x) for x in b])
-
-
-def test_the_compiled_pieces_compile_once_whatever_the_rows_the_cache_or_a_capture(tok, monkeypatch):
-    # Compiled with dynamic shapes, a piece must serve every row count and cache length without compiling
-    # again (it did, while the rows of a first step equal to the slots fused them into one symbol). And a
-    # graph is captured right after one eager step (StaticGraphBackend._capture): under the capture the
-    # sampler may hold rows, eagerly it never does; were the pieces to see a difference (a None for a
-    # tensor), the capture would compile, which breaks it on a GPU (seen on an H100).
-    from torch._dynamo.utils import counters
-
-    compiled = lambda: sum(counters["stats"].values())  # noqa: E731
-    model = tiny("qwen2", tok)
-    be = StaticGraphBackend(model, tok, batch_size=16, compile_ops=True, fallback_rows=2)
-    be.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=4, seed=1))
-    after_first = compiled()
-    be.generate(PROMPTS * 3, SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=40, seed=2))
+    after_first, be = compiled(), engines[True]
+    be.generate(PROMPTS * 3, replace(params, max_new_tokens=40))
     assert be.cache.max_len > 64 and compiled() == after_first
     st = be.state
     st.done[:8], st.step[:8], st.pos[:8] = False, 0, 4  # eight live rows, at their first token
