@@ -12,7 +12,7 @@ reported. Both sample the trainer's fp32 weights as its bf16 autocast computes, 
 does (ours from bf16 casts made on the device at each rollout; trl unwraps the model for `generate`,
 whose forward accelerate runs under autocast). The reward is a cheap function of the text
 (distinct words over words): the RM's time is the same for both and is not what is compared. Each trainer runs `--warmup` steps (the
-first includes the static engine's CUDA graph capture), then `--steps` timed ones; step time is wall
+first includes the static engine's CUDA graph capture and its pieces' compilation), then `--steps` timed ones; step time is wall
 time from trl's step begin to step end, generation time that of `_generate_single_turn`, both synced.
 tok/s counts sampled completion tokens per second of step time.
 
