@@ -157,7 +157,7 @@ class StaticEngineSettings(Strict):
     # None: captured on CUDA, eager elsewhere.
     cuda_graphs: bool | None = None
     # The decode step's elementwise pieces fused by torch.compile (compiled once per machine, kept in
-    # launch.compile_cache). None: on CUDA, eager elsewhere.
+    # launch.compile_cache). None: on CUDA with Triton, eager elsewhere.
     compile_ops: bool | None = None
     # Prompt tokens per prefill batch.
     prefill_tokens: Count = 16384

@@ -62,7 +62,8 @@ class StaticGraphBackend:
     slots, at most 64. sync_every: decode steps between host syncs. attention: "auto" (Triton on CUDA
     when available, else "bmm"), "bmm", "sdpa" or "triton". cuda_graphs: default on for CUDA models.
     compile_ops: the step's small pieces fused by torch.compile (fusion.py); default on for CUDA
-    models. dtype: compute in this dtype rather than the model's (see model.Weights)."""
+    models where Triton is installed. dtype: compute in this dtype rather than the model's (see
+    model.Weights)."""
 
     supports_logprobs = True
 
@@ -93,7 +94,9 @@ class StaticGraphBackend:
         cuda = self.w.device.type == "cuda"
         self.use_graphs = cuda if cuda_graphs is None else cuda_graphs
         self.attention = _pick_attention(attention, cuda)
-        self.op = fused if (cuda if compile_ops is None else compile_ops) else eager
+        if compile_ops is None:
+            compile_ops = cuda and _has_triton()  # Inductor compiles for a GPU through Triton
+        self.op = fused if compile_ops else eager
         self.sampler = Sampler(self.w.device, candidates, fallback_rows or min(64, max(1, batch_size // 4)))
         self.cache: KVCache | None = None
         self.state: DecodeState | None = None
@@ -435,15 +438,17 @@ def _bucket_rows(needed: int, slots: int) -> int:
     return rows
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _pick_attention(name: str, cuda: bool) -> str:
     if name == "auto":
-        if not cuda:
-            return "bmm"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "bmm"
-        return "triton"
+        return "triton" if cuda and _has_triton() else "bmm"
     if name not in ("bmm", "sdpa", "triton"):
         raise ValueError(f"attention: {name!r} is not one of auto, bmm, sdpa, triton")
     if name == "triton" and not cuda:
