@@ -158,12 +158,14 @@ def test_greedy_on_cuda_under_graphs_matches_hf_generate_token_for_token(tok, at
 @pytest.mark.parametrize("candidates, fallback_rows", [(64, 64), (16, 1)])
 def test_cuda_graphs_change_no_sample_and_no_logprob(tok, candidates, fallback_rows):
     # With 16 candidates and a budget of one redraw a step, most rows wait for theirs under the graphs.
+    # The graphs run the compiled pieces (CUDA's default), the reference neither graphs nor compilation.
     model = tiny("qwen2", tok).cuda()
     params = SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=20, seed=7, logprobs=True)
     settings = dict(batch_size=8, sync_every=4, candidates=candidates, fallback_rows=fallback_rows)
     graphs = StaticGraphBackend(model, tok, cuda_graphs=True, **settings).generate(PROMPTS, params)
-    eager = StaticGraphBackend(model, tok, cuda_graphs=False, **settings).generate(PROMPTS, params)
+    eager = StaticGraphBackend(model, tok, cuda_graphs=False, compile_ops=False, **settings).generate(PROMPTS, params)
     assert graphs.stats["graphs"] >= 1 and eager.stats["graphs"] == 0
+    assert graphs.stats["compiled_ops"] is True and eager.stats["compiled_ops"] is False
     assert (graphs.stats["deferred_steps"] > 0) == (fallback_rows == 1) and eager.stats["deferred_steps"] == 0
     assert graphs.token_ids == eager.token_ids and graphs.texts == eager.texts
     for a, b in zip(graphs.logprobs, eager.logprobs):
